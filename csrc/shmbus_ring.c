@@ -1,0 +1,846 @@
+/* shmbus ring: see shmbus_ring.h for the layout and the algorithm. */
+#define _GNU_SOURCE
+#include "shmbus_ring.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t header_size;
+    uint64_t capacity;
+    uint32_t max_frame;
+    uint32_t reserved;
+} ring_meta;
+
+typedef struct {
+    alignas(SHMBUS_RING_LINE) ring_meta meta;
+    alignas(SHMBUS_RING_LINE) _Atomic uint64_t tail;
+    alignas(SHMBUS_RING_LINE) _Atomic uint64_t head_cache;
+    alignas(SHMBUS_RING_LINE) _Atomic uint64_t head;
+    alignas(SHMBUS_RING_LINE) _Atomic uint64_t correlation;
+    alignas(SHMBUS_RING_LINE) _Atomic int64_t heartbeat;
+    alignas(SHMBUS_RING_LINE) _Atomic uint32_t sleeping;
+    /* 896..1024 spare, so the data starts on a 1 KiB boundary. */
+    alignas(SHMBUS_RING_HEADER_SIZE) uint8_t data[];
+} ring_segment;
+
+_Static_assert(offsetof(ring_segment, meta) == 0, "meta at 0");
+_Static_assert(offsetof(ring_segment, tail) == 128, "tail at 128");
+_Static_assert(offsetof(ring_segment, head_cache) == 256, "head cache at 256");
+_Static_assert(offsetof(ring_segment, head) == 384, "head at 384");
+_Static_assert(offsetof(ring_segment, correlation) == 512, "correlation at 512");
+_Static_assert(offsetof(ring_segment, heartbeat) == 640, "heartbeat at 640");
+_Static_assert(offsetof(ring_segment, sleeping) == 768, "sleeping at 768");
+_Static_assert(offsetof(ring_segment, data) == SHMBUS_RING_HEADER_SIZE, "data after the header");
+_Static_assert(sizeof(_Atomic int32_t) == 4 && alignof(_Atomic int32_t) == 4,
+               "record lengths are plain 32-bit words in the data area");
+_Static_assert(sizeof(_Atomic uint64_t) == 8, "positions are 64-bit words");
+
+/* The process-local view of a mapped ring. */
+struct shmbus_ring {
+    ring_segment *seg;
+    uint8_t *data;
+    uint64_t capacity;
+    uint64_t mask;
+    uint32_t max_frame;
+    uint64_t map_size;
+    sem_t *bell;
+    int64_t peeked; /* data index of the record handed out by peek, or -1 */
+};
+
+#define ALIGN_UP(x) (((x) + (SHMBUS_RING_ALIGNMENT - 1)) & ~(uint64_t)(SHMBUS_RING_ALIGNMENT - 1))
+
+static inline _Atomic int32_t *length_at(const shmbus_ring_t *r, uint64_t index)
+{
+    return (_Atomic int32_t *)(void *)(r->data + index);
+}
+
+static inline _Atomic int32_t *type_at(const shmbus_ring_t *r, uint64_t index)
+{
+    return (_Atomic int32_t *)(void *)(r->data + index + 4);
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* The consumer's heartbeat needs liveness, not precision: the coarse clock
+ * (one tick, a few ms) costs a fraction of the precise one on every read. */
+static inline void beat(shmbus_ring_t *r)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    atomic_store_explicit(&r->seg->heartbeat, (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec,
+                          memory_order_relaxed);
+}
+
+static inline int64_t deadline_after(int64_t timeout_ns)
+{
+    return timeout_ns < 0 ? INT64_MAX : now_ns() + timeout_ns;
+}
+
+/* ------------------------------------------------------------------ sizes */
+
+uint64_t shmbus_ring_segment_size(uint64_t capacity)
+{
+    return SHMBUS_RING_HEADER_SIZE + capacity;
+}
+
+/* Largest payload for which an empty ring always has room wherever its tail
+ * stands: a record must fit either before the end or before the head. */
+uint32_t shmbus_ring_limit_max_frame(uint64_t capacity)
+{
+    uint64_t limit = capacity / 2 - SHMBUS_RING_RECORD_HEADER;
+    return limit > INT32_MAX - 64 ? (uint32_t)(INT32_MAX - 64) : (uint32_t)limit;
+}
+
+/* Agrona's choice: an eighth of the ring, so one frame never starves others. */
+uint32_t shmbus_ring_default_max_frame(uint64_t capacity)
+{
+    return (uint32_t)(capacity / 8 - SHMBUS_RING_RECORD_HEADER);
+}
+
+static bool capacity_ok(uint64_t capacity)
+{
+    return capacity >= SHMBUS_RING_MIN_CAPACITY && capacity <= SHMBUS_RING_MAX_CAPACITY &&
+           (capacity & (capacity - 1)) == 0;
+}
+
+/* ------------------------------------------------------ create and attach */
+
+static int map_fd(int fd, uint64_t size, ring_segment **out)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED)
+        return SHMBUS_ESYS;
+    *out = p;
+    return SHMBUS_OK;
+}
+
+static shmbus_ring_t *new_view(ring_segment *seg, uint64_t map_size, uint64_t capacity,
+                               uint32_t max_frame, sem_t *bell)
+{
+    shmbus_ring_t *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->seg = seg;
+    r->data = seg->data;
+    r->capacity = capacity;
+    r->mask = capacity - 1;
+    r->max_frame = max_frame;
+    r->map_size = map_size;
+    r->bell = bell;
+    r->peeked = -1;
+    return r;
+}
+
+int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t capacity,
+                       uint32_t max_frame, shmbus_ring_t **out)
+{
+    if (!capacity_ok(capacity) || max_frame == 0 || max_frame > shmbus_ring_limit_max_frame(capacity))
+        return SHMBUS_EINVAL;
+    uint64_t size = shmbus_ring_segment_size(capacity);
+    int fd = shm_open(shm_name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0)
+        return SHMBUS_ESYS;
+    ring_segment *seg = NULL;
+    sem_t *bell = SEM_FAILED;
+    int saved;
+    /* posix_fallocate, not ftruncate: a full /dev/shm must fail here with
+     * ENOSPC rather than later with SIGBUS on first touch of a page. */
+    if ((errno = posix_fallocate(fd, 0, (off_t)size)) != 0 || map_fd(fd, size, &seg) != SHMBUS_OK)
+        goto fail;
+    close(fd);
+    fd = -1;
+    /* We own the segment name exclusively, so a bell of that name is a
+     * leftover of a killed ring: replace it. */
+    bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
+    if (bell == SEM_FAILED && errno == EEXIST) {
+        sem_unlink(bell_name);
+        bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
+    }
+    if (bell == SEM_FAILED)
+        goto fail;
+    shmbus_ring_t *r = new_view(seg, size, capacity, max_frame, bell);
+    if (!r) {
+        errno = ENOMEM;
+        goto fail;
+    }
+    seg->meta.version = SHMBUS_RING_VERSION;
+    seg->meta.header_size = SHMBUS_RING_HEADER_SIZE;
+    seg->meta.capacity = capacity;
+    seg->meta.max_frame = max_frame;
+    /* M1: the magic goes last, with release: an attacher that sees it
+     * (acquire, M2 in shmbus_ring_attach) sees the rest of the meta. */
+    atomic_store_explicit((_Atomic uint64_t *)&seg->meta.magic, SHMBUS_RING_MAGIC,
+                          memory_order_release);
+    *out = r;
+    return SHMBUS_OK;
+fail:
+    saved = errno;
+    if (bell != SEM_FAILED) {
+        sem_close(bell);
+        sem_unlink(bell_name);
+    }
+    if (seg)
+        munmap(seg, size);
+    if (fd >= 0)
+        close(fd);
+    shm_unlink(shm_name);
+    errno = saved;
+    return SHMBUS_ESYS;
+}
+
+int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_t **out)
+{
+    int fd = shm_open(shm_name, O_RDWR, 0);
+    if (fd < 0)
+        return SHMBUS_ESYS;
+    struct stat st;
+    ring_segment *seg = NULL;
+    uint64_t size = 0;
+    int rc = SHMBUS_EBADSEG;
+    if (fstat(fd, &st) != 0) {
+        rc = SHMBUS_ESYS;
+        goto done;
+    }
+    size = (uint64_t)st.st_size;
+    if (size < SHMBUS_RING_HEADER_SIZE + SHMBUS_RING_MIN_CAPACITY ||
+        size > SHMBUS_RING_HEADER_SIZE + SHMBUS_RING_MAX_CAPACITY)
+        goto done;
+    if ((rc = map_fd(fd, size, &seg)) != SHMBUS_OK)
+        goto done;
+    /* M2: pairs with M1 in shmbus_ring_create. */
+    uint64_t magic = atomic_load_explicit((_Atomic uint64_t *)&seg->meta.magic, memory_order_acquire);
+    ring_meta meta = seg->meta;
+    rc = SHMBUS_EBADSEG;
+    if (magic != SHMBUS_RING_MAGIC || meta.version != SHMBUS_RING_VERSION ||
+        meta.header_size != SHMBUS_RING_HEADER_SIZE || !capacity_ok(meta.capacity) ||
+        shmbus_ring_segment_size(meta.capacity) != size || meta.max_frame == 0 ||
+        meta.max_frame > shmbus_ring_limit_max_frame(meta.capacity))
+        goto done;
+    sem_t *bell = sem_open(bell_name, 0);
+    if (bell == SEM_FAILED)
+        goto done;
+    shmbus_ring_t *r = new_view(seg, size, meta.capacity, meta.max_frame, bell);
+    if (!r) {
+        sem_close(bell);
+        errno = ENOMEM;
+        rc = SHMBUS_ESYS;
+        goto done;
+    }
+    *out = r;
+    close(fd);
+    return SHMBUS_OK;
+done:
+    if (seg)
+        munmap(seg, size);
+    close(fd);
+    return rc;
+}
+
+void shmbus_ring_close(shmbus_ring_t *r)
+{
+    if (!r)
+        return;
+    sem_close(r->bell);
+    munmap(r->seg, r->map_size);
+    free(r);
+}
+
+int shmbus_ring_unlink(const char *shm_name, const char *bell_name)
+{
+    int rc = shm_unlink(shm_name);
+    int saved = errno;
+    sem_unlink(bell_name);
+    errno = saved;
+    return rc == 0 ? SHMBUS_OK : SHMBUS_ESYS;
+}
+
+/* ------------------------------------------------------------ accessors */
+
+uint64_t shmbus_ring_capacity(const shmbus_ring_t *r) { return r->capacity; }
+uint32_t shmbus_ring_max_frame(const shmbus_ring_t *r) { return r->max_frame; }
+
+uint64_t shmbus_ring_used(const shmbus_ring_t *r)
+{
+    uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_acquire);
+    uint64_t tail = atomic_load_explicit(&r->seg->tail, memory_order_acquire);
+    uint64_t used = tail - head;
+    return used > r->capacity ? r->capacity : used;
+}
+
+int64_t shmbus_ring_heartbeat(const shmbus_ring_t *r)
+{
+    return atomic_load_explicit(&r->seg->heartbeat, memory_order_relaxed);
+}
+
+uint64_t shmbus_ring_next_correlation(shmbus_ring_t *r)
+{
+    return atomic_fetch_add_explicit(&r->seg->correlation, 1, memory_order_relaxed) + 1;
+}
+
+/* ------------------------------------------------------------- doorbell */
+
+/* Called by a producer after it committed.  D1 pairs with S1 in
+ * wait_for_data: both sides store, fence, then load the other's word, so
+ * either the consumer sees the committed length or we see it sleeping. */
+static inline void ring_doorbell(shmbus_ring_t *r)
+{
+    atomic_thread_fence(memory_order_seq_cst); /* D1 */
+    if (atomic_load_explicit(&r->seg->sleeping, memory_order_relaxed) &&
+        atomic_exchange_explicit(&r->seg->sleeping, 0, memory_order_relaxed))
+        sem_post(r->bell);
+}
+
+static inline bool has_data(const shmbus_ring_t *r)
+{
+    uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_relaxed);
+    uint64_t index = head & r->mask & ~(uint64_t)(SHMBUS_RING_ALIGNMENT - 1);
+    return atomic_load_explicit(length_at(r, index), memory_order_relaxed) > 0;
+}
+
+/* Spin until spin_ns has passed, then sleep on the bell until deadline. */
+static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
+{
+    int64_t now = now_ns();
+    int64_t spin_until = spin_ns > 0 ? now + spin_ns : now;
+    if (spin_until > deadline)
+        spin_until = deadline;
+    for (unsigned i = 0;; i++) {
+        if (has_data(r))
+            return SHMBUS_OK;
+        if ((i & 63) == 0 && now_ns() >= spin_until)
+            break;
+        cpu_relax();
+    }
+    for (;;) {
+        beat(r);
+        atomic_store_explicit(&r->seg->sleeping, 1, memory_order_relaxed);
+        atomic_thread_fence(memory_order_seq_cst); /* S1: pairs with D1 in ring_doorbell */
+        if (has_data(r)) {
+            atomic_store_explicit(&r->seg->sleeping, 0, memory_order_relaxed);
+            return SHMBUS_OK;
+        }
+        int64_t now2 = now_ns();
+        if (now2 >= deadline) {
+            atomic_store_explicit(&r->seg->sleeping, 0, memory_order_relaxed);
+            return SHMBUS_ETIMEDOUT;
+        }
+        int rc;
+        if (deadline == INT64_MAX) {
+            rc = sem_wait(r->bell);
+        } else {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            int64_t left = deadline - now2;
+            ts.tv_sec += left / 1000000000LL;
+            ts.tv_nsec += left % 1000000000LL;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            rc = sem_clockwait(r->bell, CLOCK_MONOTONIC, &ts);
+        }
+        atomic_store_explicit(&r->seg->sleeping, 0, memory_order_relaxed);
+        if (rc != 0 && errno == EINTR)
+            return SHMBUS_EINTR;
+        /* Woken, timed out or a stale post: loop and look again. */
+    }
+}
+
+/* Back off while the ring is full: spin, yield, then sleep up to 1 ms, so a
+ * blocked producer never burns a core. */
+static int backoff(unsigned attempt, int64_t deadline)
+{
+    int64_t now = now_ns();
+    if (now >= deadline)
+        return SHMBUS_ETIMEDOUT;
+    if (attempt < 16) {
+        for (int i = 0; i < 32; i++)
+            cpu_relax();
+        return SHMBUS_OK;
+    }
+    if (attempt < 32) {
+        sched_yield();
+        return SHMBUS_OK;
+    }
+    unsigned shift = attempt - 32 > 10 ? 10 : attempt - 32;
+    int64_t pause = 1000LL << shift; /* 1 us .. ~1 ms */
+    if (pause > deadline - now)
+        pause = deadline - now;
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = pause};
+    if (nanosleep(&ts, NULL) != 0 && errno == EINTR)
+        return SHMBUS_EINTR;
+    return SHMBUS_OK;
+}
+
+/* -------------------------------------------------------------- writing */
+
+/* Reserve `required` aligned bytes; returns the data index of the record or
+ * a negative code.  Agrona's claimCapacity, with every position checked. */
+static int64_t claim_capacity(shmbus_ring_t *r, uint64_t required)
+{
+    ring_segment *seg = r->seg;
+    const uint64_t capacity = r->capacity;
+    /* H1: acquire, pairs with H2 below in another producer, which itself
+     * acquired the head (H3) that the consumer released (C2) after zeroing:
+     * space we reuse is zeroed before we write to it. */
+    uint64_t head = atomic_load_explicit(&seg->head_cache, memory_order_acquire);
+    uint64_t tail = atomic_load_explicit(&seg->tail, memory_order_relaxed);
+    uint64_t padding, tail_index;
+    do {
+        if (tail - head > capacity || (tail & (SHMBUS_RING_ALIGNMENT - 1)))
+            head = ~(uint64_t)0; /* cached head stale or corrupt: fetch it */
+        if (head == ~(uint64_t)0 || required > capacity - (tail - head)) {
+            head = atomic_load_explicit(&seg->head, memory_order_acquire); /* H3 */
+            if (tail - head > capacity || (tail & (SHMBUS_RING_ALIGNMENT - 1)))
+                return SHMBUS_ECORRUPT;
+            if (required > capacity - (tail - head))
+                return SHMBUS_EAGAIN;
+            atomic_store_explicit(&seg->head_cache, head, memory_order_release); /* H2 */
+        }
+        padding = 0;
+        tail_index = tail & r->mask;
+        uint64_t to_end = capacity - tail_index;
+        if (required > to_end) {
+            /* The record goes at index 0 and must end before the head.  With
+             * max_frame <= capacity / 2 an empty ring always passes one of
+             * the two checks, so this never refuses an empty ring. */
+            if (required > (head & r->mask)) {
+                head = atomic_load_explicit(&seg->head, memory_order_acquire); /* H3 */
+                if (tail - head > capacity)
+                    return SHMBUS_ECORRUPT;
+                if (required > (head & r->mask))
+                    return SHMBUS_EAGAIN;
+                atomic_store_explicit(&seg->head_cache, head, memory_order_release); /* H2 */
+            }
+            padding = to_end;
+        }
+        /* A1: the CAS makes [tail, tail + padding + required) ours alone. */
+    } while (!atomic_compare_exchange_weak_explicit(&seg->tail, &tail, tail + required + padding,
+                                                    memory_order_relaxed, memory_order_relaxed));
+    if (padding) {
+        atomic_store_explicit(type_at(r, tail_index), SHMBUS_RING_PADDING, memory_order_relaxed);
+        /* W2: release, pairs with C1 in read_block. */
+        atomic_store_explicit(length_at(r, tail_index), (int32_t)padding, memory_order_release);
+        tail_index = 0;
+    }
+    return (int64_t)tail_index;
+}
+
+/* Start a record: its length goes in negative so the consumer waits for it
+ * and unblock() can tell it from free space. */
+static inline void begin_record(shmbus_ring_t *r, uint64_t index, int32_t record_len)
+{
+    atomic_store_explicit(length_at(r, index), -record_len, memory_order_relaxed);
+    /* W1: the negative length is visible before any payload byte. */
+    atomic_thread_fence(memory_order_release);
+    atomic_store_explicit(type_at(r, index), 1, memory_order_relaxed);
+}
+
+static inline void commit_record(shmbus_ring_t *r, uint64_t index, int32_t record_len)
+{
+    /* W2: release, pairs with C1 in read_block: payload before length. */
+    atomic_store_explicit(length_at(r, index), record_len, memory_order_release);
+}
+
+static int claim_wait(shmbus_ring_t *r, uint64_t required, int64_t timeout_ns, int64_t *deadline,
+                      unsigned *attempt, int64_t *index)
+{
+    for (;;) {
+        int64_t idx = claim_capacity(r, required);
+        if (idx >= 0) {
+            *index = idx;
+            return SHMBUS_OK;
+        }
+        if (idx != SHMBUS_EAGAIN || timeout_ns == 0)
+            return (int)idx;
+        if (*deadline == 0)
+            *deadline = deadline_after(timeout_ns);
+        /* Wake the consumer before we wait: it must run to make the room we
+         * wait for, and records this batch already committed would
+         * otherwise sit unannounced until the batch ends. */
+        ring_doorbell(r);
+        int rc = backoff((*attempt)++, *deadline);
+        if (rc != SHMBUS_OK)
+            return rc;
+    }
+}
+
+int shmbus_ring_write_many(shmbus_ring_t *r, const char *blob, const uint32_t *lens, uint32_t count,
+                           int64_t timeout_ns, uint32_t *written)
+{
+    if (!r)
+        return SHMBUS_EINVAL; /* closed */
+    for (uint32_t i = 0; i < count; i++)
+        if (lens[i] > r->max_frame)
+            return SHMBUS_ETOOBIG;
+    int64_t deadline = 0;
+    unsigned attempt = 0;
+    uint32_t done = 0;
+    int rc = SHMBUS_OK;
+    for (; done < count; done++) {
+        uint32_t len = lens[done];
+        int32_t record_len = (int32_t)(len + SHMBUS_RING_RECORD_HEADER);
+        int64_t index;
+        rc = claim_wait(r, ALIGN_UP((uint64_t)record_len), timeout_ns, &deadline, &attempt, &index);
+        if (rc != SHMBUS_OK)
+            break;
+        begin_record(r, (uint64_t)index, record_len);
+        memcpy(r->data + index + SHMBUS_RING_RECORD_HEADER, blob, len);
+        commit_record(r, (uint64_t)index, record_len);
+        blob += len;
+    }
+    *written = done;
+    if (done)
+        ring_doorbell(r);
+    return done == count ? SHMBUS_OK : rc;
+}
+
+int shmbus_ring_write(shmbus_ring_t *r, const char *data, uint32_t len, int64_t timeout_ns)
+{
+    uint32_t written;
+    return shmbus_ring_write_many(r, data, &len, 1, timeout_ns, &written);
+}
+
+int shmbus_ring_claim(shmbus_ring_t *r, uint32_t len, int64_t timeout_ns, int64_t *index,
+                      char **payload)
+{
+    if (!r)
+        return SHMBUS_EINVAL; /* closed */
+    if (len > r->max_frame)
+        return SHMBUS_ETOOBIG;
+    int32_t record_len = (int32_t)(len + SHMBUS_RING_RECORD_HEADER);
+    int64_t deadline = 0;
+    unsigned attempt = 0;
+    int rc = claim_wait(r, ALIGN_UP((uint64_t)record_len), timeout_ns, &deadline, &attempt, index);
+    if (rc != SHMBUS_OK)
+        return rc;
+    begin_record(r, (uint64_t)*index, record_len);
+    *payload = (char *)r->data + *index + SHMBUS_RING_RECORD_HEADER;
+    return SHMBUS_OK;
+}
+
+static int claimed_length(shmbus_ring_t *r, int64_t index, int32_t *record_len)
+{
+    if (index < 0 || (uint64_t)index > r->capacity - SHMBUS_RING_RECORD_HEADER ||
+        (index & (SHMBUS_RING_ALIGNMENT - 1)))
+        return SHMBUS_EINVAL;
+    int32_t len = atomic_load_explicit(length_at(r, (uint64_t)index), memory_order_relaxed);
+    if (len >= 0 || -len < SHMBUS_RING_RECORD_HEADER)
+        return SHMBUS_EINVAL; /* not a record in progress (committed, aborted or unblocked) */
+    *record_len = -len;
+    return SHMBUS_OK;
+}
+
+int shmbus_ring_commit(shmbus_ring_t *r, int64_t index)
+{
+    if (!r)
+        return SHMBUS_EINVAL; /* closed */
+    int32_t record_len;
+    int rc = claimed_length(r, index, &record_len);
+    if (rc != SHMBUS_OK)
+        return rc;
+    commit_record(r, (uint64_t)index, record_len);
+    ring_doorbell(r);
+    return SHMBUS_OK;
+}
+
+int shmbus_ring_abort(shmbus_ring_t *r, int64_t index)
+{
+    if (!r)
+        return SHMBUS_EINVAL; /* closed */
+    int32_t record_len;
+    int rc = claimed_length(r, index, &record_len);
+    if (rc != SHMBUS_OK)
+        return rc;
+    atomic_store_explicit(type_at(r, (uint64_t)index), SHMBUS_RING_PADDING, memory_order_relaxed);
+    commit_record(r, (uint64_t)index, record_len);
+    ring_doorbell(r);
+    return SHMBUS_OK;
+}
+
+int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len)
+{
+    if (!r)
+        return SHMBUS_EINVAL; /* closed */
+    if (len > r->max_frame)
+        return SHMBUS_ETOOBIG;
+    int64_t idx = claim_capacity(r, ALIGN_UP((uint64_t)len + SHMBUS_RING_RECORD_HEADER));
+    return idx < 0 ? (int)idx : SHMBUS_OK;
+}
+
+/* -------------------------------------------------------------- reading */
+
+/* Validate the committed record at `index`; returns its aligned length or
+ * SHMBUS_ECORRUPT.  `tail_seen` caches the tail to check the record lies
+ * inside what producers have reserved. */
+static int64_t check_record(shmbus_ring_t *r, uint64_t head, uint64_t index, int32_t len,
+                            int32_t type, uint64_t *tail_seen)
+{
+    uint64_t aligned = ALIGN_UP((uint64_t)len);
+    if (len < SHMBUS_RING_RECORD_HEADER || aligned > r->capacity - index)
+        return SHMBUS_ECORRUPT;
+    if (type != SHMBUS_RING_PADDING && (uint32_t)len - SHMBUS_RING_RECORD_HEADER > r->max_frame)
+        return SHMBUS_ECORRUPT;
+    uint64_t end = head + aligned;
+    if (end - *tail_seen < (uint64_t)1 << 63 && end != *tail_seen) {
+        /* Beyond the tail we knew: look again (C3 pairs with A1). */
+        *tail_seen = atomic_load_explicit(&r->seg->tail, memory_order_acquire);
+        if (end - *tail_seen < (uint64_t)1 << 63 && end != *tail_seen)
+            return SHMBUS_ECORRUPT;
+    }
+    return (int64_t)aligned;
+}
+
+/* Hand the consumed block back to producers: zero it, then move the head. */
+static inline void consume(shmbus_ring_t *r, uint64_t head, uint64_t head_index, uint64_t bytes)
+{
+    memset(r->data + head_index, 0, bytes);
+    /* C2: release, pairs with H3 in claim_capacity. */
+    atomic_store_explicit(&r->seg->head, head + bytes, memory_order_release);
+}
+
+/* Read committed records from the head up to the end of the buffer.
+ * Returns the number of payload records copied, or a negative code. */
+static int read_block(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_t *lens,
+                      uint32_t max_count, uint64_t *used, bool *at_end)
+{
+    uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_relaxed);
+    if (head & (SHMBUS_RING_ALIGNMENT - 1))
+        return SHMBUS_ECORRUPT;
+    uint64_t head_index = head & r->mask;
+    uint64_t block = r->capacity - head_index;
+    uint64_t consumed = 0, tail_seen = head;
+    uint32_t n = 0;
+    int rc = SHMBUS_OK;
+    while (consumed < block && n < max_count) {
+        uint64_t index = head_index + consumed;
+        /* C1: acquire, pairs with W2: the payload is there once the length is. */
+        int32_t len = atomic_load_explicit(length_at(r, index), memory_order_acquire);
+        if (len <= 0)
+            break;
+        int32_t type = atomic_load_explicit(type_at(r, index), memory_order_relaxed);
+        int64_t aligned = check_record(r, head + consumed, index, len, type, &tail_seen);
+        if (aligned < 0) {
+            rc = (int)aligned;
+            break;
+        }
+        if (type != SHMBUS_RING_PADDING) {
+            uint32_t plen = (uint32_t)len - SHMBUS_RING_RECORD_HEADER;
+            if (*used + plen > out_cap) {
+                if (n == 0 && *used == 0)
+                    rc = SHMBUS_ESMALL;
+                break;
+            }
+            memcpy(out + *used, r->data + index + SHMBUS_RING_RECORD_HEADER, plen);
+            lens[n++] = plen;
+            *used += plen;
+        }
+        consumed += (uint64_t)aligned;
+    }
+    if (consumed)
+        consume(r, head, head_index, consumed);
+    if (rc != SHMBUS_OK && n == 0)
+        return rc;
+    *at_end = consumed == block; /* the caller goes round the wrap */
+    return (int)n;
+}
+
+int shmbus_ring_read_many(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_t *lens,
+                          uint32_t max_count, int64_t timeout_ns, int64_t spin_ns,
+                          uint32_t *count, uint64_t *bytes)
+{
+    if (!r)
+        return SHMBUS_EINVAL; /* closed */
+    *count = 0;
+    *bytes = 0;
+    if (r->peeked >= 0)
+        return SHMBUS_EINVAL; /* a peeked record is still out: release it first */
+    beat(r);
+    int64_t deadline = timeout_ns == 0 ? 0 : deadline_after(timeout_ns);
+    for (;;) {
+        uint32_t n = 0;
+        uint64_t used = 0;
+        /* At most two blocks: up to the end of the buffer, then from 0. */
+        for (int pass = 0; pass < 2 && n < max_count; pass++) {
+            bool at_end = false;
+            int got = read_block(r, out, out_cap, lens + n, max_count - n, &used, &at_end);
+            if (got < 0) {
+                if (n)
+                    break; /* hand over what we have; the error comes next call */
+                return got;
+            }
+            n += (uint32_t)got;
+            if (!at_end)
+                break;
+        }
+        if (n) {
+            *count = n;
+            *bytes = used;
+            return (int)n;
+        }
+        if (timeout_ns == 0)
+            return SHMBUS_EAGAIN;
+        int rc = wait_for_data(r, deadline, spin_ns);
+        if (rc != SHMBUS_OK)
+            return rc;
+    }
+}
+
+int64_t shmbus_ring_read_one(shmbus_ring_t *r, char *out, uint64_t out_cap, int64_t timeout_ns,
+                             int64_t spin_ns)
+{
+    uint32_t len, count;
+    uint64_t bytes;
+    int rc = shmbus_ring_read_many(r, out, out_cap, &len, 1, timeout_ns, spin_ns, &count, &bytes);
+    return rc > 0 ? (int64_t)len : rc;
+}
+
+int shmbus_ring_peek(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns, char **payload,
+                     uint32_t *len_out)
+{
+    if (!r)
+        return SHMBUS_EINVAL; /* closed */
+    if (r->peeked >= 0)
+        return SHMBUS_EINVAL;
+    beat(r);
+    int64_t deadline = timeout_ns == 0 ? 0 : deadline_after(timeout_ns);
+    for (;;) {
+        uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_relaxed);
+        if (head & (SHMBUS_RING_ALIGNMENT - 1))
+            return SHMBUS_ECORRUPT;
+        uint64_t index = head & r->mask, tail_seen = head;
+        int32_t len = atomic_load_explicit(length_at(r, index), memory_order_acquire); /* C1 */
+        if (len > 0) {
+            int32_t type = atomic_load_explicit(type_at(r, index), memory_order_relaxed);
+            int64_t aligned = check_record(r, head, index, len, type, &tail_seen);
+            if (aligned < 0)
+                return (int)aligned;
+            if (type == SHMBUS_RING_PADDING) {
+                consume(r, head, index, (uint64_t)aligned);
+                continue;
+            }
+            r->peeked = (int64_t)index;
+            *payload = (char *)r->data + index + SHMBUS_RING_RECORD_HEADER;
+            *len_out = (uint32_t)len - SHMBUS_RING_RECORD_HEADER;
+            return SHMBUS_OK;
+        }
+        if (timeout_ns == 0)
+            return SHMBUS_EAGAIN;
+        int rc = wait_for_data(r, deadline, spin_ns);
+        if (rc != SHMBUS_OK)
+            return rc;
+    }
+}
+
+int shmbus_ring_release(shmbus_ring_t *r)
+{
+    if (!r)
+        return SHMBUS_EINVAL; /* closed */
+    if (r->peeked < 0)
+        return SHMBUS_EINVAL;
+    uint64_t index = (uint64_t)r->peeked;
+    r->peeked = -1;
+    uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_relaxed);
+    int32_t len = atomic_load_explicit(length_at(r, index), memory_order_relaxed);
+    uint64_t aligned = ALIGN_UP((uint64_t)(len > 0 ? len : 0));
+    if ((head & r->mask) != index || len < SHMBUS_RING_RECORD_HEADER || aligned > r->capacity - index)
+        return SHMBUS_ECORRUPT; /* overwritten while it was out */
+    consume(r, head, index, aligned);
+    return SHMBUS_OK;
+}
+
+/* ------------------------------------------------------------- unblock */
+
+/* Are the length words in [from, to) all still zero?  Looked at again after
+ * the forward scan, in case a slow (live) producer has written meanwhile. */
+static bool still_zeroed(const shmbus_ring_t *r, uint64_t from, uint64_t to)
+{
+    for (uint64_t i = from; i < to; i += SHMBUS_RING_ALIGNMENT)
+        if (atomic_load_explicit(length_at(r, i), memory_order_acquire) != 0)
+            return false;
+    return true;
+}
+
+static void make_padding(shmbus_ring_t *r, uint64_t index, uint64_t length)
+{
+    atomic_store_explicit(type_at(r, index), SHMBUS_RING_PADDING, memory_order_relaxed);
+    atomic_store_explicit(length_at(r, index), (int32_t)length, memory_order_release); /* W2 */
+    ring_doorbell(r);
+}
+
+/* Agrona's unblock: turn a record left behind by a dead producer into
+ * padding.  Call it only once that producer's death is certain. Returns 1 if
+ * it unblocked, 0 if there was nothing to do, or a negative code. */
+int shmbus_ring_unblock(shmbus_ring_t *r)
+{
+    if (!r)
+        return SHMBUS_EINVAL; /* closed */
+    uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_acquire);
+    uint64_t tail = atomic_load_explicit(&r->seg->tail, memory_order_acquire);
+    if (head == tail)
+        return 0;
+    if (tail - head > r->capacity || (head & (SHMBUS_RING_ALIGNMENT - 1)))
+        return SHMBUS_ECORRUPT;
+    uint64_t consumer_index = head & r->mask;
+    uint64_t producer_index = tail & r->mask;
+    int32_t len = atomic_load_explicit(length_at(r, consumer_index), memory_order_acquire);
+    if (len < 0) {
+        /* The producer died after writing its negative length. */
+        uint64_t aligned = ALIGN_UP((uint64_t)-(int64_t)len);
+        if (-(int64_t)len < SHMBUS_RING_RECORD_HEADER || aligned > r->capacity - consumer_index ||
+            aligned > tail - head)
+            return SHMBUS_ECORRUPT;
+        make_padding(r, consumer_index, (uint64_t)-(int64_t)len);
+        return 1;
+    }
+    if (len > 0)
+        return 0; /* committed: the consumer can move on by itself */
+    /* The producer died between its CAS and its first store: the length is
+     * unknown, so pad up to the next record that has started. */
+    bool wrapped = producer_index <= consumer_index;
+    uint64_t limit = wrapped ? r->capacity : producer_index;
+    for (uint64_t i = consumer_index + SHMBUS_RING_ALIGNMENT; i < limit; i += SHMBUS_RING_ALIGNMENT) {
+        if (atomic_load_explicit(length_at(r, i), memory_order_acquire) != 0) {
+            if (!still_zeroed(r, consumer_index, i))
+                return 0;
+            make_padding(r, consumer_index, i - consumer_index);
+            return 1;
+        }
+    }
+    /* Nothing started after it up to the end of the buffer while the tail
+     * is already in the next lap: the whole rest of this lap was reserved
+     * (by the dead producer, or as its wrap padding).  Agrona stops here;
+     * padding to the end lets the consumer reach the records at index 0. */
+    if (wrapped && still_zeroed(r, consumer_index, r->capacity)) {
+        make_padding(r, consumer_index, r->capacity - consumer_index);
+        return 1;
+    }
+    return 0;
+}

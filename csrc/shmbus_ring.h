@@ -1,0 +1,134 @@
+/*
+ * shmbus ring: a many-to-one ring buffer in one POSIX shared-memory segment.
+ *
+ * The algorithm is Agrona's ManyToOneRingBuffer: free-running 64-bit
+ * positions, producers reserve space with a CAS on the tail, a record's
+ * length is stored negative while it is being filled and positive (release)
+ * to commit it, a padding record fills the space left at the wrap, and the
+ * single consumer zeroes what it has read before it moves the head.
+ *
+ * Segment (every control field on its own pair of cache lines, so that
+ * producers hammering the tail never share a line with the consumer's head;
+ * 128 bytes because the adjacent-line prefetcher pulls lines in pairs):
+ *
+ *   0      +--------------------------------------------------+
+ *          | meta: magic, version, header size, capacity,     |
+ *          |       max frame (written once by the creator)    |
+ *   128    +--------------------------------------------------+
+ *          | tail          (producers: CAS)                   |
+ *   256    +--------------------------------------------------+
+ *          | head cache    (producers: last head seen)        |
+ *   384    +--------------------------------------------------+
+ *          | head          (consumer)                         |
+ *   512    +--------------------------------------------------+
+ *          | correlation counter (anyone: fetch-add)          |
+ *   640    +--------------------------------------------------+
+ *          | consumer heartbeat (consumer: MONOTONIC_COARSE) |
+ *   768    +--------------------------------------------------+
+ *          | sleeping flag (consumer sets, a producer clears) |
+ *   896    +--------------------------------------------------+
+ *          | spare                                            |
+ *   1024   +--------------------------------------------------+
+ *          | data: capacity bytes (a power of two)            |
+ *          +--------------------------------------------------+
+ *
+ * Record (8-byte aligned, little-endian):
+ *
+ *    0                   1                   2                   3
+ *    0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+ *   +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+ *   |R|                 Length (header + payload)                   |
+ *   +-+-------------------------------------------------------------+
+ *   |                 Type (SHMBUS_RING_PADDING for padding)        |
+ *   +---------------------------------------------------------------+
+ *   |                 Payload                                      ...
+ *  ...                                                              |
+ *   +---------------------------------------------------------------+
+ *
+ * Length < 0: being written.  0: nothing there yet.  > 0: committed.
+ *
+ * The doorbell is a named POSIX semaphore beside the segment, not a sem_t
+ * inside it: anything written over the segment (a crashed or hostile
+ * process) must not be able to corrupt the semaphore, because glibc aborts
+ * the process on a futex error from a corrupt sem_t.
+ *
+ * Every length and position read from shared memory is checked before it is
+ * used: a corrupt segment yields SHMBUS_ECORRUPT, never a read outside the
+ * mapping or an endless loop.
+ */
+#ifndef SHMBUS_RING_H
+#define SHMBUS_RING_H
+
+#include <semaphore.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define SHMBUS_RING_MAGIC 0x676E6952756D6853ULL /* "ShmuRing" */
+#define SHMBUS_RING_VERSION 1
+#define SHMBUS_RING_HEADER_SIZE 1024
+#define SHMBUS_RING_LINE 128
+#define SHMBUS_RING_ALIGNMENT 8
+#define SHMBUS_RING_RECORD_HEADER 8
+#define SHMBUS_RING_PADDING (-1)
+#define SHMBUS_RING_MIN_CAPACITY 4096
+#define SHMBUS_RING_MAX_CAPACITY (1ULL << 30)
+
+/* Return codes: 0 or a count on success, one of these on failure. */
+#define SHMBUS_OK 0
+#define SHMBUS_EAGAIN (-1)   /* full (write) or empty (read), no wait asked */
+#define SHMBUS_ETIMEDOUT (-2)
+#define SHMBUS_ETOOBIG (-3)  /* frame larger than max_frame */
+#define SHMBUS_ECORRUPT (-4) /* a length or position in the segment is impossible */
+#define SHMBUS_EINTR (-5)    /* a signal arrived; the caller runs its handlers and retries */
+#define SHMBUS_EINVAL (-6)
+#define SHMBUS_ESYS (-7)     /* a system call failed: see errno */
+#define SHMBUS_EBADSEG (-8)  /* not a shmbus ring, or another layout version */
+#define SHMBUS_ESMALL (-9)   /* the caller's buffer cannot hold the next frame */
+
+/* Timeouts are in nanoseconds: 0 = do not wait, negative = wait forever.
+ * The consumer heartbeat is CLOCK_MONOTONIC_COARSE nanoseconds. */
+
+typedef struct shmbus_ring shmbus_ring_t;
+
+uint64_t shmbus_ring_segment_size(uint64_t capacity);
+uint32_t shmbus_ring_default_max_frame(uint64_t capacity);
+uint32_t shmbus_ring_limit_max_frame(uint64_t capacity);
+
+int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t capacity,
+                       uint32_t max_frame, shmbus_ring_t **out);
+int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_t **out);
+void shmbus_ring_close(shmbus_ring_t *r);
+int shmbus_ring_unlink(const char *shm_name, const char *bell_name);
+
+uint64_t shmbus_ring_capacity(const shmbus_ring_t *r);
+uint32_t shmbus_ring_max_frame(const shmbus_ring_t *r);
+uint64_t shmbus_ring_used(const shmbus_ring_t *r);
+int64_t shmbus_ring_heartbeat(const shmbus_ring_t *r);
+uint64_t shmbus_ring_next_correlation(shmbus_ring_t *r);
+
+int shmbus_ring_write(shmbus_ring_t *r, const char *data, uint32_t len, int64_t timeout_ns);
+int shmbus_ring_write_many(shmbus_ring_t *r, const char *blob, const uint32_t *lens, uint32_t count,
+                           int64_t timeout_ns, uint32_t *written);
+
+int shmbus_ring_claim(shmbus_ring_t *r, uint32_t len, int64_t timeout_ns, int64_t *index,
+                      char **payload);
+int shmbus_ring_commit(shmbus_ring_t *r, int64_t index);
+int shmbus_ring_abort(shmbus_ring_t *r, int64_t index);
+
+int shmbus_ring_read_many(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_t *lens,
+                          uint32_t max_count, int64_t timeout_ns, int64_t spin_ns,
+                          uint32_t *count, uint64_t *bytes);
+/* One frame: returns its length (0 is a valid empty frame) or a negative code. */
+int64_t shmbus_ring_read_one(shmbus_ring_t *r, char *out, uint64_t out_cap, int64_t timeout_ns,
+                             int64_t spin_ns);
+int shmbus_ring_peek(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns, char **payload,
+                     uint32_t *len);
+int shmbus_ring_release(shmbus_ring_t *r);
+
+int shmbus_ring_unblock(shmbus_ring_t *r);
+
+/* Test support: reserve space with the CAS and write nothing, as a producer
+ * killed between its CAS and its first store would leave it. */
+int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len);
+
+#endif

@@ -1,0 +1,103 @@
+"""The exception tree: one base, never raised itself, and one return-code mapper.
+
+Argument errors also inherit the builtin a caller would expect (``ValueError``,
+``FileNotFoundError``, ``TimeoutError``), so generic handlers keep working.
+Every message says what happened, the numbers involved and what to do.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import NoReturn
+
+
+class ShmbusError(Exception):
+    """Base of every error shmbus raises."""
+
+
+class RingFull(ShmbusError):
+    """A ring had no room for a frame before the timeout passed."""
+
+
+class MessageTooLarge(ShmbusError, ValueError):
+    """A frame is larger than the ring (or bus) accepts."""
+
+    def __init__(self, size: int, limit: int, where: str = "ring") -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"frame of {size} bytes exceeds the limit of {limit} bytes of {where}; "
+            "split it, or give the ring a larger capacity or max_frame"
+        )
+
+
+class CorruptFrame(ShmbusError):
+    """A length or position in shared memory is impossible: the segment was overwritten."""
+
+
+class BadSegment(ShmbusError):
+    """The named segment is not a shmbus ring, or one of another layout version."""
+
+
+class InvalidName(ShmbusError, ValueError):
+    """A name that cannot be used for a segment, agent, bus or topic."""
+
+
+class NotFound(ShmbusError, FileNotFoundError):
+    """Nothing exists under that name."""
+
+
+class AlreadyExists(ShmbusError, FileExistsError):
+    """Something already exists under that name."""
+
+
+class Closed(ShmbusError, ValueError):
+    """The object was closed; no operation is possible on it any more."""
+
+
+class ShmbusTimeout(ShmbusError, TimeoutError):
+    """Base of the timeouts: a wait ended before anything came."""
+
+
+class ReadTimeout(ShmbusTimeout):
+    """Nothing arrived in a ring before the timeout passed."""
+
+
+def os_error(err: int, what: str) -> ShmbusError | OSError:
+    """Map an errno from a failed system call to the matching exception."""
+    text = f"{what}: {os.strerror(err)}"
+    if err == _errno.ENOENT:
+        return NotFound(err, text)
+    if err == _errno.EEXIST:
+        return AlreadyExists(err, text)
+    if err in (_errno.ENAMETOOLONG, _errno.EINVAL):
+        return InvalidName(text)
+    return OSError(err, text)
+
+
+def raise_for(rc: int, what: str, *, err: int = 0, detail: str = "") -> NoReturn:
+    """Raise the exception for a negative C return code (see shmbus_ring.h).
+
+    ``what`` names the operation and object, ``detail`` adds the numbers.
+    """
+    from ._native import lib
+
+    suffix = f" ({detail})" if detail else ""
+    if rc == lib.SHMBUS_ECORRUPT:
+        raise CorruptFrame(
+            f"{what}: the ring's shared memory holds an impossible length or position{suffix}; "
+            "it was overwritten by another process: recreate the ring"
+        )
+    if rc == lib.SHMBUS_EBADSEG:
+        raise BadSegment(
+            f"{what}: not a shmbus ring of layout version this build reads{suffix}; "
+            "check the name, or remove the stale segment with `shmbus cleanup`"
+        )
+    if rc == lib.SHMBUS_ESYS:
+        raise os_error(err, what)
+    if rc == lib.SHMBUS_ETIMEDOUT:
+        raise ReadTimeout(f"{what}: timed out{suffix}")
+    if rc == lib.SHMBUS_EINVAL:
+        raise ValueError(f"{what}: invalid argument{suffix}")
+    raise ShmbusError(f"{what}: failed with code {rc}{suffix}")
