@@ -54,4 +54,4 @@ int shmbus_ring_peek(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns, char
 int shmbus_ring_release(shmbus_ring_t *r);
 
 int shmbus_ring_unblock(shmbus_ring_t *r);
-int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len);
+int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len, int write_padding);

@@ -403,7 +403,7 @@ static int backoff(unsigned attempt, int64_t deadline)
 
 /* Reserve `required` aligned bytes; returns the data index of the record or
  * a negative code.  Agrona's claimCapacity, with every position checked. */
-static int64_t claim_capacity(shmbus_ring_t *r, uint64_t required)
+static inline int64_t claim_capacity_ex(shmbus_ring_t *r, uint64_t required, bool write_padding)
 {
     ring_segment *seg = r->seg;
     const uint64_t capacity = r->capacity;
@@ -444,13 +444,17 @@ static int64_t claim_capacity(shmbus_ring_t *r, uint64_t required)
         /* A1: the CAS makes [tail, tail + padding + required) ours alone. */
     } while (!atomic_compare_exchange_weak_explicit(&seg->tail, &tail, tail + required + padding,
                                                     memory_order_relaxed, memory_order_relaxed));
-    if (padding) {
+    if (padding && write_padding) {
         atomic_store_explicit(type_at(r, tail_index), SHMBUS_RING_PADDING, memory_order_relaxed);
         /* W2: release, pairs with C1 in read_block. */
         atomic_store_explicit(length_at(r, tail_index), (int32_t)padding, memory_order_release);
-        tail_index = 0;
     }
-    return (int64_t)tail_index;
+    return padding ? 0 : (int64_t)tail_index;
+}
+
+static int64_t claim_capacity(shmbus_ring_t *r, uint64_t required)
+{
+    return claim_capacity_ex(r, required, true);
 }
 
 /* Start a record: its length goes in negative so the consumer waits for it
@@ -585,13 +589,14 @@ int shmbus_ring_abort(shmbus_ring_t *r, int64_t index)
     return SHMBUS_OK;
 }
 
-int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len)
+int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len, int write_padding)
 {
     if (!r)
         return SHMBUS_EINVAL; /* closed */
     if (len > r->max_frame)
         return SHMBUS_ETOOBIG;
-    int64_t idx = claim_capacity(r, ALIGN_UP((uint64_t)len + SHMBUS_RING_RECORD_HEADER));
+    int64_t idx = claim_capacity_ex(r, ALIGN_UP((uint64_t)len + SHMBUS_RING_RECORD_HEADER),
+                                    write_padding != 0);
     return idx < 0 ? (int)idx : SHMBUS_OK;
 }
 

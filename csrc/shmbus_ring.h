@@ -128,7 +128,8 @@ int shmbus_ring_release(shmbus_ring_t *r);
 int shmbus_ring_unblock(shmbus_ring_t *r);
 
 /* Test support: reserve space with the CAS and write nothing, as a producer
- * killed between its CAS and its first store would leave it. */
-int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len);
+ * killed between its CAS and its first store would leave it (with
+ * write_padding 0, even before the padding record a wrap needs). */
+int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len, int write_padding);
 
 #endif

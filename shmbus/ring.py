@@ -63,8 +63,13 @@ def segment_names(name: str) -> tuple[str, str]:
     return f"/{PREFIX}{name}", f"/{PREFIX}{name}.bell"
 
 
+#: Timeouts longer than this (about 31 years) mean "wait forever": the C side
+#: counts nanoseconds in an int64.
+_FOREVER = 1e9
+
+
 def _ns(timeout: float | None) -> int:
-    if timeout is None:
+    if timeout is None or timeout > _FOREVER:
         return -1
     return int(timeout * 1e9) if timeout > 0 else 0
 
@@ -268,7 +273,7 @@ class Ring:
         """
         buf = data if type(data) is bytes else ffi.from_buffer(data)
         n = len(buf)
-        ns = -1 if timeout is None else (int(timeout * 1e9) if timeout > 0 else 0)
+        ns = -1 if timeout is None else _ns(timeout)
         rc = _write(self._r, buf, n, ns)
         if rc == _OK:
             return
@@ -391,7 +396,7 @@ class Ring:
         """
         if self._out is None:
             self._scratch()
-        ns = -1 if timeout is None else (int(timeout * 1e9) if timeout > 0 else 0)
+        ns = -1 if timeout is None else _ns(timeout)
         n = _read_one(self._r, self._out, self._out_cap, ns, self.spin_ns)
         if n >= 0:
             return self._outbuf[0:n]
@@ -420,7 +425,7 @@ class Ring:
             return []
         if self._out is None or max_count > self._lens_cap:
             self._scratch(max_count)
-        ns = -1 if timeout is None else (int(timeout * 1e9) if timeout > 0 else 0)
+        ns = -1 if timeout is None else _ns(timeout)
         n = _read_many(
             self._r, self._out, self._out_cap, self._lens, max_count, ns, self.spin_ns,
             self._count, self._bytes,
@@ -471,8 +476,8 @@ class Ring:
             self._fail(rc, "unblock")
         return rc == 1
 
-    def _test_reserve(self, size: int) -> None:
-        """Tests only: reserve space and write nothing, as a writer killed mid-CAS."""
-        rc = lib.shmbus_ring_test_reserve(self._handle(), size)
+    def _test_reserve(self, size: int, *, write_padding: bool = True) -> None:
+        """Tests only: reserve space and write nothing, as a writer killed after its CAS."""
+        rc = lib.shmbus_ring_test_reserve(self._handle(), size, int(write_padding))
         if rc != _OK:
             self._fail(rc, "reserve in")

@@ -19,9 +19,15 @@ import pytest
 SHM = Path("/dev/shm")
 _seq = itertools.count()
 
+# Every name a test makes starts with this session's token, so the checks
+# below see only this session's entries, never those of another pytest run
+# on the same machine. The controller sets it; xdist workers inherit it.
+SESSION = os.environ.setdefault("SHMBUS_TEST_SESSION", str(os.getpid()))
+TOKEN = f"t{SESSION}w"
+
 
 def shm_entries() -> set[str]:
-    return {p.name for p in SHM.iterdir() if "shmbus" in p.name}
+    return {p.name for p in SHM.iterdir() if "shmbus" in p.name and TOKEN in p.name}
 
 
 # --------------------------------------------------------------- names
@@ -30,7 +36,7 @@ def shm_entries() -> set[str]:
 @pytest.fixture
 def names() -> Iterator[Callable[[str], str]]:
     """A factory of ring names unique to this test; fails it if any is left in /dev/shm."""
-    prefix = f"t{os.getpid()}x{next(_seq)}"
+    prefix = f"{TOKEN}{os.getpid()}x{next(_seq)}"
 
     def make(label: str = "r") -> str:
         return f"{prefix}-{label}"

@@ -1,0 +1,35 @@
+"""The C core builds clean under strict C11 warnings, on its own, outside cffi."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_ring_compiles_without_warnings_as_strict_c11(tmp_path):
+    result = subprocess.run(
+        ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-c",
+         str(CSRC / "shmbus_ring.c"), "-o", str(tmp_path / "ring.o")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_cffi_declarations_match_the_header():
+    """Every function cffi declares is declared, identically, in the C header."""
+    header = " ".join((CSRC / "shmbus_ring.h").read_text().split())
+    checked = 0
+    for decl in (CSRC / "shmbus_cdef.h").read_text().split(";"):
+        code = [ln for ln in decl.splitlines() if not ln.strip().startswith(("/*", "*", "#"))]
+        decl = " ".join(code)
+        decl = " ".join(decl.split())
+        if "(" in decl:
+            assert decl + ";" in header, f"cdef and header disagree on: {decl}"
+            checked += 1
+    assert checked >= 20
