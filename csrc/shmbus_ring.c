@@ -331,11 +331,18 @@ static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
     int64_t spin_until = spin_ns > 0 ? now + spin_ns : now;
     if (spin_until > deadline)
         spin_until = deadline;
+    /* Yield now and then while spinning: when the writer we wait for shares
+     * our CPU (a loaded or small machine), pure spinning would keep it from
+     * running for the whole spin; with a CPU to ourselves, a yield returns at
+     * once. */
     for (unsigned i = 0;; i++) {
         if (has_data(r))
             return SHMBUS_OK;
-        if ((i & 63) == 0 && now_ns() >= spin_until)
-            break;
+        if ((i & 63) == 0) {
+            if (now_ns() >= spin_until)
+                break;
+            sched_yield();
+        }
         cpu_relax();
     }
     for (;;) {

@@ -33,6 +33,11 @@ _ETIMEDOUT = lib.SHMBUS_ETIMEDOUT
 _ETOOBIG = lib.SHMBUS_ETOOBIG
 _EINTR = lib.SHMBUS_EINTR
 _EINVAL = lib.SHMBUS_EINVAL
+_ESMALL = lib.SHMBUS_ESMALL
+
+#: The reader's scratch buffer: batches of small frames are copied into it in
+#: one C call and cut into bytes; larger frames go straight to their bytes.
+_SCRATCH = 256 * 1024
 
 #: How long a reader spins before it sleeps on the doorbell, by default. Long
 #: enough to catch a reply in a ping-pong, short enough not to burn a core.
@@ -367,15 +372,40 @@ class Ring:
 
     def _scratch(self, max_count: int = 1) -> None:
         if self._out is None:
-            self._out_cap = max(self.max_frame, min(self.capacity, 1 << 20))
+            # Frames larger than this skip the scratch and are copied once,
+            # straight from the ring into their bytes (see _read_large).
+            self._out_cap = min(self.capacity, _SCRATCH)
             self._out = ffi.new("char[]", self._out_cap)
             self._outbuf = ffi.buffer(self._out)
         if max_count > self._lens_cap:
             self._lens_cap = max(max_count, 256)
             self._lens = ffi.new("uint32_t[]", self._lens_cap)
 
-    def _read_slow(self, rc: int, max_count: int, timeout: float | None) -> int:
-        """After a read call that got nothing: retry after signals, else 0 or raise."""
+    def _split(self, n: int) -> list[bytes]:
+        buf = self._outbuf
+        out = []
+        pos = 0
+        for length in _unpack(self._lens, n):
+            end = pos + length
+            out.append(buf[pos:end])
+            pos = end
+        return out
+
+    def _read_large(self) -> bytes:
+        """The next frame, known to be there and larger than the scratch."""
+        ptr = ffi.new("char **")
+        rc = lib.shmbus_ring_peek(self._handle(), 0, 0, ptr, self._count)
+        if rc != _OK:
+            self._fail(rc, "read from")
+        data = ffi.buffer(ptr[0], self._count[0])[:]
+        rc = lib.shmbus_ring_release(self._r)
+        if rc != _OK:
+            self._fail(rc, "read from")
+        return data
+
+    def _read_slow(self, rc: int, max_count: int, timeout: float | None) -> list[bytes]:
+        """After a read call that got no frame: retry after signals, take a large
+        frame, or return [] when the timeout passed."""
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         while rc == _EINTR:  # a signal: its handler ran on return; go on waiting
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -384,9 +414,11 @@ class Ring:
                 self.spin_ns, self._count, self._bytes,
             )  # fmt: skip
         if rc > 0:
-            return rc
+            return self._split(rc)
+        if rc == _ESMALL:
+            return [self._read_large()]
         if rc in (_EAGAIN, _ETIMEDOUT):
-            return 0
+            return []
         return self._fail(rc, "read from")
 
     def read(self, timeout: float | None = None) -> bytes:
@@ -400,8 +432,9 @@ class Ring:
         n = _read_one(self._r, self._out, self._out_cap, ns, self.spin_ns)
         if n >= 0:
             return self._outbuf[0:n]
-        if self._read_slow(n, 1, timeout):
-            return self._outbuf[0 : self._lens[0]]
+        frames = self._read_slow(n, 1, timeout)
+        if frames:
+            return frames[0]
         raise ReadTimeout(f"nothing arrived in ring {self.name!r} within {timeout}s")
 
     def try_read(self) -> bytes | None:
@@ -411,9 +444,8 @@ class Ring:
         n = _read_one(self._r, self._out, self._out_cap, 0, 0)
         if n >= 0:
             return self._outbuf[0:n]
-        if self._read_slow(n, 1, 0):
-            return self._outbuf[0 : self._lens[0]]
-        return None
+        frames = self._read_slow(n, 1, 0)
+        return frames[0] if frames else None
 
     def read_many(self, max_count: int, timeout: float | None = None) -> list[bytes]:
         """Up to ``max_count`` frames in one C call; ``[]`` if nothing came in time.
@@ -430,18 +462,9 @@ class Ring:
             self._r, self._out, self._out_cap, self._lens, max_count, ns, self.spin_ns,
             self._count, self._bytes,
         )  # fmt: skip
-        if n <= 0:
-            n = self._read_slow(n, max_count, timeout)
-            if not n:
-                return []
-        buf = self._outbuf
-        out = []
-        pos = 0
-        for length in _unpack(self._lens, n):
-            end = pos + length
-            out.append(buf[pos:end])
-            pos = end
-        return out
+        if n > 0:
+            return self._split(n)
+        return self._read_slow(n, max_count, timeout)
 
     def read_view(self, timeout: float | None = None) -> _View:
         """The next frame in place, with no copy: ``with ring.read_view() as buf``.

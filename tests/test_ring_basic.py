@@ -379,3 +379,17 @@ def test_an_exception_from_a_signal_handler_ends_a_blocking_read(pair):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     assert time.monotonic() - t0 < 5
+
+
+def test_frames_larger_than_the_scratch_buffer_come_out_whole_and_in_order(ring_name):
+    with Ring.create(ring_name, 1 << 22, max_frame=1 << 20) as ring:
+        big = [os.urandom(n) for n in (300_000, 1 << 20, 262_145)]
+        small = [b"s1", b"s2", b"s3"]
+        ring.write_many([small[0], big[0], small[1], big[1], big[2], small[2]])
+        assert ring.read(0) == small[0]
+        assert ring.read(0) == big[0]
+        assert ring.read_many(10, 0) == [small[1]]  # stops before the large frame
+        assert ring.read_many(10, 0) == [big[1]]  # which comes alone
+        assert ring.try_read() == big[2]
+        assert ring.read_many(10, 0) == [small[2]]
+        assert ring.used == 0
