@@ -12,14 +12,16 @@ HERE = Path(__file__).resolve().parent
 # setuptools wants source paths relative to the project root.
 CSRC = HERE.relative_to(Path.cwd()) if HERE.is_relative_to(Path.cwd()) else HERE
 
+UNITS = ["shmbus_seg", "shmbus_ring", "shmbus_frame", "shmbus_table"]
+
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "shmbus_cdef.h").read_text())
 ffibuilder.set_source(
     "shmbus._native",
-    '#include "shmbus_ring.h"',
-    sources=[str(CSRC / "shmbus_ring.c")],
+    "".join(f'#include "{unit}.h"\n' for unit in UNITS),
+    sources=[str(CSRC / f"{unit}.c") for unit in UNITS],
     include_dirs=[str(CSRC)],
-    depends=[str(CSRC / "shmbus_ring.h")],
+    depends=[str(CSRC / f"{unit}.h") for unit in UNITS],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
     libraries=["rt", "pthread"],
 )

@@ -55,3 +55,32 @@ int shmbus_ring_release(shmbus_ring_t *r);
 
 int shmbus_ring_unblock(shmbus_ring_t *r);
 int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len, int write_padding);
+
+/* shmbus_frame.h */
+#define SHMBUS_FRAME_MAGIC ...
+#define SHMBUS_FRAME_VERSION ...
+#define SHMBUS_FRAME_HEADER_SIZE ...
+#define SHMBUS_FRAME_FLAG_ACK ...
+#define SHMBUS_FRAME_FLAG_RAW ...
+#define SHMBUS_FRAME_MAX_NAME ...
+#define SHMBUS_FRAME_MAX_TOPIC ...
+
+const char *shmbus_frame_struct(void);
+size_t shmbus_frame_offsets(uint32_t *out, size_t n);
+
+/* shmbus_table.h */
+#define SHMBUS_TABLE_MAX_CAPACITY ...
+
+typedef struct shmbus_table shmbus_table_t;
+
+int shmbus_table_create(const char *name, uint64_t capacity, shmbus_table_t **out);
+int shmbus_table_attach(const char *name, shmbus_table_t **out);
+void shmbus_table_close(shmbus_table_t *t);
+uint64_t shmbus_table_capacity(const shmbus_table_t *t);
+uint64_t shmbus_table_version(const shmbus_table_t *t);
+int shmbus_table_write(shmbus_table_t *t, const char *data, uint64_t len, uint64_t *version);
+int shmbus_table_read(shmbus_table_t *t, char *out, uint64_t cap, uint64_t *len,
+                      uint64_t *version);
+
+/* shmbus_seg.h */
+int shmbus_seg_unlink(const char *name);

@@ -10,8 +10,6 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -132,15 +130,6 @@ static bool capacity_ok(uint64_t capacity)
 
 /* ------------------------------------------------------ create and attach */
 
-static int map_fd(int fd, uint64_t size, ring_segment **out)
-{
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED)
-        return SHMBUS_ESYS;
-    *out = p;
-    return SHMBUS_OK;
-}
-
 static shmbus_ring_t *new_view(ring_segment *seg, uint64_t map_size, uint64_t capacity,
                                uint32_t max_frame, sem_t *bell)
 {
@@ -164,31 +153,29 @@ int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t cap
     if (!capacity_ok(capacity) || max_frame == 0 || max_frame > shmbus_ring_limit_max_frame(capacity))
         return SHMBUS_EINVAL;
     uint64_t size = shmbus_ring_segment_size(capacity);
-    int fd = shm_open(shm_name, O_RDWR | O_CREAT | O_EXCL, 0600);
-    if (fd < 0)
-        return SHMBUS_ESYS;
-    ring_segment *seg = NULL;
-    sem_t *bell = SEM_FAILED;
-    int saved;
-    /* posix_fallocate, not ftruncate: a full /dev/shm must fail here with
-     * ENOSPC rather than later with SIGBUS on first touch of a page. */
-    if ((errno = posix_fallocate(fd, 0, (off_t)size)) != 0 || map_fd(fd, size, &seg) != SHMBUS_OK)
-        goto fail;
-    close(fd);
-    fd = -1;
+    void *base;
+    int rc = shmbus_seg_create(shm_name, size, &base);
+    if (rc != SHMBUS_OK)
+        return rc;
+    ring_segment *seg = base;
     /* We own the segment name exclusively, so a bell of that name is a
      * leftover of a killed ring: replace it. */
-    bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
+    sem_t *bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
     if (bell == SEM_FAILED && errno == EEXIST) {
         sem_unlink(bell_name);
         bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
     }
-    if (bell == SEM_FAILED)
-        goto fail;
-    shmbus_ring_t *r = new_view(seg, size, capacity, max_frame, bell);
+    shmbus_ring_t *r = bell == SEM_FAILED ? NULL : new_view(seg, size, capacity, max_frame, bell);
     if (!r) {
-        errno = ENOMEM;
-        goto fail;
+        int saved = bell == SEM_FAILED ? errno : ENOMEM;
+        if (bell != SEM_FAILED) {
+            sem_close(bell);
+            sem_unlink(bell_name);
+        }
+        shmbus_seg_unmap(seg, size);
+        shmbus_seg_unlink(shm_name);
+        errno = saved;
+        return SHMBUS_ESYS;
     }
     seg->meta.version = SHMBUS_RING_VERSION;
     seg->meta.header_size = SHMBUS_RING_HEADER_SIZE;
@@ -200,67 +187,42 @@ int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t cap
                           memory_order_release);
     *out = r;
     return SHMBUS_OK;
-fail:
-    saved = errno;
-    if (bell != SEM_FAILED) {
-        sem_close(bell);
-        sem_unlink(bell_name);
-    }
-    if (seg)
-        munmap(seg, size);
-    if (fd >= 0)
-        close(fd);
-    shm_unlink(shm_name);
-    errno = saved;
-    return SHMBUS_ESYS;
 }
 
 int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_t **out)
 {
-    int fd = shm_open(shm_name, O_RDWR, 0);
-    if (fd < 0)
-        return SHMBUS_ESYS;
-    struct stat st;
-    ring_segment *seg = NULL;
-    uint64_t size = 0;
-    int rc = SHMBUS_EBADSEG;
-    if (fstat(fd, &st) != 0) {
-        rc = SHMBUS_ESYS;
-        goto done;
-    }
-    size = (uint64_t)st.st_size;
-    if (size < SHMBUS_RING_HEADER_SIZE + SHMBUS_RING_MIN_CAPACITY ||
-        size > SHMBUS_RING_HEADER_SIZE + SHMBUS_RING_MAX_CAPACITY)
-        goto done;
-    if ((rc = map_fd(fd, size, &seg)) != SHMBUS_OK)
-        goto done;
+    void *base;
+    uint64_t size;
+    int rc = shmbus_seg_attach(shm_name, SHMBUS_RING_HEADER_SIZE + SHMBUS_RING_MIN_CAPACITY,
+                               SHMBUS_RING_HEADER_SIZE + SHMBUS_RING_MAX_CAPACITY, &base, &size);
+    if (rc != SHMBUS_OK)
+        return rc;
+    ring_segment *seg = base;
     /* M2: pairs with M1 in shmbus_ring_create. */
     uint64_t magic = atomic_load_explicit((_Atomic uint64_t *)&seg->meta.magic, memory_order_acquire);
     ring_meta meta = seg->meta;
+    sem_t *bell = SEM_FAILED;
     rc = SHMBUS_EBADSEG;
-    if (magic != SHMBUS_RING_MAGIC || meta.version != SHMBUS_RING_VERSION ||
-        meta.header_size != SHMBUS_RING_HEADER_SIZE || !capacity_ok(meta.capacity) ||
-        shmbus_ring_segment_size(meta.capacity) != size || meta.max_frame == 0 ||
-        meta.max_frame > shmbus_ring_limit_max_frame(meta.capacity))
-        goto done;
-    sem_t *bell = sem_open(bell_name, 0);
-    if (bell == SEM_FAILED)
-        goto done;
-    shmbus_ring_t *r = new_view(seg, size, meta.capacity, meta.max_frame, bell);
+    if (magic == SHMBUS_RING_MAGIC && meta.version == SHMBUS_RING_VERSION &&
+        meta.header_size == SHMBUS_RING_HEADER_SIZE && capacity_ok(meta.capacity) &&
+        shmbus_ring_segment_size(meta.capacity) == size && meta.max_frame != 0 &&
+        meta.max_frame <= shmbus_ring_limit_max_frame(meta.capacity))
+        bell = sem_open(bell_name, 0);
+    shmbus_ring_t *r = NULL;
+    if (bell != SEM_FAILED) {
+        r = new_view(seg, size, meta.capacity, meta.max_frame, bell);
+        if (!r) {
+            sem_close(bell);
+            errno = ENOMEM;
+            rc = SHMBUS_ESYS;
+        }
+    }
     if (!r) {
-        sem_close(bell);
-        errno = ENOMEM;
-        rc = SHMBUS_ESYS;
-        goto done;
+        shmbus_seg_unmap(seg, size);
+        return rc;
     }
     *out = r;
-    close(fd);
     return SHMBUS_OK;
-done:
-    if (seg)
-        munmap(seg, size);
-    close(fd);
-    return rc;
 }
 
 void shmbus_ring_close(shmbus_ring_t *r)
@@ -268,17 +230,17 @@ void shmbus_ring_close(shmbus_ring_t *r)
     if (!r)
         return;
     sem_close(r->bell);
-    munmap(r->seg, r->map_size);
+    shmbus_seg_unmap(r->seg, r->map_size);
     free(r);
 }
 
 int shmbus_ring_unlink(const char *shm_name, const char *bell_name)
 {
-    int rc = shm_unlink(shm_name);
+    int rc = shmbus_seg_unlink(shm_name);
     int saved = errno;
     sem_unlink(bell_name);
     errno = saved;
-    return rc == 0 ? SHMBUS_OK : SHMBUS_ESYS;
+    return rc;
 }
 
 /* ------------------------------------------------------------ accessors */
@@ -420,15 +382,22 @@ static inline int64_t claim_capacity_ex(shmbus_ring_t *r, uint64_t required, boo
     uint64_t head = atomic_load_explicit(&seg->head_cache, memory_order_acquire);
     uint64_t tail = atomic_load_explicit(&seg->tail, memory_order_relaxed);
     uint64_t padding, tail_index;
-    do {
-        if (tail - head > capacity || (tail & (SHMBUS_RING_ALIGNMENT - 1)))
-            head = ~(uint64_t)0; /* cached head stale or corrupt: fetch it */
-        if (head == ~(uint64_t)0 || required > capacity - (tail - head)) {
+    for (;;) {
+        if (tail & (SHMBUS_RING_ALIGNMENT - 1))
+            return SHMBUS_ECORRUPT; /* tails only ever move by aligned steps */
+        if (tail - head > capacity || required > capacity - (tail - head)) {
             head = atomic_load_explicit(&seg->head, memory_order_acquire); /* H3 */
-            if (tail - head > capacity || (tail & (SHMBUS_RING_ALIGNMENT - 1)))
-                return SHMBUS_ECORRUPT;
-            if (required > capacity - (tail - head))
-                return SHMBUS_EAGAIN;
+            if (tail - head > capacity || required > capacity - (tail - head)) {
+                /* Judge only a current tail: while we were away, other
+                 * producers may have moved it and the consumer followed,
+                 * so the head can be past our snapshot of the tail. */
+                uint64_t now = atomic_load_explicit(&seg->tail, memory_order_relaxed);
+                if (now != tail) {
+                    tail = now;
+                    continue;
+                }
+                return tail - head > capacity ? SHMBUS_ECORRUPT : SHMBUS_EAGAIN;
+            }
             atomic_store_explicit(&seg->head_cache, head, memory_order_release); /* H2 */
         }
         padding = 0;
@@ -440,17 +409,24 @@ static inline int64_t claim_capacity_ex(shmbus_ring_t *r, uint64_t required, boo
              * the two checks, so this never refuses an empty ring. */
             if (required > (head & r->mask)) {
                 head = atomic_load_explicit(&seg->head, memory_order_acquire); /* H3 */
-                if (tail - head > capacity)
-                    return SHMBUS_ECORRUPT;
-                if (required > (head & r->mask))
-                    return SHMBUS_EAGAIN;
+                if (tail - head > capacity || required > (head & r->mask)) {
+                    uint64_t now = atomic_load_explicit(&seg->tail, memory_order_relaxed);
+                    if (now != tail) {
+                        tail = now; /* stale snapshot, as above */
+                        continue;
+                    }
+                    return tail - head > capacity ? SHMBUS_ECORRUPT : SHMBUS_EAGAIN;
+                }
                 atomic_store_explicit(&seg->head_cache, head, memory_order_release); /* H2 */
             }
             padding = to_end;
         }
-        /* A1: the CAS makes [tail, tail + padding + required) ours alone. */
-    } while (!atomic_compare_exchange_weak_explicit(&seg->tail, &tail, tail + required + padding,
-                                                    memory_order_relaxed, memory_order_relaxed));
+        /* A1: the CAS makes [tail, tail + padding + required) ours alone; on
+         * failure it reloads tail and we judge again. */
+        if (atomic_compare_exchange_weak_explicit(&seg->tail, &tail, tail + required + padding,
+                                                  memory_order_relaxed, memory_order_relaxed))
+            break;
+    }
     if (padding && write_padding) {
         atomic_store_explicit(type_at(r, tail_index), SHMBUS_RING_PADDING, memory_order_relaxed);
         /* W2: release, pairs with C1 in read_block. */

@@ -63,6 +63,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "shmbus_seg.h"
+
 #define SHMBUS_RING_MAGIC 0x676E6952756D6853ULL /* "ShmuRing" */
 #define SHMBUS_RING_VERSION 1
 #define SHMBUS_RING_HEADER_SIZE 1024
@@ -72,18 +74,6 @@
 #define SHMBUS_RING_PADDING (-1)
 #define SHMBUS_RING_MIN_CAPACITY 4096
 #define SHMBUS_RING_MAX_CAPACITY (1ULL << 30)
-
-/* Return codes: 0 or a count on success, one of these on failure. */
-#define SHMBUS_OK 0
-#define SHMBUS_EAGAIN (-1)   /* full (write) or empty (read), no wait asked */
-#define SHMBUS_ETIMEDOUT (-2)
-#define SHMBUS_ETOOBIG (-3)  /* frame larger than max_frame */
-#define SHMBUS_ECORRUPT (-4) /* a length or position in the segment is impossible */
-#define SHMBUS_EINTR (-5)    /* a signal arrived; the caller runs its handlers and retries */
-#define SHMBUS_EINVAL (-6)
-#define SHMBUS_ESYS (-7)     /* a system call failed: see errno */
-#define SHMBUS_EBADSEG (-8)  /* not a shmbus ring, or another layout version */
-#define SHMBUS_ESMALL (-9)   /* the caller's buffer cannot hold the next frame */
 
 /* Timeouts are in nanoseconds: 0 = do not wait, negative = wait forever.
  * The consumer heartbeat is CLOCK_MONOTONIC_COARSE nanoseconds. */

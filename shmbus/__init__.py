@@ -7,6 +7,7 @@ The core is a lock-free many-to-one ring in POSIX shared memory
 from .errors import (
     AlreadyExists,
     BadSegment,
+    ClaimLost,
     Closed,
     CorruptFrame,
     InvalidName,
@@ -24,6 +25,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AlreadyExists",
     "BadSegment",
+    "ClaimLost",
     "Closed",
     "CorruptFrame",
     "InvalidName",

@@ -56,6 +56,10 @@ class Closed(ShmbusError, ValueError):
     """The object was closed; no operation is possible on it any more."""
 
 
+class ClaimLost(ShmbusError, ValueError):
+    """A claimed record was unblocked or overwritten before it was committed: not sent."""
+
+
 class ShmbusTimeout(ShmbusError, TimeoutError):
     """Base of the timeouts: a wait ended before anything came."""
 

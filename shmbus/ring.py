@@ -14,6 +14,7 @@ from typing import Any
 
 from ._native import ffi, lib
 from .errors import (
+    ClaimLost,
     Closed,
     InvalidName,
     MessageTooLarge,
@@ -98,6 +99,12 @@ class _Claim:
         ring._open_views -= 1
         fn = lib.shmbus_ring_abort if exc_type is not None else lib.shmbus_ring_commit
         rc = fn(ring._handle(), self._index)
+        if rc == _EINVAL:
+            raise ClaimLost(
+                f"{'abort' if exc_type else 'commit'} a claim on ring {ring.name!r}: the record "
+                "is no longer there (unblocked as a dead writer's, or overwritten); the frame "
+                "was not sent"
+            )
         if rc != _OK:
             raise_for(rc, f"{'abort' if exc_type else 'commit'} a claim on ring {ring.name!r}")
 

@@ -1,0 +1,68 @@
+/* shmbus segments: see shmbus_seg.h. */
+#define _GNU_SOURCE
+#include "shmbus_seg.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int shmbus_seg_create(const char *name, uint64_t size, void **base)
+{
+    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0)
+        return SHMBUS_ESYS;
+    int err = posix_fallocate(fd, 0, (off_t)size);
+    void *p = MAP_FAILED;
+    if (err == 0) {
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        err = p == MAP_FAILED ? errno : 0;
+    }
+    close(fd);
+    if (err) {
+        shm_unlink(name);
+        errno = err;
+        return SHMBUS_ESYS;
+    }
+    *base = p;
+    return SHMBUS_OK;
+}
+
+int shmbus_seg_attach(const char *name, uint64_t min_size, uint64_t max_size, void **base,
+                      uint64_t *size)
+{
+    int fd = shm_open(name, O_RDWR, 0);
+    if (fd < 0)
+        return SHMBUS_ESYS;
+    struct stat st;
+    int rc = SHMBUS_OK;
+    if (fstat(fd, &st) != 0) {
+        rc = SHMBUS_ESYS;
+    } else if ((uint64_t)st.st_size < min_size || (uint64_t)st.st_size > max_size) {
+        rc = SHMBUS_EBADSEG;
+    } else {
+        void *p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) {
+            rc = SHMBUS_ESYS;
+        } else {
+            *base = p;
+            *size = (uint64_t)st.st_size;
+        }
+    }
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+void shmbus_seg_unmap(void *base, uint64_t size)
+{
+    if (base)
+        munmap(base, size);
+}
+
+int shmbus_seg_unlink(const char *name)
+{
+    return shm_unlink(name) == 0 ? SHMBUS_OK : SHMBUS_ESYS;
+}
