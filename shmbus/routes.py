@@ -1,0 +1,172 @@
+"""The routes segment: who is on the bus and who listens to what.
+
+The coordinator writes the whole routing state (agents and subscriptions) as
+one msgpack blob into a seqlock-versioned shared-memory table
+(csrc/shmbus_table.c); agents read it without asking the coordinator, and
+check whether it moved with one atomic load. Topic patterns: ``a.b.c``
+exact, ``*`` one level, ``>`` the rest (one level or more, last only).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from functools import lru_cache
+from typing import Any
+
+import msgpack
+
+from ._native import ffi, lib
+from .errors import Closed, CorruptFrame, InvalidName, raise_for
+from .ring import PREFIX, validate_name
+
+__all__ = ["Table", "match", "validate_pattern", "validate_topic"]
+
+_TOKEN = re.compile(r"[A-Za-z0-9_\-:]+\Z")
+MAX_TOPIC: int = lib.SHMBUS_FRAME_MAX_TOPIC
+
+
+def _tokens(topic: object, what: str) -> list[str]:
+    if not isinstance(topic, str) or not topic or len(topic.encode()) > MAX_TOPIC:
+        raise InvalidName(
+            f"invalid {what} {topic!r}: 1 to {MAX_TOPIC} bytes of dot-separated words"
+        )
+    return topic.split(".")
+
+
+def validate_topic(topic: object) -> str:
+    """A topic to publish on: words of letters, digits, ``_ - :`` joined by dots."""
+    for word in _tokens(topic, "topic"):
+        if not _TOKEN.match(word):
+            raise InvalidName(
+                f"invalid topic {topic!r}: each dot-separated word is letters, digits, '_', "
+                "'-' or ':' (wildcards '*' and '>' are for subscribing)"
+            )
+    return topic  # type: ignore[return-value]
+
+
+def validate_pattern(pattern: object) -> str:
+    """A subscription pattern: a topic whose words may be ``*``, and whose last may be ``>``."""
+    words = _tokens(pattern, "pattern")
+    for i, word in enumerate(words):
+        if word == "*" or (word == ">" and i == len(words) - 1):
+            continue
+        if not _TOKEN.match(word):
+            raise InvalidName(
+                f"invalid pattern {pattern!r}: words are letters, digits, '_', '-', ':', "
+                "'*' (one word) or, last only, '>' (one word or more)"
+            )
+    return pattern  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=4096)
+def _pattern_words(pattern: str) -> tuple[str, ...]:
+    return tuple(pattern.split("."))
+
+
+def match(pattern: str, topic: str) -> bool:
+    """Does ``topic`` fall under ``pattern``?"""
+    pw = _pattern_words(pattern)
+    tw = topic.split(".")
+    for i, word in enumerate(pw):
+        if word == ">":
+            return len(tw) > i
+        if i >= len(tw) or (word != "*" and word != tw[i]):
+            return False
+    return len(tw) == len(pw)
+
+
+def _shm_name(name: str) -> str:
+    return f"/{PREFIX}{validate_name(name)}"
+
+
+class Table:
+    """A versioned msgpack blob in shared memory: one writer, many readers."""
+
+    def __init__(self, handle: Any, name: str, *, owner: bool) -> None:
+        self._t = handle
+        self.shm_name = _shm_name(name)
+        self.name = name
+        self.owner = owner
+        self.capacity: int = lib.shmbus_table_capacity(handle)
+        self._out = ffi.new("char[]", 4096)
+        self._len = ffi.new("uint64_t *")
+        self._ver = ffi.new("uint64_t *")
+
+    @classmethod
+    def create(cls, name: str, capacity: int = 4 << 20) -> Table:
+        """Create the table ``/shmbus.NAME``, mode 0600, holding up to ``capacity`` bytes."""
+        out = ffi.new("shmbus_table_t **")
+        rc = lib.shmbus_table_create(_shm_name(name).encode(), capacity, out)
+        if rc != lib.SHMBUS_OK:
+            raise_for(rc, f"create table {name!r}", err=ffi.errno)
+        return cls(ffi.gc(out[0], lib.shmbus_table_close), name, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> Table:
+        out = ffi.new("shmbus_table_t **")
+        rc = lib.shmbus_table_attach(_shm_name(name).encode(), out)
+        if rc != lib.SHMBUS_OK:
+            raise_for(rc, f"attach table {name!r}", err=ffi.errno)
+        return cls(ffi.gc(out[0], lib.shmbus_table_close), name, owner=False)
+
+    def _handle(self) -> Any:
+        if self._t is None:
+            raise Closed(f"table {self.name!r} is closed")
+        return self._t
+
+    @property
+    def version(self) -> int:
+        """Moves by one with every write; one atomic load."""
+        return lib.shmbus_table_version(self._handle())
+
+    def write(self, value: Any) -> int:
+        """Replace the content; returns the new version."""
+        blob = msgpack.packb(value, use_bin_type=True)
+        rc = lib.shmbus_table_write(self._handle(), blob, len(blob), self._ver)
+        if rc == lib.SHMBUS_ETOOBIG:
+            raise ValueError(
+                f"table {self.name!r} holds {self.capacity} bytes; the new content is {len(blob)}"
+            )
+        if rc != lib.SHMBUS_OK:
+            raise_for(rc, f"write table {self.name!r}")
+        return self._ver[0]
+
+    def read(self) -> tuple[int, Any]:
+        """A consistent copy of the content and its version (None before the first write)."""
+        handle = self._handle()
+        deadline = time.monotonic() + 5
+        while True:
+            rc = lib.shmbus_table_read(handle, self._out, len(self._out), self._len, self._ver)
+            if rc == lib.SHMBUS_OK:
+                break
+            if rc == lib.SHMBUS_ESMALL:
+                self._out = ffi.new("char[]", max(self._len[0], 2 * len(self._out)))
+            elif rc == lib.SHMBUS_EAGAIN and time.monotonic() < deadline:
+                time.sleep(0.001)  # a writer kept racing us: let it finish
+            else:
+                raise_for(rc, f"read table {self.name!r}")
+        if self._ver[0] == 0:
+            return 0, None
+        try:
+            value = msgpack.unpackb(ffi.buffer(self._out, self._len[0]), raw=False,
+                                    strict_map_key=False)  # fmt: skip
+        except Exception as e:
+            raise CorruptFrame(f"table {self.name!r} holds invalid msgpack: {e}") from None
+        return self._ver[0], value
+
+    def close(self) -> None:
+        if self._t is not None:
+            handle, self._t = self._t, None
+            ffi.release(handle)
+
+    def unlink(self) -> None:
+        lib.shmbus_seg_unlink(self.shm_name.encode())
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+        if self.owner:
+            self.unlink()
