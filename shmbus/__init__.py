@@ -4,26 +4,44 @@ The core is a lock-free many-to-one ring in POSIX shared memory
 (:class:`shmbus.Ring`); see docs/architecture.md for the whole design.
 """
 
+from .agent import Agent, connect
 from .errors import (
     AlreadyExists,
     BadSegment,
     ClaimLost,
     Closed,
+    CoordinatorRunning,
+    CoordinatorUnavailable,
     CorruptFrame,
     InvalidName,
     MessageTooLarge,
+    NameTaken,
     NotFound,
     ReadTimeout,
+    RecvTimeout,
+    RequestTimeout,
     RingFull,
     ShmbusError,
     ShmbusTimeout,
+    UnknownRecipient,
 )
+from .message import Message, MessageType
 from .ring import Ring
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Agent",
     "AlreadyExists",
+    "CoordinatorRunning",
+    "CoordinatorUnavailable",
+    "Message",
+    "MessageType",
+    "NameTaken",
+    "RecvTimeout",
+    "RequestTimeout",
+    "UnknownRecipient",
+    "connect",
     "BadSegment",
     "ClaimLost",
     "Closed",

@@ -68,6 +68,30 @@ class ReadTimeout(ShmbusTimeout):
     """Nothing arrived in a ring before the timeout passed."""
 
 
+class RecvTimeout(ShmbusTimeout):
+    """No message arrived for an agent before the timeout passed."""
+
+
+class RequestTimeout(ShmbusTimeout):
+    """No response came to a request before the timeout passed."""
+
+
+class UnknownRecipient(ShmbusError, LookupError):
+    """No live agent has that name on the bus."""
+
+
+class NameTaken(ShmbusError, ValueError):
+    """A live agent already has that name on the bus."""
+
+
+class CoordinatorRunning(ShmbusError):
+    """A coordinator already runs for that bus."""
+
+
+class CoordinatorUnavailable(ShmbusError, ConnectionError):
+    """No coordinator answers for that bus."""
+
+
 def os_error(err: int, what: str) -> ShmbusError | OSError:
     """Map an errno from a failed system call to the matching exception."""
     text = f"{what}: {os.strerror(err)}"

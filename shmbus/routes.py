@@ -161,7 +161,12 @@ class Table:
             ffi.release(handle)
 
     def unlink(self) -> None:
-        lib.shmbus_seg_unlink(self.shm_name.encode())
+        self.unlink_name(self.name)
+
+    @staticmethod
+    def unlink_name(name: str) -> bool:
+        """Remove a table by name; False if there was none."""
+        return lib.shmbus_seg_unlink(_shm_name(name).encode()) == lib.SHMBUS_OK
 
     def __enter__(self) -> Table:
         return self

@@ -1,0 +1,132 @@
+"""What the coordinator and its agents share: where a bus lives and how they talk.
+
+A bus NAME has a private runtime directory, ``$XDG_RUNTIME_DIR/shmbus/NAME/``
+(or ``/tmp/shmbus-UID/NAME/``), mode 0700, holding the coordinator's control
+socket and its lock. Its shared memory is ``/dev/shm/shmbus.NAME.*``.
+
+Control messages are msgpack maps, each behind a 4-byte little-endian length,
+on a Unix stream socket; a request carries ``op`` and gets one reply with
+``ok`` (and ``error``/``message`` when refused). Control traffic is rare
+(register, subscribe, DLQ): messages themselves never pass through here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .errors import InvalidName, ShmbusError
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z")
+_LEN = struct.Struct("<I")
+MAX_CONTROL = 1 << 20  # a control message is small; a larger one is an attack or a bug
+
+
+def validate_bus_or_agent(name: object, what: str) -> str:
+    """Bus and agent names: 1-64 of letters, digits, ``_`` and ``-`` (no dots:
+    they join into segment names like ``BUS.inbox.AGENT``)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidName(
+            f"invalid {what} name {name!r}: use 1-64 letters, digits, '_' or '-', "
+            "starting with a letter, digit or '_'"
+        )
+    return name
+
+
+def runtime_dir(bus: str) -> Path:
+    """The bus's private directory (not created here)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    root = Path(base) / "shmbus" if base else Path(f"/tmp/shmbus-{os.getuid()}")
+    return root / validate_bus_or_agent(bus, "bus")
+
+
+def make_runtime_dir(bus: str) -> Path:
+    path = runtime_dir(bus)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(
+            f"{path} must belong to this user with mode 0700 (it has {oct(st.st_mode & 0o777)})"
+        )
+    return path
+
+
+def socket_path(bus: str) -> Path:
+    path = runtime_dir(bus) / "control.sock"
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the NUL
+        raise InvalidName(
+            f"the control socket path {path} is longer than a Unix socket allows (107 bytes); "
+            "use a shorter bus name or XDG_RUNTIME_DIR"
+        )
+    return path
+
+
+def lock_path(bus: str) -> Path:
+    return runtime_dir(bus) / "coordinator.lock"
+
+
+def routes_name(bus: str) -> str:
+    """Ring/Table name (without the ``shmbus.`` prefix) of the routes table."""
+    return f"{bus}.routes"
+
+
+def inbox_name(bus: str, agent: str) -> str:
+    return f"{bus}.inbox.{agent}"
+
+
+class ControlError(ShmbusError):
+    """The control connection broke or carried something malformed."""
+
+
+def send_msg(sock: socket.socket, msg: dict[str, Any]) -> None:
+    body = msgpack.packb(msg, use_bin_type=True)
+    sock.sendall(_LEN.pack(len(body)) + body)
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+class Reader:
+    """Splits a byte stream into control messages, checking every length."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 4:
+            (size,) = _LEN.unpack_from(self._buf)
+            if size > MAX_CONTROL:
+                raise ControlError(f"control message of {size} bytes (limit {MAX_CONTROL})")
+            if len(self._buf) < 4 + size:
+                break
+            body = bytes(self._buf[4 : 4 + size])
+            del self._buf[: 4 + size]
+            try:
+                msg = msgpack.unpackb(body, raw=False)
+            except Exception as e:
+                raise ControlError(f"malformed control message: {e}") from None
+            if not isinstance(msg, dict):
+                raise ControlError("control message is not a map")
+            out.append(msg)
+        return out
+
+
+def recv_msg(sock: socket.socket, reader: Reader, pending: list[dict[str, Any]]) -> dict[str, Any]:
+    """The next message from a blocking socket (its timeout applies)."""
+    while not pending:
+        data = sock.recv(65536)
+        if not data:
+            raise ControlError("the coordinator closed the control connection")
+        pending.extend(reader.feed(data))
+    return pending.pop(0)

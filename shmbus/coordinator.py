@@ -1,0 +1,267 @@
+"""The coordinator: the control plane of one bus (``shmbus coordinator --bus NAME``).
+
+It owns the bus's runtime directory, its control socket and the routes table,
+keeps the registry of agents and their subscriptions, and learns of an
+agent's death at once from its closed control connection. It is never on the
+path of a message: agents write straight into each other's inboxes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .control import (
+    ControlError,
+    Reader,
+    encode,
+    inbox_name,
+    lock_path,
+    make_runtime_dir,
+    routes_name,
+    runtime_dir,
+    socket_path,
+    validate_bus_or_agent,
+)
+from .errors import CoordinatorRunning, ShmbusError
+from .ring import Ring
+from .routes import Table, validate_pattern
+
+log = logging.getLogger("shmbus.coordinator")
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    reader: Reader = field(default_factory=Reader)
+    agent: str | None = None
+
+
+@dataclass
+class _Agent:
+    name: str
+    id: int
+    pid: int
+    inbox: str
+    conn: _Conn
+    active: bool = False
+
+
+class Coordinator:
+    """One bus's control plane. ``serve()`` runs it until ``stop()``."""
+
+    def __init__(self, bus: str) -> None:
+        self.bus = validate_bus_or_agent(bus, "bus")
+        make_runtime_dir(bus)
+        self._lock_fd = os.open(lock_path(bus), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # The lock is the proof of life: held while we run, released by
+            # the kernel when we die however we die.
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._lock_fd)
+            raise CoordinatorRunning(
+                f"a coordinator already runs for bus {bus!r} (pid {other or '?'}); "
+                "connect to it, or stop it first"
+            ) from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        self.agents: dict[str, _Agent] = {}
+        self.subs: dict[str, set[str]] = {}
+        self._next_id = 1
+        self._stopping = False
+        self._sel = selectors.DefaultSelector()
+        # A killed coordinator of this bus left these behind; we hold the
+        # lock, so nobody else owns them.
+        Table.unlink_name(routes_name(bus))
+        self.table = Table.create(routes_name(bus))
+        self._publish()
+        path = socket_path(bus)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        os.chmod(path, 0o600)
+        self._listener.listen(128)
+        self._listener.setblocking(False)
+        self._sel.register(self._listener, selectors.EVENT_READ)
+
+    # ------------------------------------------------------------- loop
+
+    def serve(self) -> None:
+        while not self._stopping:
+            for key, _ in self._sel.select(timeout=0.2):
+                if key.fileobj is self._listener:
+                    self._accept()
+                else:
+                    self._readable(key.data)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def close(self) -> None:
+        """Close every connection and remove the bus's socket, table and lock."""
+        for conn in [a.conn for a in self.agents.values()]:
+            self._drop(conn, publish=False)
+        self._sel.close()
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(self.bus).unlink()
+        self.table.close()
+        self.table.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            lock_path(self.bus).unlink()
+        os.close(self._lock_fd)
+        with contextlib.suppress(OSError):  # left alone if anything else is in it
+            runtime_dir(self.bus).rmdir()
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        # Replies are small; an agent that stops reading them for a second
+        # is treated as dead rather than allowed to stall the bus.
+        sock.settimeout(1.0)
+        conn = _Conn(sock)
+        self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _readable(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+            msgs = conn.reader.feed(data) if data else None
+        except (OSError, ControlError) as e:
+            log.warning("dropping a control connection: %s", e)
+            msgs = None
+        if msgs is None:
+            self._drop(conn)
+            return
+        for msg in msgs:
+            try:
+                reply = self._handle(conn, msg)
+            except ShmbusError as e:
+                reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
+            except (KeyError, TypeError, ValueError) as e:
+                reply = {"ok": False, "error": "BadRequest", "message": f"{type(e).__name__}: {e}"}
+            try:
+                conn.sock.sendall(encode(reply))
+            except OSError:
+                self._drop(conn)
+                return
+            if msg.get("op") == "unregister":
+                self._drop(conn)
+                return
+
+    # ------------------------------------------------------------ state
+
+    def _publish(self) -> None:
+        self.table.write(
+            {
+                "agents": {
+                    a.name: [a.id, a.inbox, a.pid] for a in self.agents.values() if a.active
+                },
+                "subs": {p: sorted(names) for p, names in self.subs.items() if names},
+            }
+        )
+
+    def _drop(self, conn: _Conn, *, publish: bool = True) -> None:
+        """A connection ended: if it was an agent's, the agent is gone."""
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(conn.sock)
+        conn.sock.close()
+        name, conn.agent = conn.agent, None
+        agent = self.agents.pop(name, None) if name else None
+        if agent is None:
+            return
+        for names in self.subs.values():
+            names.discard(name)
+        self.subs = {p: n for p, n in self.subs.items() if n}
+        # Its inbox goes with it (issue 4 drains what is left to the DLQ first).
+        Ring.unlink_name(agent.inbox)
+        log.info("agent %s (pid %d) left the bus", name, agent.pid)
+        if publish:
+            self._publish()
+
+    def _agent_of(self, conn: _Conn) -> _Agent:
+        if conn.agent is None:
+            raise ShmbusError("register first: this connection has no agent")
+        return self.agents[conn.agent]
+
+    def _handle(self, conn: _Conn, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "register":
+            return self._register(conn, msg)
+        if op == "activate":
+            self._agent_of(conn).active = True
+            self._publish()
+            return {"ok": True, "version": self.table.version}
+        if op in ("subscribe", "unsubscribe"):
+            agent = self._agent_of(conn)
+            pattern = validate_pattern(msg["pattern"])
+            if op == "subscribe":
+                self.subs.setdefault(pattern, set()).add(agent.name)
+            else:
+                self.subs.get(pattern, set()).discard(agent.name)
+            self._publish()
+            return {"ok": True, "version": self.table.version}
+        if op in ("ping", "unregister"):
+            return {"ok": True}
+        return {"ok": False, "error": "BadRequest", "message": f"unknown op {op!r}"}
+
+    def _register(self, conn: _Conn, msg: dict[str, Any]) -> dict[str, Any]:
+        if conn.agent is not None:
+            raise ShmbusError(f"this connection is agent {conn.agent!r} already")
+        name = validate_bus_or_agent(msg["name"], "agent")
+        if name in self.agents:
+            other = self.agents[name]
+            return {
+                "ok": False,
+                "error": "NameTaken",
+                "message": f"agent name {name!r} is taken on bus {self.bus!r} by the live "
+                f"agent with pid {other.pid}; choose another name",
+            }
+        inbox = inbox_name(self.bus, name)
+        Ring.unlink_name(inbox)  # a dead namesake's, left by a killed coordinator
+        agent = _Agent(name, self._next_id, int(msg["pid"]), inbox, conn)
+        self._next_id += 1
+        self.agents[name] = agent
+        conn.agent = name
+        return {"ok": True, "id": agent.id, "inbox": inbox}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shmbus coordinator", description=__doc__)
+    parser.add_argument("--bus", default=os.environ.get("SHMBUS_BUS", "default"))
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
+    try:
+        coordinator = Coordinator(args.bus)
+    except CoordinatorRunning as e:
+        print(f"shmbus coordinator: {e}", file=sys.stderr)
+        return 2
+
+    def stop(signum: int, frame: Any) -> None:
+        coordinator.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        coordinator.serve()
+    finally:
+        coordinator.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
