@@ -56,6 +56,14 @@ struct shmbus_ring {
     uint64_t map_size;
     sem_t *bell;
     int64_t peeked; /* data index of the record handed out by peek, or -1 */
+    /* The reader's last look at the tail: tails only grow, so it stays a
+     * valid bound, and the producers' contended line is read only when a
+     * record reaches past it. */
+    uint64_t tail_seen;
+    /* Holders of this mapping: the ring object itself and every buffer it
+     * handed out (a claim or a read_view, and whatever Python derived from
+     * them), so no view outlives the munmap however long it is kept. */
+    _Atomic int refs;
 };
 
 #define ALIGN_UP(x) (((x) + (SHMBUS_RING_ALIGNMENT - 1)) & ~(uint64_t)(SHMBUS_RING_ALIGNMENT - 1))
@@ -144,6 +152,7 @@ static shmbus_ring_t *new_view(ring_segment *seg, uint64_t map_size, uint64_t ca
     r->map_size = map_size;
     r->bell = bell;
     r->peeked = -1;
+    atomic_init(&r->refs, 1);
     return r;
 }
 
@@ -225,9 +234,17 @@ int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_
     return SHMBUS_OK;
 }
 
+void shmbus_ring_retain(shmbus_ring_t *r)
+{
+    atomic_fetch_add_explicit(&r->refs, 1, memory_order_relaxed);
+}
+
 void shmbus_ring_close(shmbus_ring_t *r)
 {
     if (!r)
+        return;
+    /* acq_rel: every use by a holder happens before the unmap by the last. */
+    if (atomic_fetch_sub_explicit(&r->refs, 1, memory_order_acq_rel) != 1)
         return;
     sem_close(r->bell);
     shmbus_seg_unmap(r->seg, r->map_size);
@@ -539,7 +556,7 @@ static int claimed_length(shmbus_ring_t *r, int64_t index, int32_t *record_len)
         (index & (SHMBUS_RING_ALIGNMENT - 1)))
         return SHMBUS_EINVAL;
     int32_t len = atomic_load_explicit(length_at(r, (uint64_t)index), memory_order_relaxed);
-    if (len >= 0 || -len < SHMBUS_RING_RECORD_HEADER)
+    if (len > -SHMBUS_RING_RECORD_HEADER || len == INT32_MIN)
         return SHMBUS_EINVAL; /* not a record in progress (committed, aborted or unblocked) */
     *record_len = -len;
     return SHMBUS_OK;
@@ -598,7 +615,9 @@ static int64_t check_record(shmbus_ring_t *r, uint64_t head, uint64_t index, int
         return SHMBUS_ECORRUPT;
     uint64_t end = head + aligned;
     if (end - *tail_seen < (uint64_t)1 << 63 && end != *tail_seen) {
-        /* Beyond the tail we knew: look again (C3 pairs with A1). */
+        /* Beyond the tail we knew: look again.  C3 acquire: the producer CAS'd
+         * the tail before its commit (W2), which C1 synchronised with, so a
+         * committed record always lies inside the tail we load here. */
         *tail_seen = atomic_load_explicit(&r->seg->tail, memory_order_acquire);
         if (end - *tail_seen < (uint64_t)1 << 63 && end != *tail_seen)
             return SHMBUS_ECORRUPT;
@@ -624,7 +643,7 @@ static int read_block(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_t *l
         return SHMBUS_ECORRUPT;
     uint64_t head_index = head & r->mask;
     uint64_t block = r->capacity - head_index;
-    uint64_t consumed = 0, tail_seen = head;
+    uint64_t consumed = 0, tail_seen = r->tail_seen;
     uint32_t n = 0;
     int rc = SHMBUS_OK;
     while (consumed < block && n < max_count) {
@@ -652,6 +671,7 @@ static int read_block(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_t *l
         }
         consumed += (uint64_t)aligned;
     }
+    r->tail_seen = tail_seen;
     if (consumed)
         consume(r, head, head_index, consumed);
     if (rc != SHMBUS_OK && n == 0)
@@ -723,11 +743,11 @@ int shmbus_ring_peek(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns, char
         uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_relaxed);
         if (head & (SHMBUS_RING_ALIGNMENT - 1))
             return SHMBUS_ECORRUPT;
-        uint64_t index = head & r->mask, tail_seen = head;
+        uint64_t index = head & r->mask;
         int32_t len = atomic_load_explicit(length_at(r, index), memory_order_acquire); /* C1 */
         if (len > 0) {
             int32_t type = atomic_load_explicit(type_at(r, index), memory_order_relaxed);
-            int64_t aligned = check_record(r, head, index, len, type, &tail_seen);
+            int64_t aligned = check_record(r, head, index, len, type, &r->tail_seen);
             if (aligned < 0)
                 return (int)aligned;
             if (type == SHMBUS_RING_PADDING) {
@@ -776,6 +796,11 @@ static bool still_zeroed(const shmbus_ring_t *r, uint64_t from, uint64_t to)
     return true;
 }
 
+static bool head_moved(const shmbus_ring_t *r, uint64_t head)
+{
+    return atomic_load_explicit(&r->seg->head, memory_order_acquire) != head;
+}
+
 static void make_padding(shmbus_ring_t *r, uint64_t index, uint64_t length)
 {
     atomic_store_explicit(type_at(r, index), SHMBUS_RING_PADDING, memory_order_relaxed);
@@ -786,12 +811,18 @@ static void make_padding(shmbus_ring_t *r, uint64_t index, uint64_t length)
 /* Agrona's unblock: turn a record left behind by a dead producer into
  * padding.  Call it only once that producer's death is certain. Returns 1 if
  * it unblocked, 0 if there was nothing to do, or a negative code. */
-int shmbus_ring_unblock(shmbus_ring_t *r)
+int shmbus_ring_unblock(shmbus_ring_t *r, int64_t grace_ns)
 {
     if (!r)
         return SHMBUS_EINVAL; /* closed */
+    /* Another process (the coordinator) calls this while the consumer may
+     * be reading, so every decision below rests on a head that did not move:
+     * a consumer that moves is not blocked, and a head read before the tail
+     * could lag a tail that has lapped it (the stale-snapshot trap). */
     uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_acquire);
     uint64_t tail = atomic_load_explicit(&r->seg->tail, memory_order_acquire);
+    if (atomic_load_explicit(&r->seg->head, memory_order_acquire) != head)
+        return 0;
     if (head == tail)
         return 0;
     if (tail - head > r->capacity || (head & (SHMBUS_RING_ALIGNMENT - 1)))
@@ -799,8 +830,27 @@ int shmbus_ring_unblock(shmbus_ring_t *r)
     uint64_t consumer_index = head & r->mask;
     uint64_t producer_index = tail & r->mask;
     int32_t len = atomic_load_explicit(length_at(r, consumer_index), memory_order_acquire);
+    if (head_moved(r, head))
+        return 0; /* consumed meanwhile: the length we read may be freed space */
+    if (len > 0)
+        return 0; /* committed: the consumer can move on by itself */
+    /* A live writer between its CAS and its first store, or between its
+     * first store and its commit, looks just like a dead one: act only if
+     * nothing moves for the grace period (Aeron's unblock timeout), which a
+     * live writer crosses in nanoseconds unless it is descheduled for all
+     * of it. */
+    if (grace_ns > 0) {
+        struct timespec ts = {.tv_sec = grace_ns / 1000000000LL, .tv_nsec = grace_ns % 1000000000LL};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+            ;
+        if (head_moved(r, head) ||
+            atomic_load_explicit(length_at(r, consumer_index), memory_order_acquire) != len ||
+            atomic_load_explicit(&r->seg->tail, memory_order_acquire) != tail)
+            return 0;
+    }
     if (len < 0) {
-        /* The producer died after writing its negative length. */
+        /* The producer died after writing its negative length; the consumer
+         * cannot pass a negative length, so the head stays put from here. */
         uint64_t aligned = ALIGN_UP((uint64_t)-(int64_t)len);
         if (-(int64_t)len < SHMBUS_RING_RECORD_HEADER || aligned > r->capacity - consumer_index ||
             aligned > tail - head)
@@ -808,15 +858,13 @@ int shmbus_ring_unblock(shmbus_ring_t *r)
         make_padding(r, consumer_index, (uint64_t)-(int64_t)len);
         return 1;
     }
-    if (len > 0)
-        return 0; /* committed: the consumer can move on by itself */
     /* The producer died between its CAS and its first store: the length is
      * unknown, so pad up to the next record that has started. */
     bool wrapped = producer_index <= consumer_index;
     uint64_t limit = wrapped ? r->capacity : producer_index;
     for (uint64_t i = consumer_index + SHMBUS_RING_ALIGNMENT; i < limit; i += SHMBUS_RING_ALIGNMENT) {
         if (atomic_load_explicit(length_at(r, i), memory_order_acquire) != 0) {
-            if (!still_zeroed(r, consumer_index, i))
+            if (!still_zeroed(r, consumer_index, i) || head_moved(r, head))
                 return 0;
             make_padding(r, consumer_index, i - consumer_index);
             return 1;
@@ -826,7 +874,7 @@ int shmbus_ring_unblock(shmbus_ring_t *r)
      * is already in the next lap: the whole rest of this lap was reserved
      * (by the dead producer, or as its wrap padding).  Agrona stops here;
      * padding to the end lets the consumer reach the records at index 0. */
-    if (wrapped && still_zeroed(r, consumer_index, r->capacity)) {
+    if (wrapped && still_zeroed(r, consumer_index, r->capacity) && !head_moved(r, head)) {
         make_padding(r, consumer_index, r->capacity - consumer_index);
         return 1;
     }

@@ -87,7 +87,10 @@ uint32_t shmbus_ring_limit_max_frame(uint64_t capacity);
 int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t capacity,
                        uint32_t max_frame, shmbus_ring_t **out);
 int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_t **out);
+/* Drops one reference, and the last unmaps.  retain adds one (for a buffer
+ * handed out that must keep the mapping alive). */
 void shmbus_ring_close(shmbus_ring_t *r);
+void shmbus_ring_retain(shmbus_ring_t *r);
 int shmbus_ring_unlink(const char *shm_name, const char *bell_name);
 
 uint64_t shmbus_ring_capacity(const shmbus_ring_t *r);
@@ -115,7 +118,7 @@ int shmbus_ring_peek(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns, char
                      uint32_t *len);
 int shmbus_ring_release(shmbus_ring_t *r);
 
-int shmbus_ring_unblock(shmbus_ring_t *r);
+int shmbus_ring_unblock(shmbus_ring_t *r, int64_t grace_ns);
 
 /* Test support: reserve space with the CAS and write nothing, as a producer
  * killed between its CAS and its first store would leave it (with

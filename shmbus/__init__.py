@@ -13,6 +13,7 @@ from .errors import (
     CoordinatorRunning,
     CoordinatorUnavailable,
     CorruptFrame,
+    InvalidArgument,
     InvalidName,
     MessageTooLarge,
     NameTaken,
@@ -46,6 +47,7 @@ __all__ = [
     "ClaimLost",
     "Closed",
     "CorruptFrame",
+    "InvalidArgument",
     "InvalidName",
     "MessageTooLarge",
     "NotFound",
@@ -54,4 +56,5 @@ __all__ = [
     "RingFull",
     "ShmbusError",
     "ShmbusTimeout",
+    "SystemFailure",
 ]

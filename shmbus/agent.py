@@ -200,8 +200,6 @@ class Agent:
         request_id: int = 0,
         correlation_id: int = 0,
     ) -> tuple[int, bytes]:
-        if not 0 <= priority <= 100:
-            raise ValueError(f"priority must be 0-100, got {priority}")
         data, flags = pack_payload(payload)
         if requires_ack:
             flags |= FLAG_ACK

@@ -40,6 +40,14 @@ class BadSegment(ShmbusError):
     """The named segment is not a shmbus ring, or one of another layout version."""
 
 
+class InvalidArgument(ShmbusError, ValueError):
+    """An argument out of its range, or a call the object's state does not allow."""
+
+
+class SystemFailure(ShmbusError, OSError):
+    """A system call failed (a full /dev/shm, no memory, no permission, ...)."""
+
+
 class InvalidName(ShmbusError, ValueError):
     """A name that cannot be used for a segment, agent, bus or topic."""
 
@@ -92,16 +100,16 @@ class CoordinatorUnavailable(ShmbusError, ConnectionError):
     """No coordinator answers for that bus."""
 
 
-def os_error(err: int, what: str) -> ShmbusError | OSError:
+def os_error(err: int, what: str) -> ShmbusError:
     """Map an errno from a failed system call to the matching exception."""
     text = f"{what}: {os.strerror(err)}"
     if err == _errno.ENOENT:
         return NotFound(err, text)
     if err == _errno.EEXIST:
         return AlreadyExists(err, text)
-    if err in (_errno.ENAMETOOLONG, _errno.EINVAL):
+    if err == _errno.ENAMETOOLONG:
         return InvalidName(text)
-    return OSError(err, text)
+    return SystemFailure(err, text)
 
 
 def raise_for(rc: int, what: str, *, err: int = 0, detail: str = "") -> NoReturn:
@@ -127,5 +135,9 @@ def raise_for(rc: int, what: str, *, err: int = 0, detail: str = "") -> NoReturn
     if rc == lib.SHMBUS_ETIMEDOUT:
         raise ReadTimeout(f"{what}: timed out{suffix}")
     if rc == lib.SHMBUS_EINVAL:
-        raise ValueError(f"{what}: invalid argument{suffix}")
+        raise InvalidArgument(
+            f"{what}: not allowed now{suffix} (a read_view still open, or a bad argument)"
+        )
+    if rc == lib.SHMBUS_EAGAIN:
+        raise ShmbusError(f"{what}: still busy after retrying{suffix}; a writer may have died")
     raise ShmbusError(f"{what}: failed with code {rc}{suffix}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import threading
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import msgpack
 import numpy as np
 
 from ._native import ffi, lib
-from .errors import CorruptFrame, InvalidName
+from .errors import CorruptFrame, InvalidArgument, InvalidName
 
 __all__ = ["Message", "MessageType", "decode_frame", "encode_frame", "pack_payload"]
 
@@ -160,7 +161,17 @@ def _default(obj: Any) -> Any:
     raise _refuse(obj)
 
 
-_packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+# One packer per thread: _default runs Python code, so a thread switch can
+# land in the middle of a pack, and a shared packer would mix two payloads.
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    try:
+        return _local.packer  # type: ignore[no-any-return]
+    except AttributeError:
+        _local.packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+        return _local.packer  # type: ignore[no-any-return]
 
 
 def pack_payload(payload: Any) -> tuple[bytes, int]:
@@ -170,7 +181,7 @@ def pack_payload(payload: Any) -> tuple[bytes, int]:
     if isinstance(payload, bytearray | memoryview):
         return bytes(payload), FLAG_RAW
     try:
-        return _packer.pack(payload), 0
+        return _packer().pack(payload), 0
     except TypeError:
         raise
     except (ValueError, OverflowError) as e:  # ints beyond 64 bits, too deep nesting
@@ -280,9 +291,23 @@ def encode_frame(
     timestamp_ns: int = 0,
     ttl_ms: int = 0,
 ) -> bytes:
-    """Build a frame from already-encoded names (UTF-8) and payload."""
+    """Build a frame from already-encoded names (UTF-8) and payload.
+
+    Refuses here what a receiver would refuse as corrupt, so a bad field is
+    an error at the sender, never a frame every receiver drops.
+    """
     if len(sender) > MAX_NAME or len(recipient) > MAX_NAME or len(topic) > MAX_TOPIC:
         raise InvalidName(f"names are limited to {MAX_NAME} bytes and topics to {MAX_TOPIC} bytes")
+    if not 0 <= priority <= 100:
+        raise InvalidArgument(f"priority must be 0-100, got {priority}")
+    if not 0 <= attempts <= 0xFFFF:
+        raise InvalidArgument(f"attempts must be 0-65535, got {attempts}")
+    if not 0 <= ttl_ms <= 0xFFFFFFFF:
+        raise InvalidArgument(f"ttl must be at most {0xFFFFFFFF // 1000} s (about 49 days)")
+    if msg_type not in _TYPES:
+        raise InvalidArgument(f"unknown message type {msg_type}")
+    if not (0 <= msg_id < 1 << 64 and 0 <= request_id < 1 << 64 and 0 <= correlation_id < 1 << 64):
+        raise InvalidArgument("message, request and correlation ids are unsigned 64-bit numbers")
     header = HEADER.pack(
         MAGIC, VERSION, msg_type, priority, flags, attempts, sender_id, recipient_id, msg_id,
         request_id, correlation_id, timestamp_ns, ttl_ms, len(sender), len(recipient),
@@ -313,8 +338,10 @@ def encode_message(msg: Message) -> bytes:
     )
 
 
-def decode_frame(frame: bytes) -> Message:
+def decode_frame(frame: bytes | bytearray | memoryview) -> Message:
     """Check and decode a frame from another process; raises :class:`CorruptFrame`."""
+    if type(frame) is not bytes:
+        frame = bytes(frame)
     size = len(frame)
     if size < HEADER_SIZE:
         raise CorruptFrame(f"frame of {size} bytes is shorter than the {HEADER_SIZE}-byte header")

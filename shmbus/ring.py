@@ -16,6 +16,7 @@ from ._native import ffi, lib
 from .errors import (
     ClaimLost,
     Closed,
+    InvalidArgument,
     InvalidName,
     MessageTooLarge,
     ReadTimeout,
@@ -155,6 +156,18 @@ class Ring:
         self._lens_cap = 0
         self._count = ffi.new("uint32_t *")
         self._bytes = ffi.new("uint64_t *")
+        self._index = ffi.new("int64_t *")
+        self._ptr = ffi.new("char **")
+        # A plain pointer to the handle for the views' finalizers: the handle
+        # object itself is released by close().
+        self._raw = ffi.cast("shmbus_ring_t *", handle)
+
+    def _view(self, ptr: Any, size: int) -> memoryview:
+        """A view of ring memory that keeps the mapping alive as long as it,
+        or anything derived from it, lives."""
+        lib.shmbus_ring_retain(self._raw)
+        owner = ffi.gc(ptr, lambda _, raw=self._raw: lib.shmbus_ring_close(raw))
+        return memoryview(ffi.buffer(owner, size))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -174,14 +187,14 @@ class Ring:
             or capacity > hi
             or capacity & (capacity - 1)
         ):
-            raise ValueError(
+            raise InvalidArgument(
                 f"ring capacity must be a power of two from {lo} to {hi} bytes, got {capacity!r}"
             )
         limit = lib.shmbus_ring_limit_max_frame(capacity)
         if max_frame is None:
             max_frame = lib.shmbus_ring_default_max_frame(capacity)
         elif not 0 < max_frame <= limit:
-            raise ValueError(
+            raise InvalidArgument(
                 f"max_frame must be from 1 to {limit} bytes for a ring of {capacity} bytes, "
                 f"got {max_frame}; raise the capacity for larger frames"
             )
@@ -357,11 +370,16 @@ class Ring:
 
         The frame is committed when the block ends and aborted (skipped by the
         reader) if it raises. Readers wait for a claim in order, so keep it short.
+        The view is released when the block ends; a slice or numpy array taken
+        from it stays valid memory (the mapping lives while it does) but aliases
+        the ring, whose bytes are then the reader's and later other frames'.
         """
-        if size > self.max_frame:
+        if not 0 <= size <= self.max_frame:
+            if size < 0:
+                raise InvalidArgument(f"claim size must not be negative, got {size}")
             raise self._too_big(size)
-        index = ffi.new("int64_t *")
-        ptr = ffi.new("char **")
+        index = self._index
+        ptr = self._ptr
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -373,7 +391,7 @@ class Ring:
         if rc != _OK:
             self._fail(rc, "claim in")
         self._open_views += 1
-        return _Claim(self, index[0], memoryview(ffi.buffer(ptr[0], size)))
+        return _Claim(self, index[0], self._view(ptr[0], size))
 
     # ------------------------------------------------------------- reading
 
@@ -400,7 +418,7 @@ class Ring:
 
     def _read_large(self) -> bytes:
         """The next frame, known to be there and larger than the scratch."""
-        ptr = ffi.new("char **")
+        ptr = self._ptr
         rc = lib.shmbus_ring_peek(self._handle(), 0, 0, ptr, self._count)
         if rc != _OK:
             self._fail(rc, "read from")
@@ -476,10 +494,11 @@ class Ring:
     def read_view(self, timeout: float | None = None) -> _View:
         """The next frame in place, with no copy: ``with ring.read_view() as buf``.
 
-        The view is valid inside the block only; the frame is consumed on exit.
+        The view is valid inside the block only; the frame is consumed on exit,
+        and anything derived from the view then aliases reused ring memory.
         Raises :class:`ReadTimeout` when nothing came.
         """
-        ptr = ffi.new("char **")
+        ptr = self._ptr
         length = self._count
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         while True:
@@ -492,16 +511,18 @@ class Ring:
         if rc != _OK:
             self._fail(rc, "read from")
         self._open_views += 1
-        return _View(self, memoryview(ffi.buffer(ptr[0], length[0])))
+        return _View(self, self._view(ptr[0], length[0]))
 
-    def unblock(self) -> bool:
+    def unblock(self, grace: float = 0.1) -> bool:
         """Skip a record that a dead writer left half-written; True if one was.
 
-        Call it only when the writer's death is certain: a live writer's record
-        would be lost. Handles both a record started (negative length) and
-        space reserved with nothing written yet.
+        Call it only when the writer's death is certain. Even then, a live
+        writer's record at the same spot looks the same for a moment, so it
+        acts only if the reader's position and the record stay unchanged for
+        ``grace`` seconds (waited here). Handles both a record started
+        (negative length) and space reserved with nothing written yet.
         """
-        rc = lib.shmbus_ring_unblock(self._handle())
+        rc = lib.shmbus_ring_unblock(self._handle(), _ns(grace))
         if rc < 0:
             self._fail(rc, "unblock")
         return rc == 1

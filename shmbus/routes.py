@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from ._native import ffi, lib
-from .errors import Closed, CorruptFrame, InvalidName, raise_for
+from .errors import Closed, CorruptFrame, InvalidName, MessageTooLarge, raise_for
 from .ring import PREFIX, validate_name
 
 __all__ = ["Table", "match", "validate_pattern", "validate_topic"]
@@ -125,9 +125,7 @@ class Table:
         blob = msgpack.packb(value, use_bin_type=True)
         rc = lib.shmbus_table_write(self._handle(), blob, len(blob), self._ver)
         if rc == lib.SHMBUS_ETOOBIG:
-            raise ValueError(
-                f"table {self.name!r} holds {self.capacity} bytes; the new content is {len(blob)}"
-            )
+            raise MessageTooLarge(len(blob), self.capacity, f"table {self.name!r}")
         if rc != lib.SHMBUS_OK:
             raise_for(rc, f"write table {self.name!r}")
         return self._ver[0]

@@ -212,3 +212,35 @@ def test_random_damage_to_a_frame_decodes_or_raises_corrupt_frame(data):
         decode_frame(bytes(frame[:cut] if data.draw(st.booleans()) else frame))
     except shmbus.CorruptFrame:
         pass
+
+
+def test_fields_a_receiver_would_refuse_are_refused_at_the_sender():
+    for kw in ({"priority": 101}, {"priority": -1}, {"attempts": 70_000}, {"id": -1},
+               {"ttl": 60 * 86400}):  # fmt: skip
+        with pytest.raises(shmbus.InvalidArgument):
+            encode_message(message(None, **kw))
+
+
+def test_a_frame_given_as_a_memoryview_or_bytearray_decodes():
+    frame = good_frame()
+    assert decode_frame(memoryview(frame)) == decode_frame(bytearray(frame))
+
+
+def test_payloads_packed_from_many_threads_never_mix():
+    import threading
+
+    failures = []
+
+    def work(seed):
+        for i in range(1500):
+            payload = {"seed": seed, "i": i, "a": np.full(7, seed, dtype=np.int16)}
+            got = decode_frame(encode_message(message(payload))).payload
+            if got["seed"] != seed or got["i"] != i or not (got["a"] == seed).all():
+                failures.append((seed, i))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures

@@ -393,3 +393,20 @@ def test_frames_larger_than_the_scratch_buffer_come_out_whole_and_in_order(ring_
         assert ring.try_read() == big[2]
         assert ring.read_many(10, 0) == [small[2]]
         assert ring.used == 0
+
+
+def test_views_kept_past_their_block_and_close_stay_valid_memory(ring_name):
+    ring = Ring.create(ring_name, 4096)
+    writer = Ring.attach(ring_name)
+    with writer.claim(5) as buf:
+        buf[:] = b"hello"
+        kept = buf[:]
+        arr = np.frombuffer(buf, dtype=np.uint8)
+    with ring.read_view(0) as view:
+        seen = view[:]
+    writer.close()
+    ring.close()
+    ring.unlink()
+    # The mapping lives as long as these do: touching them must not crash.
+    kept[:] = b"XXXXX"
+    assert len(bytes(seen)) == 5 and int(arr.sum()) >= 0

@@ -269,7 +269,7 @@ def finish_claim(claim: Any, commit: bool) -> None:
 
 
 def call_unblock(rng: random.Random, reader: Ring, writer: Ring, held: list) -> None:
-    assert reader.unblock() in (True, False)
+    assert reader.unblock(grace=0) in (True, False)
 
 
 def call_dead_writer(rng: random.Random, reader: Ring, writer: Ring, held: list) -> None:
@@ -694,7 +694,7 @@ def _outcome(op: str, reader: Ring, writer: Ring) -> str:
                 buf[:] = b"c" * 40
             return "ok"
         if op == "unblock":
-            return str(reader.unblock())
+            return str(reader.unblock(grace=0))
         if op == "attach":
             Ring.attach(reader.name).close()
             return "attached"
@@ -758,7 +758,7 @@ def _targeted_scenarios(name: str) -> list[str]:
         seg.apply(_i32_at_head(-48))
         if reader.read_many(10, 0.01) != []:
             wrong.append("negative length: the reader did not wait")
-        if reader.unblock() is not True or reader.read_many(10, 0.01) != PENDING[1:]:
+        if reader.unblock(grace=0) is not True or reader.read_many(10, 0.01) != PENDING[1:]:
             wrong.append("negative length: unblock did not skip exactly that record")
     finally:
         seg.close()

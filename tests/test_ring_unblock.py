@@ -148,3 +148,38 @@ def test_unblock_on_a_healthy_ring_does_nothing(ring_name):
                 raise RuntimeError  # aborted: padding, already skippable
         assert not ring.unblock()
         assert ring.read_many(10, 0) == [b"committed"]
+
+
+def _unblock_forever(name: str, stop, results) -> None:
+    ring = Ring.attach(name)
+    unblocked = errors = calls = 0
+    while not stop.is_set():
+        try:
+            unblocked += ring.unblock()
+        except shmbus.ShmbusError:
+            errors += 1
+        calls += 1
+    results.put((unblocked, errors, calls))
+    ring.close()
+
+
+def test_unblock_from_another_process_never_touches_a_busy_healthy_ring(ring_name, children):
+    """The coordinator calls unblock() while the reader runs: with no dead
+    writer it must find nothing to do, however the reader and writers move."""
+    per_producer = 20_000
+    with Ring.create(ring_name, 4096) as ring:  # small: laps every few dozen frames
+        stop, results = children.ctx.Event(), children.ctx.Queue()
+        children.start(_unblock_forever, ring_name, stop, results)
+        for producer in (1, 2):
+            children.start(_produce, ring_name, producer, per_producer)
+        seen = {1: [], 2: []}
+        deadline = time.monotonic() + 60
+        while sum(map(len, seen.values())) < 2 * per_producer and time.monotonic() < deadline:
+            for frame in ring.read_many(64, timeout=1):
+                producer, seq = FRAME.unpack_from(frame)
+                seen[producer].append(seq)
+        stop.set()
+        unblocked, errors, calls = results.get(timeout=20)
+        children.join_all(20)
+        assert seen == {1: list(range(per_producer)), 2: list(range(per_producer))}
+        assert (unblocked, errors) == (0, 0), f"over {calls} calls"

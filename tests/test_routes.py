@@ -75,7 +75,7 @@ def test_table_grows_the_readers_buffer_and_refuses_what_does_not_fit(names):
         big = {"x": "y" * 30_000}
         table.write(big)
         assert table.read() == (1, big)
-        with pytest.raises(ValueError, match="holds 65536 bytes"):
+        with pytest.raises(shmbus.MessageTooLarge, match="65536"):
             table.write({"x": "y" * 70_000})
         assert table.read() == (1, big)  # a refused write changes nothing
 
