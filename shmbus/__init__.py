@@ -28,11 +28,14 @@ from .errors import (
 )
 from .message import Message, MessageType
 from .ring import Ring
+from .runner import AgentProcess, Runner
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Agent",
+    "AgentProcess",
+    "Runner",
     "AlreadyExists",
     "CoordinatorRunning",
     "CoordinatorUnavailable",
