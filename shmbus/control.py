@@ -72,6 +72,26 @@ def lock_path(bus: str) -> Path:
     return runtime_dir(bus) / "coordinator.lock"
 
 
+def bus_is_live(bus: str) -> bool:
+    """Does a coordinator hold this bus's lock? (The kernel drops the lock when
+    its holder dies, so this never mistakes a killed bus for a live one.)"""
+    import fcntl
+
+    try:
+        fd = os.open(lock_path(bus), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def routes_name(bus: str) -> str:
     """Ring/Table name (without the ``shmbus.`` prefix) of the routes table."""
     return f"{bus}.routes"

@@ -1,0 +1,188 @@
+"""The ``shmbus`` command: run a coordinator, a demo, list buses, clean up."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from . import coordinator as _coordinator
+from .control import bus_is_live, lock_path, routes_name, runtime_dir, socket_path
+from .errors import ShmbusError
+from .message import MessageType
+from .ring import Ring
+from .routes import Table
+from .runner import Runner
+
+SHM = Path("/dev/shm")
+
+
+# ------------------------------------------------------------------ demo
+
+
+def demo_echo(agent) -> None:  # type: ignore[no-untyped-def]
+    """A service: answers requests."""
+    for msg in agent:
+        if msg.type == MessageType.REQUEST:
+            agent.reply(msg, {"echo": msg.payload})
+
+
+def demo_sensor(agent) -> None:  # type: ignore[no-untyped-def]
+    """Publishes readings on sensors.temp and sensors.load."""
+    n = 0
+    while True:
+        n += 1
+        agent.publish("sensors.temp", {"n": n, "celsius": 20 + n % 7})
+        agent.publish("sensors.load", {"n": n, "load": (n % 10) / 10})
+        time.sleep(0.002)
+
+
+def demo_monitor(agent) -> None:  # type: ignore[no-untyped-def]
+    """Subscribes to sensors.*; answers 'count?' with how many readings it saw."""
+    agent.subscribe("sensors.*")
+    seen = 0
+    for msg in agent:
+        if msg.type == MessageType.PUBLISH:
+            seen += 1
+        elif msg.type == MessageType.REQUEST:
+            agent.reply(msg, seen)
+
+
+def run_demo(bus: str, seconds: float) -> int:
+    print(f"shmbus demo: bus {bus!r}, agents echo, sensor, monitor and this driver")
+    with Runner(bus=bus) as runner:
+        driver = runner.connect("driver")
+        runner.spawn("echo", demo_echo)
+        runner.spawn("monitor", demo_monitor)
+        while True:  # the monitor must be subscribed before the sensor starts
+            try:
+                driver.request("monitor", "count?", timeout=5)
+                break
+            except ShmbusError:
+                time.sleep(0.05)
+        runner.spawn("sensor", demo_sensor)
+        latencies: list[float] = []
+        start = last = time.monotonic()
+        sent = 0
+        while time.monotonic() - start < seconds:
+            t0 = time.perf_counter()
+            reply = driver.request("echo", sent, timeout=5)
+            latencies.append(time.perf_counter() - t0)
+            assert reply.payload == {"echo": sent}
+            sent += 1
+            now = time.monotonic()
+            if now - last >= 0.5:
+                recent = sorted(latencies[-2000:])
+                print(
+                    f"  {now - start:4.1f}s  requests {sent:7d}  "
+                    f"p50 {recent[len(recent) // 2] * 1e6:6.1f} us  "
+                    f"p99 {recent[int(len(recent) * 0.99)] * 1e6:7.1f} us",
+                    flush=True,
+                )
+                last = now
+        readings = driver.request("monitor", "count?", timeout=5).payload
+        elapsed = time.monotonic() - start
+        p50 = statistics.median(latencies) * 1e6
+        print(
+            f"done: {sent} request/response round trips in {elapsed:.1f}s "
+            f"({sent / elapsed:,.0f}/s, p50 {p50:.1f} us); "
+            f"the monitor saw {readings} published readings"
+        )
+    left = [n for n in os.listdir(SHM) if f"shmbus.{bus}." in n]
+    print("shut down cleanly; nothing left in /dev/shm" if not left else f"LEFT: {left}")
+    return 0 if not left else 1
+
+
+# ------------------------------------------------------------- ls, cleanup
+
+
+def bus_names() -> list[str]:
+    """Buses with anything on this machine: a runtime dir or shared memory."""
+    names: set[str] = set()
+    with contextlib.suppress(FileNotFoundError):
+        names.update(p.name for p in runtime_dir("x").parent.iterdir() if p.is_dir())
+    for entry in SHM.iterdir():
+        name = entry.name.removeprefix("sem.")
+        if name.startswith("shmbus.") and name.count(".") >= 2:
+            names.add(name.split(".")[1])
+    return sorted(names)
+
+
+def run_ls() -> int:
+    for bus in bus_names():
+        live = bus_is_live(bus)
+        print(f"{bus}: {'live' if live else 'not running'}")
+        if not live:
+            continue
+        try:
+            with Table.attach(routes_name(bus)) as table:
+                _, routes = table.read()
+        except ShmbusError as e:
+            print(f"  (routes unreadable: {e})")
+            continue
+        for name, (agent_id, inbox, pid) in sorted((routes or {}).get("agents", {}).items()):
+            try:
+                with Ring.attach(inbox) as ring:
+                    fill = f"{ring.used}/{ring.capacity} bytes"
+            except ShmbusError:
+                fill = "inbox gone"
+            print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} inbox {fill}")
+        for pattern, names in sorted((routes or {}).get("subs", {}).items()):
+            print(f"  sub {pattern} -> {', '.join(names)}")
+    return 0
+
+
+def run_cleanup(buses: list[str]) -> int:
+    """Remove what killed buses left; never touch a bus whose coordinator lives."""
+    status = 0
+    for bus in buses or bus_names():
+        if bus_is_live(bus):
+            print(f"{bus}: live (its coordinator holds the lock): left alone")
+            status = status or (1 if buses else 0)
+            continue
+        removed = []
+        for entry in SHM.iterdir():
+            if entry.name.startswith((f"shmbus.{bus}.", f"sem.shmbus.{bus}.")):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed.append(entry.name)
+        for path in (socket_path(bus), lock_path(bus)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            runtime_dir(bus).rmdir()
+        print(f"{bus}: removed {len(removed)} shared-memory entries")
+    return status
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shmbus", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("coordinator", help="run a bus's coordinator", add_help=False)
+    p = sub.add_parser("demo", help="run a few agents on a bus for a few seconds")
+    p.add_argument("--bus", default="demo")
+    p.add_argument("--seconds", type=float, default=3.0)
+    sub.add_parser("ls", help="list buses, their agents and inbox fill")
+    p = sub.add_parser("cleanup", help="remove what killed buses left (never a live bus)")
+    p.add_argument("buses", nargs="*", help="bus names (default: every bus found)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "coordinator":
+        return _coordinator.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "demo":
+        return run_demo(args.bus, args.seconds)
+    if args.command == "ls":
+        return run_ls()
+    return run_cleanup(args.buses)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
