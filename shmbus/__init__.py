@@ -26,7 +26,7 @@ from .errors import (
     ShmbusTimeout,
     UnknownRecipient,
 )
-from .message import Message, MessageType
+from .message import DeadLetter, Message, MessageType, RoutingRule
 from .ring import Ring
 from .runner import AgentProcess, Runner
 
@@ -39,8 +39,10 @@ __all__ = [
     "AlreadyExists",
     "CoordinatorRunning",
     "CoordinatorUnavailable",
+    "DeadLetter",
     "Message",
     "MessageType",
+    "RoutingRule",
     "NameTaken",
     "RecvTimeout",
     "RequestTimeout",

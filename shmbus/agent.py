@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .control import (
@@ -41,10 +41,13 @@ from .errors import (
 )
 from .message import (
     FLAG_ACK,
+    DeadLetter,
     Message,
     MessageType,
+    RoutingRule,
     decode_frame,
     encode_frame,
+    encode_message,
     pack_payload,
 )
 from .ring import Ring
@@ -105,6 +108,7 @@ class Agent:
         self._subs: dict[str, list[str]] = {}
         self._peers: dict[str, Ring] = {}
         self._topics: dict[str, list[Ring]] = {}
+        self._rules: list[tuple[RoutingRule, Callable[[Message], Any]]] = []
         self._refresh()
 
     # -------------------------------------------------------- control
@@ -241,18 +245,27 @@ class Agent:
         Waits up to ``timeout`` (None: as long as it takes) while the
         recipient's inbox is full. Raises :class:`UnknownRecipient`.
         """
-        ring = self._ring_for(recipient)
         msg_id, frame = self._frame(
             _kind, payload, recipient=recipient, priority=priority, ttl=ttl,
             requires_ack=requires_ack, request_id=_request_id, correlation_id=_correlation_id,
         )  # fmt: skip
+        try:
+            ring = self._ring_for(recipient)
+        except UnknownRecipient as e:
+            self._dead_letter(frame, f"no recipient: {e}")
+            raise
         ring.write(frame, timeout)
         return msg_id
 
     def send_many(self, recipient: str, payloads: Sequence[Any], **kw: Any) -> list[int]:
         """Send several messages to one recipient in one write; returns their ids."""
-        ring = self._ring_for(recipient)
         built = [self._frame(MessageType.DIRECT, p, recipient=recipient, **kw) for p in payloads]
+        try:
+            ring = self._ring_for(recipient)
+        except UnknownRecipient as e:
+            for _, frame in built:
+                self._dead_letter(frame, f"no recipient: {e}")
+            raise
         ring.write_many([f for _, f in built])
         return [i for i, _ in built]
 
@@ -351,6 +364,84 @@ class Agent:
             msg.sender, payload, _kind=MessageType.RESPONSE, _request_id=msg.id,
             _correlation_id=msg.correlation_id, **kw,
         )  # fmt: skip
+
+    # ---------------------------------------------------------- routing
+
+    def route(self, rule: RoutingRule, handler: Callable[[Message], Any]) -> None:
+        """Have ``serve()`` hand the messages ``rule`` matches to ``handler``.
+
+        Rules run by priority, highest first; every matching handler gets
+        the message. A handler's return value answers a REQUEST.
+        """
+        if rule.topic is not None:
+            validate_pattern(rule.topic)
+        self._rules.append((rule, handler))
+        self._rules.sort(key=lambda rh: -rh[0].priority)  # stable: ties keep their order
+
+    def _matches(self, rule: RoutingRule, msg: Message) -> bool:
+        return (
+            (rule.msg_type is None or msg.type == rule.msg_type)
+            and (rule.sender is None or msg.sender == rule.sender)
+            and (rule.recipient is None or msg.recipient == rule.recipient)
+            and (rule.topic is None or (bool(msg.topic) and match(rule.topic, msg.topic)))
+        )
+
+    def dispatch(self, msg: Message) -> int:
+        """Run the handlers whose rules match ``msg``; returns how many ran.
+
+        A handler that raises sends the message to the DLQ with the reason;
+        a message no rule matches goes there too ("no route").
+        """
+        ran = 0
+        for rule, handler in self._rules:
+            if not self._matches(rule, msg):
+                continue
+            ran += 1
+            try:
+                result = handler(msg)
+            except Exception as e:  # a handler's failure must not stop the agent
+                log.warning("agent %s: handler %r failed: %r", self.name, handler, e)
+                self._dead_letter(encode_message(msg), f"handler failed: {type(e).__name__}: {e}")
+                continue
+            if result is not None and msg.type == MessageType.REQUEST:
+                self.reply(msg, result)
+        if not ran:
+            self._dead_letter(encode_message(msg), "no route: no rule matched")
+        return ran
+
+    def serve(self, timeout: float | None = None) -> None:
+        """Dispatch messages to the routed handlers until the agent is closed
+        (or, with ``timeout``, until nothing arrives for that long)."""
+        while not self._closed:
+            try:
+                msg = self.recv(timeout=0.2 if timeout is None else timeout)
+            except RecvTimeout:
+                if timeout is None:
+                    continue
+                return
+            except Closed:
+                return
+            self.dispatch(msg)
+
+    # -------------------------------------------------------------- DLQ
+
+    def _dead_letter(self, frame: bytes, reason: str) -> None:
+        try:
+            self._call("dlq_add", frame=frame, reason=reason)
+        except ShmbusError as e:  # no coordinator: say so loudly, it is a loss
+            log.error("agent %s could not dead-letter a message (%s): %s", self.name, reason, e)
+
+    def dlq(self, limit: int = 1000) -> list[DeadLetter]:
+        """The newest entries of the bus's dead-letter queue, oldest first."""
+        reply = self._call("dlq_list", limit=limit)
+        out = []
+        for entry in reply["entries"]:
+            try:
+                msg = decode_frame(entry["frame"])
+            except CorruptFrame:
+                continue
+            out.append(DeadLetter(msg, entry["reason"], entry["time"]))
+        return out
 
     # ----------------------------------------------------------- close
 

@@ -52,18 +52,28 @@ def demo_monitor(agent) -> None:  # type: ignore[no-untyped-def]
             agent.reply(msg, seen)
 
 
+def _await_agent(driver, name: str, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            driver.request(name, "count?" if name == "monitor" else 0, timeout=1)
+            return
+        except ShmbusError:  # not registered yet, or not answering yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def run_demo(bus: str, seconds: float) -> int:
     print(f"shmbus demo: bus {bus!r}, agents echo, sensor, monitor and this driver")
     with Runner(bus=bus) as runner:
         driver = runner.connect("driver")
         runner.spawn("echo", demo_echo)
         runner.spawn("monitor", demo_monitor)
-        while True:  # the monitor must be subscribed before the sensor starts
-            try:
-                driver.request("monitor", "count?", timeout=5)
-                break
-            except ShmbusError:
-                time.sleep(0.05)
+        # Both must answer before we start: agents take a moment to register,
+        # and the monitor must be subscribed before the sensor publishes.
+        for name in ("echo", "monitor"):
+            _await_agent(driver, name, timeout=30)
         runner.spawn("sensor", demo_sensor)
         latencies: list[float] = []
         start = last = time.monotonic()

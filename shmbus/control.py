@@ -25,7 +25,7 @@ from .errors import InvalidName, ShmbusError
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z")
 _LEN = struct.Struct("<I")
-MAX_CONTROL = 1 << 20  # a control message is small; a larger one is an attack or a bug
+MAX_CONTROL = 4 << 20  # control messages are small; DLQ listings are the largest
 
 
 def validate_bus_or_agent(name: object, what: str) -> str:

@@ -9,6 +9,7 @@ path of a message: agents write straight into each other's inboxes.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import fcntl
 import logging
@@ -17,6 +18,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,8 @@ from .ring import Ring
 from .routes import Table, validate_pattern
 
 log = logging.getLogger("shmbus.coordinator")
+
+MAX_DLQ_FRAME = 1 << 20
 
 
 @dataclass
@@ -59,7 +63,7 @@ class _Agent:
 class Coordinator:
     """One bus's control plane. ``serve()`` runs it until ``stop()``."""
 
-    def __init__(self, bus: str) -> None:
+    def __init__(self, bus: str, *, dlq_size: int = 10_000) -> None:
         self.bus = validate_bus_or_agent(bus, "bus")
         make_runtime_dir(bus)
         self._lock_fd = os.open(lock_path(bus), os.O_RDWR | os.O_CREAT, 0o600)
@@ -80,6 +84,9 @@ class Coordinator:
         self.subs: dict[str, set[str]] = {}
         self._next_id = 1
         self._stopping = False
+        # Bounded, oldest evicted first (counted). Issue 4 persists it.
+        self.dlq: collections.deque[dict[str, Any]] = collections.deque(maxlen=dlq_size)
+        self.dlq_evicted = 0
         self._sel = selectors.DefaultSelector()
         # A killed coordinator of this bus left these behind; we hold the
         # lock, so nobody else owns them.
@@ -214,6 +221,26 @@ class Coordinator:
                 self.subs.get(pattern, set()).discard(agent.name)
             self._publish()
             return {"ok": True, "version": self.table.version}
+        if op == "dlq_add":
+            frame, reason = msg["frame"], str(msg["reason"])[:1000]
+            if not isinstance(frame, bytes) or len(frame) > MAX_DLQ_FRAME:
+                raise ValueError("dlq_add needs the frame as bytes, up to 1 MiB")
+            if len(self.dlq) == self.dlq.maxlen:
+                self.dlq_evicted += 1
+            self.dlq.append({"frame": frame, "reason": reason, "time": time.time()})
+            return {"ok": True}
+        if op == "dlq_list":
+            # The newest entries that fit one control message.
+            entries: list[dict[str, Any]] = []
+            budget = 3 << 20
+            for entry in reversed(self.dlq):
+                budget -= len(entry["frame"]) + len(entry["reason"]) + 64
+                if budget < 0 or len(entries) >= int(msg.get("limit", 1000)):
+                    break
+                entries.append(entry)
+            entries.reverse()
+            return {"ok": True, "entries": entries, "evicted": self.dlq_evicted,
+                    "total": len(self.dlq)}  # fmt: skip
         if op in ("ping", "unregister"):
             return {"ok": True}
         return {"ok": False, "error": "BadRequest", "message": f"unknown op {op!r}"}

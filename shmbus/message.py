@@ -9,6 +9,7 @@ length is checked before it is used and msgpack decodes with bounds.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 import threading
@@ -21,7 +22,10 @@ import numpy as np
 from ._native import ffi, lib
 from .errors import CorruptFrame, InvalidArgument, InvalidName
 
-__all__ = ["Message", "MessageType", "decode_frame", "encode_frame", "pack_payload"]
+__all__ = [
+    "DeadLetter", "Message", "MessageType", "RoutingRule", "decode_frame", "encode_frame",
+    "pack_payload",
+]  # fmt: skip
 
 HEADER = struct.Struct(ffi.string(lib.shmbus_frame_struct()).decode())
 HEADER_SIZE: int = lib.SHMBUS_FRAME_HEADER_SIZE
@@ -112,6 +116,30 @@ class Message:
             f"Message(id={self.id}, type={self.type.name}, from={self.sender!r}, {where}, "
             f"payload={self.payload!r})"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """A message the bus could not deliver, with why and when (wall-clock seconds)."""
+
+    message: Message
+    reason: str
+    time: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingRule:
+    """Which messages a handler takes: every filter given must match.
+
+    ``topic`` is a pattern (``*`` one word, ``>`` the rest); rules with a
+    higher ``priority`` run first.
+    """
+
+    topic: str | None = None
+    msg_type: MessageType | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    priority: int = 0
 
 
 def _payload_equal(a: Any, b: Any) -> bool:

@@ -9,8 +9,12 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -104,6 +108,38 @@ def children() -> Iterator[Children]:
         yield kids
     finally:
         kids.reap()
+
+
+# ------------------------------------------------------------------ bus
+
+
+@pytest.fixture
+def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private XDG_RUNTIME_DIR, removed afterwards; short, since a Unix
+    socket path holds 107 bytes at most."""
+    path = tempfile.mkdtemp(prefix="sb", dir="/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def bus(names: Callable[[str], str], children: Children, runtime: str) -> Iterator[str]:
+    """A running coordinator process for a bus of this test's own."""
+    from shmbus.control import socket_path
+
+    name = names("bus")
+    proc = children.popen([sys.executable, "-m", "shmbus.coordinator", "--bus", name])
+    deadline = time.monotonic() + 20
+    while not socket_path(name).exists():
+        assert proc.poll() is None, "the coordinator exited"
+        assert time.monotonic() < deadline, "the coordinator did not start"
+        time.sleep(0.02)
+    try:
+        yield name
+    finally:
+        proc.terminate()  # SIGTERM: it removes its socket, table and lock
+        proc.wait(10)
 
 
 # ------------------------------------------------- session-level leftovers

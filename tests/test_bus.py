@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -15,35 +13,6 @@ import pytest
 
 import shmbus
 from shmbus import MessageType
-from shmbus.control import socket_path
-
-
-@pytest.fixture
-def runtime(monkeypatch):
-    """A private XDG_RUNTIME_DIR, removed afterwards; short, as a Unix socket
-    path holds 107 bytes at most."""
-    path = tempfile.mkdtemp(prefix="sb", dir="/tmp")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def bus(names, children, runtime):
-    """A running coordinator for a bus of this test's own."""
-    name = names("bus")
-    proc = children.popen([sys.executable, "-m", "shmbus.coordinator", "--bus", name])
-    deadline = time.monotonic() + 20
-    while not socket_path(name).exists():
-        assert proc.poll() is None, "the coordinator exited"
-        assert time.monotonic() < deadline, "the coordinator did not start"
-        time.sleep(0.02)
-    try:
-        yield name
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
 
 # ------------------------------------------------------------ children
 

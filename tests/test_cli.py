@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-
-import pytest
 
 import shmbus
 from shmbus.control import socket_path
-
-
-@pytest.fixture
-def runtime(monkeypatch):
-    path = tempfile.mkdtemp(prefix="sb", dir="/tmp")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def shmbus_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -15,14 +13,6 @@ import pytest
 
 import shmbus
 from shmbus import MessageType
-
-
-@pytest.fixture
-def runtime(monkeypatch):
-    path = tempfile.mkdtemp(prefix="sb", dir="/tmp")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def bus_entries(bus: str) -> list[str]:
