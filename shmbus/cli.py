@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import coordinator as _coordinator
-from .control import bus_is_live, lock_path, routes_name, runtime_dir, socket_path
+from .control import bus_is_live, lock_path, remove_bus_shm, routes_name, runtime_dir, socket_path
 from .errors import ShmbusError
 from .message import MessageType
 from .ring import Ring
@@ -154,12 +154,7 @@ def run_cleanup(buses: list[str]) -> int:
             print(f"{bus}: live (its coordinator holds the lock): left alone")
             status = status or (1 if buses else 0)
             continue
-        removed = []
-        for entry in SHM.iterdir():
-            if entry.name.startswith((f"shmbus.{bus}.", f"sem.shmbus.{bus}.")):
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
-                    removed.append(entry.name)
+        removed = remove_bus_shm(bus)
         for path in (socket_path(bus), lock_path(bus)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -12,6 +12,7 @@ on a Unix stream socket; a request carries ``op`` and gets one reply with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -90,6 +91,19 @@ def bus_is_live(bus: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def remove_bus_shm(bus: str) -> list[str]:
+    """Unlink every shared-memory entry of ``bus`` (segments and doorbells);
+    returns their names. Only for a bus nobody runs any more."""
+    validate_bus_or_agent(bus, "bus")
+    removed = []
+    for entry in Path("/dev/shm").iterdir():
+        if entry.name.startswith((f"shmbus.{bus}.", f"sem.shmbus.{bus}.")):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry.name)
+    return removed
 
 
 def routes_name(bus: str) -> str:

@@ -20,16 +20,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .agent import Agent, connect
-from .control import lock_path, socket_path, validate_bus_or_agent
+from .control import lock_path, remove_bus_shm, socket_path, validate_bus_or_agent
 from .errors import CoordinatorUnavailable, ShmbusError
 
 __all__ = ["AgentProcess", "Runner"]
-
-SHM = Path("/dev/shm")
 
 
 def _run_agent(bus: str, name: str, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -193,13 +190,7 @@ class Runner:
 
     def cleanup(self) -> list[str]:
         """Remove the bus's shared memory left by processes that were killed."""
-        removed = []
-        for entry in SHM.iterdir():
-            if entry.name.startswith((f"shmbus.{self.bus}.", f"sem.shmbus.{self.bus}.")):
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
-                    removed.append(entry.name)
-        return removed
+        return remove_bus_shm(self.bus)
 
     # ----------------------------------------------------------- agents
 

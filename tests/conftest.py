@@ -123,18 +123,24 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def bus(names: Callable[[str], str], children: Children, runtime: str) -> Iterator[str]:
-    """A running coordinator process for a bus of this test's own."""
+def start_coordinator(children: Children, bus: str) -> subprocess.Popen[bytes]:
+    """A coordinator process for ``bus``, once it listens."""
     from shmbus.control import socket_path
 
-    name = names("bus")
-    proc = children.popen([sys.executable, "-m", "shmbus.coordinator", "--bus", name])
+    proc = children.popen([sys.executable, "-m", "shmbus", "coordinator", "--bus", bus])
     deadline = time.monotonic() + 20
-    while not socket_path(name).exists():
+    while not socket_path(bus).exists():
         assert proc.poll() is None, "the coordinator exited"
         assert time.monotonic() < deadline, "the coordinator did not start"
         time.sleep(0.02)
+    return proc
+
+
+@pytest.fixture
+def bus(names: Callable[[str], str], children: Children, runtime: str) -> Iterator[str]:
+    """A running coordinator process for a bus of this test's own."""
+    name = names("bus")
+    proc = start_coordinator(children, name)
     try:
         yield name
     finally:

@@ -6,10 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
+
+from conftest import start_coordinator
 
 import shmbus
-from shmbus.control import socket_path
 
 
 def shmbus_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -32,11 +32,7 @@ def test_demo_runs_and_leaves_nothing(names, runtime):
 
 def test_cleanup_removes_a_killed_bus_and_never_touches_a_live_one(names, runtime, children):
     bus = names("bus")
-    coordinator = children.popen([sys.executable, "-m", "shmbus", "coordinator", "--bus", bus])
-    deadline = time.monotonic() + 20
-    while not socket_path(bus).exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    coordinator = start_coordinator(children, bus)
     agent = shmbus.connect(bus=bus, name="a")
     try:
         result = shmbus_cli("cleanup", bus)
@@ -59,11 +55,7 @@ def test_cleanup_removes_a_killed_bus_and_never_touches_a_live_one(names, runtim
 
 def test_coordinator_command_refuses_a_second_one(names, runtime, children):
     bus = names("bus")
-    first = children.popen([sys.executable, "-m", "shmbus", "coordinator", "--bus", bus])
-    deadline = time.monotonic() + 20
-    while not socket_path(bus).exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    first = start_coordinator(children, bus)
     result = shmbus_cli("coordinator", "--bus", bus)
     assert result.returncode == 2 and "already runs" in result.stderr
     first.terminate()  # SIGTERM: it removes its socket, table and lock
