@@ -81,6 +81,15 @@ def _ns(timeout: float | None) -> int:
     return int(timeout * 1e9) if timeout > 0 else 0
 
 
+# For the retry loops after EINTR: a wait goes on with what is left of it.
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + max(timeout, 0.0)
+
+
+def _left_ns(deadline: float | None) -> int:
+    return -1 if deadline is None else _ns(max(deadline - time.monotonic(), 0.0))
+
+
 class _Claim:
     """``with ring.claim(n) as buf``: commit on a clean exit, abort on an exception."""
 
@@ -305,10 +314,9 @@ class Ring:
         self._write_failed(rc, buf, n, timeout)
 
     def _write_failed(self, rc: int, buf: Any, n: int, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        deadline = _deadline(timeout)
         while rc == _EINTR:  # a signal: its handler ran on return; go on waiting
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            rc = _write(self._handle(), buf, n, _ns(left))
+            rc = _write(self._handle(), buf, n, _left_ns(deadline))
         if rc == _OK:
             return
         if rc == _ETOOBIG:
@@ -349,14 +357,14 @@ class Ring:
         rc = lib.shmbus_ring_write_many(self._handle(), blob, c_lens, count, _ns(timeout), written)
         done = written[0]
         if rc == _EINTR:  # a signal: its handler ran on return; go on with the rest
-            deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+            deadline = _deadline(timeout)
             view = ffi.from_buffer(blob)
             offset = sum(lens[:done])
             while rc == _EINTR:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 rc = lib.shmbus_ring_write_many(
-                    self._handle(), view + offset, c_lens + done, count - done, _ns(left), written
-                )
+                    self._handle(), view + offset, c_lens + done, count - done,
+                    _left_ns(deadline), written,
+                )  # fmt: skip
                 offset += sum(lens[done : done + written[0]])
                 done += written[0]
         if rc == _OK or rc in (_EAGAIN, _ETIMEDOUT):
@@ -380,10 +388,9 @@ class Ring:
             raise self._too_big(size)
         index = self._index
         ptr = self._ptr
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        deadline = _deadline(timeout)
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            rc = lib.shmbus_ring_claim(self._handle(), size, _ns(left), index, ptr)
+            rc = lib.shmbus_ring_claim(self._handle(), size, _left_ns(deadline), index, ptr)
             if rc != _EINTR:
                 break
         if rc in (_EAGAIN, _ETIMEDOUT):
@@ -431,11 +438,10 @@ class Ring:
     def _read_slow(self, rc: int, max_count: int, timeout: float | None) -> list[bytes]:
         """After a read call that got no frame: retry after signals, take a large
         frame, or return [] when the timeout passed."""
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        deadline = _deadline(timeout)
         while rc == _EINTR:  # a signal: its handler ran on return; go on waiting
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             rc = _read_many(
-                self._handle(), self._out, self._out_cap, self._lens, max_count, _ns(left),
+                self._handle(), self._out, self._out_cap, self._lens, max_count, _left_ns(deadline),
                 self.spin_ns, self._count, self._bytes,
             )  # fmt: skip
         if rc > 0:
@@ -500,10 +506,9 @@ class Ring:
         """
         ptr = self._ptr
         length = self._count
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        deadline = _deadline(timeout)
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            rc = lib.shmbus_ring_peek(self._handle(), _ns(left), self.spin_ns, ptr, length)
+            rc = lib.shmbus_ring_peek(self._handle(), _left_ns(deadline), self.spin_ns, ptr, length)
             if rc != _EINTR:
                 break
         if rc in (_EAGAIN, _ETIMEDOUT):
