@@ -64,6 +64,7 @@ struct shmbus_ring {
      * handed out (a claim or a read_view, and whatever Python derived from
      * them), so no view outlives the munmap however long it is kept. */
     _Atomic int refs;
+    _Atomic uint64_t *count_frames, *count_bytes; /* see shmbus_ring_count_reads */
 };
 
 #define ALIGN_UP(x) (((x) + (SHMBUS_RING_ALIGNMENT - 1)) & ~(uint64_t)(SHMBUS_RING_ALIGNMENT - 1))
@@ -625,6 +626,14 @@ static int64_t check_record(shmbus_ring_t *r, uint64_t head, uint64_t index, int
     return (int64_t)aligned;
 }
 
+static inline void count_reads(shmbus_ring_t *r, uint64_t frames, uint64_t bytes)
+{
+    if (r->count_frames) {
+        atomic_fetch_add_explicit(r->count_frames, frames, memory_order_relaxed);
+        atomic_fetch_add_explicit(r->count_bytes, bytes, memory_order_relaxed);
+    }
+}
+
 /* Hand the consumed block back to producers: zero it, then move the head. */
 static inline void consume(shmbus_ring_t *r, uint64_t head, uint64_t head_index, uint64_t bytes)
 {
@@ -711,6 +720,7 @@ int shmbus_ring_read_many(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_
         if (n) {
             *count = n;
             *bytes = used;
+            count_reads(r, n, used);
             return (int)n;
         }
         if (timeout_ns == 0)
@@ -781,7 +791,16 @@ int shmbus_ring_release(shmbus_ring_t *r)
     if ((head & r->mask) != index || len < SHMBUS_RING_RECORD_HEADER || aligned > r->capacity - index)
         return SHMBUS_ECORRUPT; /* overwritten while it was out */
     consume(r, head, index, aligned);
+    count_reads(r, 1, (uint64_t)len - SHMBUS_RING_RECORD_HEADER);
     return SHMBUS_OK;
+}
+
+void shmbus_ring_count_reads(shmbus_ring_t *r, uint64_t *frames, uint64_t *bytes)
+{
+    if (!r)
+        return;
+    r->count_frames = (_Atomic uint64_t *)frames;
+    r->count_bytes = (_Atomic uint64_t *)bytes;
 }
 
 /* ------------------------------------------------------------- unblock */

@@ -120,6 +120,11 @@ int shmbus_ring_release(shmbus_ring_t *r);
 
 int shmbus_ring_unblock(shmbus_ring_t *r, int64_t grace_ns);
 
+/* Count what this reader consumes: each read adds the frames to *frames and
+ * their bytes to *bytes (relaxed atomic adds; NULL stops counting).  The
+ * bus points these at the agent's counters in the stats segment. */
+void shmbus_ring_count_reads(shmbus_ring_t *r, uint64_t *frames, uint64_t *bytes);
+
 /* Test support: reserve space with the CAS and write nothing, as a producer
  * killed between its CAS and its first store would leave it (with
  * write_padding 0, even before the padding record a wrap needs). */

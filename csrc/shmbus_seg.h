@@ -22,6 +22,7 @@
 #define SHMBUS_ESYS (-7)     /* a system call failed: see errno */
 #define SHMBUS_EBADSEG (-8)  /* not the kind of segment expected, or another layout version */
 #define SHMBUS_ESMALL (-9)   /* the caller's buffer cannot hold the next item */
+#define SHMBUS_ESTALE (-10)  /* the routes moved since this route was built: rebuild it */
 
 /* Create `name` (a POSIX name, "/..."), `size` bytes, zeroed, and map it. On
  * failure nothing is left behind and errno tells why (SHMBUS_ESYS). */

@@ -29,12 +29,17 @@ from .errors import (
 from .message import DeadLetter, Message, MessageType, RoutingRule
 from .ring import Ring
 from .runner import AgentProcess, Runner
+from .stats import AgentStats, BusStats, Counters, TopicStats
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Agent",
     "AgentProcess",
+    "AgentStats",
+    "BusStats",
+    "Counters",
+    "TopicStats",
     "Runner",
     "AlreadyExists",
     "CoordinatorRunning",

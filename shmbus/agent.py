@@ -10,7 +10,6 @@ it routes and reloads it only when it moved.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import os
 import socket
@@ -18,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ._native import ffi, lib
 from .control import (
     ControlError,
     Reader,
@@ -25,6 +25,7 @@ from .control import (
     routes_name,
     send_msg,
     socket_path,
+    stats_name,
     validate_bus_or_agent,
 )
 from .errors import (
@@ -32,26 +33,25 @@ from .errors import (
     CoordinatorUnavailable,
     CorruptFrame,
     NameTaken,
-    NotFound,
-    ReadTimeout,
     RecvTimeout,
     RequestTimeout,
     ShmbusError,
-    UnknownRecipient,
 )
 from .message import (
     FLAG_ACK,
+    FLAG_RAW,
     DeadLetter,
     Message,
     MessageType,
     RoutingRule,
     decode_frame,
-    encode_frame,
     encode_message,
     pack_payload,
 )
-from .ring import Ring
-from .routes import Table, match, validate_pattern, validate_topic
+from .outbox import Outbox, pack_many
+from .ring import Ring, _ns
+from .routes import Table, match, validate_pattern
+from .stats import BYTES_RECEIVED, RECEIVED, BusStats, StatsSegment, inbox_fill
 
 __all__ = ["Agent", "connect"]
 
@@ -59,6 +59,13 @@ log = logging.getLogger("shmbus.agent")
 
 DEFAULT_INBOX = 1 << 22  # 4 MiB: frames up to 512 KiB
 _ERRORS = {"NameTaken": NameTaken}
+_send = lib.shmbus_send
+_send_ex = lib.shmbus_send_ex
+_DIRECT = int(MessageType.DIRECT)
+_PUBLISH = int(MessageType.PUBLISH)
+_REQUEST = int(MessageType.REQUEST)
+_RESPONSE = int(MessageType.RESPONSE)
+_READ_AHEAD = 64  # frames taken from the inbox per C call when they are there
 
 
 def connect(
@@ -95,21 +102,29 @@ class Agent:
             self.id: int = reply["id"]
             self.inbox = Ring.create(reply["inbox"], inbox_capacity)
             self._table = Table.attach(routes_name(bus))
+            self._stats = StatsSegment.attach(reply.get("stats", stats_name(bus)))
+            counters = self._stats.agent(reply.get("slot", 0))
+            if counters:
+                lib.shmbus_ring_count_reads(
+                    self.inbox._handle(), counters + RECEIVED, counters + BYTES_RECEIVED
+                )
+            self._out = Outbox(
+                bus=bus, name=name, agent_id=self.id, table=self._table, stats=self._stats,
+                counters=counters, dead_letter=self._dead_letter,
+            )  # fmt: skip
             self._call("activate")
         except BaseException:
             self._sock.close()
             if hasattr(self, "inbox"):
                 self.inbox.__exit__(None, None, None)
             raise
-        self._seq = itertools.count(1)
-        self._pending: collections.deque[Message] = collections.deque()
-        self._version = -1
-        self._agents: dict[str, list[Any]] = {}
-        self._subs: dict[str, list[str]] = {}
-        self._peers: dict[str, Ring] = {}
-        self._topics: dict[str, list[Ring]] = {}
+        # The fast paths' caches: the outbox fills them and clears them in place.
+        self._direct = self._out.direct
+        self._topics = self._out.topics
+        self._read_many = self.inbox.read_many
+        self._frames: collections.deque[bytes] = collections.deque()  # read, not yet decoded
+        self._pending: collections.deque[Message] = collections.deque()  # set aside by request()
         self._rules: list[tuple[RoutingRule, Callable[[Message], Any]]] = []
-        self._refresh()
 
     # -------------------------------------------------------- control
 
@@ -144,87 +159,6 @@ class Agent:
             raise cls(reply.get("message", f"{op} refused"))
         return reply
 
-    # --------------------------------------------------------- routes
-
-    def _refresh(self) -> None:
-        version, routes = self._table.read()
-        routes = routes or {"agents": {}, "subs": {}}
-        agents = routes["agents"]
-        for peer in [p for p in self._peers if agents.get(p) != self._agents.get(p)]:
-            self._peers.pop(peer).close()  # gone, or back with a new inbox
-        self._agents = agents
-        self._subs = routes["subs"]
-        self._topics = {}
-        self._version = version
-
-    def _ring_for(self, name: str) -> Ring:
-        if self._table.version != self._version:
-            self._refresh()
-        ring = self._peers.get(name)
-        if ring is not None:
-            return ring
-        info = self._agents.get(name)
-        if info is None:
-            raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
-        try:
-            ring = Ring.attach(info[1])
-        except NotFound:
-            raise UnknownRecipient(f"agent {name!r} on bus {self.bus!r} has just left") from None
-        self._peers[name] = ring
-        return ring
-
-    def _subscribers(self, topic: str) -> list[Ring]:
-        if self._table.version != self._version:
-            self._refresh()
-        rings = self._topics.get(topic)
-        if rings is None:
-            validate_topic(topic)
-            names = {n for p, members in self._subs.items() if match(p, topic) for n in members}
-            rings = []
-            for n in sorted(names):
-                try:
-                    rings.append(self._ring_for(n))
-                except UnknownRecipient:
-                    pass  # left between the table and now: not a subscriber any more
-            self._topics[topic] = rings
-        return rings
-
-    # ---------------------------------------------------------- frames
-
-    def _frame(
-        self,
-        kind: MessageType,
-        payload: Any,
-        *,
-        recipient: str = "",
-        topic: str = "",
-        priority: int = 0,
-        ttl: float | None = None,
-        requires_ack: bool = False,
-        request_id: int = 0,
-        correlation_id: int = 0,
-    ) -> tuple[int, bytes]:
-        data, flags = pack_payload(payload)
-        if requires_ack:
-            flags |= FLAG_ACK
-        msg_id = (self.id << 40) | next(self._seq)  # unique on the bus, no round trip
-        frame = encode_frame(
-            int(kind),
-            sender=self._name_b,
-            recipient=recipient.encode(),
-            topic=topic.encode(),
-            payload=data,
-            flags=flags,
-            msg_id=msg_id,
-            request_id=request_id,
-            correlation_id=correlation_id,
-            priority=priority,
-            sender_id=self.id,
-            timestamp_ns=time.time_ns(),
-            ttl_ms=0 if ttl is None else max(1, round(ttl * 1000)),
-        )
-        return msg_id, frame
-
     # ------------------------------------------------------------ send
 
     def send(
@@ -236,57 +170,92 @@ class Agent:
         ttl: float | None = None,
         requires_ack: bool = False,
         timeout: float | None = None,
-        _kind: MessageType = MessageType.DIRECT,
+        _kind: int = _DIRECT,
         _request_id: int = 0,
         _correlation_id: int = 0,
     ) -> int:
         """Send one message to the agent ``recipient``; returns its id.
 
         Waits up to ``timeout`` (None: as long as it takes) while the
-        recipient's inbox is full. Raises :class:`UnknownRecipient`.
+        recipient's inbox is full, then raises :class:`RingFull`. Raises
+        :class:`UnknownRecipient` (and dead-letters the message) for a name
+        nobody has.
         """
-        msg_id, frame = self._frame(
-            _kind, payload, recipient=recipient, priority=priority, ttl=ttl,
-            requires_ack=requires_ack, request_id=_request_id, correlation_id=_correlation_id,
-        )  # fmt: skip
-        try:
-            ring = self._ring_for(recipient)
-        except UnknownRecipient as e:
-            self._dead_letter(frame, f"no recipient: {e}")
-            raise
-        ring.write(frame, timeout)
-        return msg_id
+        if type(payload) is bytes:
+            data, flags = payload, FLAG_RAW
+        else:
+            data, flags = pack_payload(payload)
+        if requires_ack:
+            flags |= FLAG_ACK
+        rt = self._direct.get(recipient)
+        if rt is not None:
+            # The fast path: one C call. Anything unusual (a moved table, a
+            # full inbox, a bad field, a signal) goes the whole way below.
+            try:
+                rc = _send_ex(
+                    rt, _kind, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
+                    data, len(data), -1 if timeout is None else _ns(timeout), _request_id,
+                    _correlation_id, 0,
+                ) if _request_id else _send(
+                    rt, _kind, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
+                    data, len(data), -1 if timeout is None else _ns(timeout),
+                )  # fmt: skip
+                if rc > 0:
+                    return rc  # type: ignore[no-any-return]
+            except (TypeError, OverflowError):
+                pass  # a field of the wrong type or range: the full path says which
+        return self._out.send(recipient, _kind, data, flags, priority, ttl, timeout,
+                              _request_id, _correlation_id)  # fmt: skip
 
-    def send_many(self, recipient: str, payloads: Sequence[Any], **kw: Any) -> list[int]:
-        """Send several messages to one recipient in one write; returns their ids."""
-        built = [self._frame(MessageType.DIRECT, p, recipient=recipient, **kw) for p in payloads]
-        try:
-            ring = self._ring_for(recipient)
-        except UnknownRecipient as e:
-            for _, frame in built:
-                self._dead_letter(frame, f"no recipient: {e}")
-            raise
-        ring.write_many([f for _, f in built])
-        return [i for i, _ in built]
+    def send_many(
+        self,
+        recipient: str,
+        payloads: Sequence[Any],
+        *,
+        priority: int = 0,
+        ttl: float | None = None,
+        requires_ack: bool = False,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """Send several messages to one recipient in one C call; returns their ids."""
+        return self._out.send_many(recipient, _DIRECT, payloads, priority, ttl, requires_ack,
+                                   timeout)  # fmt: skip
 
     def publish(self, topic: str, payload: Any, *, priority: int = 0, ttl: float | None = None,
                 timeout: float | None = None) -> int:  # fmt: skip
-        """Copy a message into the inbox of every subscriber of ``topic``; returns its id."""
-        rings = self._subscribers(topic)
-        msg_id, frame = self._frame(
-            MessageType.PUBLISH, payload, topic=topic, priority=priority, ttl=ttl
-        )
-        for ring in rings:
-            ring.write(frame, timeout)
-        return msg_id
+        """Copy a message into the inbox of every subscriber of ``topic``; returns its id.
 
-    def publish_many(self, topic: str, payloads: Sequence[Any], **kw: Any) -> list[int]:
-        rings = self._subscribers(topic)
-        built = [self._frame(MessageType.PUBLISH, p, topic=topic, **kw) for p in payloads]
-        frames = [f for _, f in built]
-        for ring in rings:
-            ring.write_many(frames)
-        return [i for i, _ in built]
+        A subscriber whose inbox stays full past ``timeout`` does not hold up
+        the others: its copy goes to the DLQ ("inbox full").
+        """
+        if type(payload) is bytes:
+            data, flags = payload, FLAG_RAW
+        else:
+            data, flags = pack_payload(payload)
+        rt = self._topics.get(topic)
+        rc = lib.SHMBUS_ESTALE
+        if rt is not None:
+            try:
+                rc = _send(
+                    rt, _PUBLISH, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
+                    data, len(data), -1 if timeout is None else _ns(timeout),
+                )  # fmt: skip
+                if rc > 0:
+                    return rc  # type: ignore[no-any-return]
+            except (TypeError, OverflowError):
+                rt = None
+        return self._out.publish(topic, _PUBLISH, data, [len(data)], bytes((flags,)), priority,
+                                 ttl, timeout, rt, rc)  # fmt: skip
+
+    def publish_many(self, topic: str, payloads: Sequence[Any], *, priority: int = 0,
+                     ttl: float | None = None, timeout: float | None = None
+                     ) -> list[int]:  # fmt: skip
+        """Publish several messages on ``topic`` in one C call; returns their ids."""
+        if not payloads:
+            return []
+        blob, lens, flags = pack_many(payloads, 0)
+        first = self._out.publish(topic, _PUBLISH, blob, lens, flags, priority, ttl, timeout)
+        return list(range(first, first + len(lens)))
 
     def subscribe(self, pattern: str) -> None:
         """Receive what is published on topics matching ``pattern`` (``*``, ``>``)."""
@@ -299,19 +268,27 @@ class Agent:
 
     def _next(self, timeout: float | None) -> Message:
         """The next decodable message from the inbox; corrupt frames are logged and skipped."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        frames = self._frames
+        deadline = None
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not frames:
+                # Read ahead: what is already in the inbox comes in one C
+                # call; a reader that keeps up gets one frame at a time.
+                if deadline is None:
+                    got = self._read_many(_READ_AHEAD, timeout)
+                    deadline = -1.0 if timeout is None else time.monotonic() + timeout
+                else:
+                    left = None if timeout is None else max(deadline - time.monotonic(), 0.0)
+                    got = self._read_many(_READ_AHEAD, left)
+                if not got:
+                    raise RecvTimeout(f"agent {self.name!r}: nothing arrived within {timeout}s")
+                frames.extend(got)
             try:
-                frame = self.inbox.read(left)
-            except ReadTimeout:
-                raise RecvTimeout(
-                    f"agent {self.name!r}: nothing arrived within {timeout}s"
-                ) from None
-            try:
-                return decode_frame(frame)
+                return decode_frame(frames.popleft())
             except CorruptFrame as e:
                 log.warning("agent %s dropped a corrupt frame: %s", self.name, e)
+                if deadline is None:
+                    deadline = -1.0 if timeout is None else time.monotonic() + timeout
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message, waiting up to ``timeout`` (None: forever); :class:`RecvTimeout`."""
@@ -322,14 +299,18 @@ class Agent:
     def recv_many(self, max_count: int, timeout: float | None = None) -> list[Message]:
         """Up to ``max_count`` messages; waits only while there is none; ``[]`` on timeout."""
         out: list[Message] = []
-        while self._pending and len(out) < max_count:
-            out.append(self._pending.popleft())
-        if len(out) < max_count:
-            for frame in self.inbox.read_many(max_count - len(out), 0 if out else timeout):
-                try:
-                    out.append(decode_frame(frame))
-                except CorruptFrame as e:
-                    log.warning("agent %s dropped a corrupt frame: %s", self.name, e)
+        pending = self._pending
+        while pending and len(out) < max_count:
+            out.append(pending.popleft())
+        frames = self._frames
+        if len(frames) < max_count - len(out):
+            frames.extend(self._read_many(max_count - len(out) - len(frames),
+                                          0 if out or frames else timeout))  # fmt: skip
+        while frames and len(out) < max_count:
+            try:
+                out.append(decode_frame(frames.popleft()))
+            except CorruptFrame as e:
+                log.warning("agent %s dropped a corrupt frame: %s", self.name, e)
         return out
 
     def __iter__(self) -> Iterator[Message]:
@@ -345,7 +326,7 @@ class Agent:
     def request(self, recipient: str, payload: Any, timeout: float = 1.0, **kw: Any) -> Message:
         """Send a REQUEST and wait for its RESPONSE; other messages are kept for ``recv``."""
         deadline = time.monotonic() + timeout
-        msg_id = self.send(recipient, payload, _kind=MessageType.REQUEST, timeout=timeout, **kw)
+        msg_id = self.send(recipient, payload, _kind=_REQUEST, timeout=timeout, **kw)
         while True:
             left = deadline - time.monotonic()
             try:
@@ -361,7 +342,7 @@ class Agent:
     def reply(self, msg: Message, payload: Any, **kw: Any) -> int:
         """Answer a REQUEST."""
         return self.send(
-            msg.sender, payload, _kind=MessageType.RESPONSE, _request_id=msg.id,
+            msg.sender, payload, _kind=_RESPONSE, _request_id=msg.id,
             _correlation_id=msg.correlation_id, **kw,
         )  # fmt: skip
 
@@ -443,6 +424,13 @@ class Agent:
             out.append(DeadLetter(msg, entry["reason"], entry["time"]))
         return out
 
+    # ------------------------------------------------------------ stats
+
+    def stats(self) -> BusStats:
+        """Every counter of the bus now, read from shared memory (no coordinator call)."""
+        self._out._fresh()
+        return self._stats.snapshot(self.bus, inbox_fill(self._out.agents, self._out.peers))
+
     # ----------------------------------------------------------- close
 
     def close(self) -> None:
@@ -455,11 +443,10 @@ class Agent:
         except ShmbusError:
             pass  # the coordinator is gone: nothing to tell
         self._sock.close()
-        for ring in self._peers.values():
-            ring.close()
-        self._peers.clear()
-        self._topics.clear()
+        self._out.close()
         self._table.close()
+        lib.shmbus_ring_count_reads(self.inbox._handle(), ffi.NULL, ffi.NULL)
+        self._stats.close()
         self.inbox.close()
         self.inbox.unlink()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -11,12 +12,21 @@ import time
 from pathlib import Path
 
 from . import coordinator as _coordinator
-from .control import bus_is_live, lock_path, remove_bus_shm, routes_name, runtime_dir, socket_path
+from .control import (
+    bus_is_live,
+    lock_path,
+    remove_bus_shm,
+    routes_name,
+    runtime_dir,
+    socket_path,
+    stats_name,
+)
 from .errors import ShmbusError
 from .message import MessageType
 from .ring import Ring
 from .routes import Table
 from .runner import Runner
+from .stats import BusStats, StatsSegment, format_stats, inbox_fill
 
 SHM = Path("/dev/shm")
 
@@ -134,7 +144,7 @@ def run_ls() -> int:
         except ShmbusError as e:
             print(f"  (routes unreadable: {e})")
             continue
-        for name, (agent_id, inbox, pid) in sorted((routes or {}).get("agents", {}).items()):
+        for name, (agent_id, inbox, pid, *_) in sorted((routes or {}).get("agents", {}).items()):
             try:
                 with Ring.attach(inbox) as ring:
                     fill = f"{ring.used}/{ring.capacity} bytes"
@@ -164,6 +174,37 @@ def run_cleanup(buses: list[str]) -> int:
     return status
 
 
+# ------------------------------------------------------------------ stats
+
+
+def read_stats(bus: str) -> BusStats:
+    """A snapshot of a live bus's counters, straight from shared memory."""
+    with Table.attach(routes_name(bus)) as table, StatsSegment.attach(stats_name(bus)) as stats:
+        _, routes = table.read()
+        return stats.snapshot(bus, inbox_fill((routes or {}).get("agents", {})))
+
+
+def run_stats(buses: list[str], as_json: bool, watch: float | None) -> int:
+    buses = buses or [b for b in bus_names() if bus_is_live(b)]
+    if not buses:
+        print("no live bus on this machine", file=sys.stderr)
+        return 1
+    try:
+        while True:
+            for bus in buses:
+                try:
+                    snap = read_stats(bus)
+                except ShmbusError as e:
+                    print(f"{bus}: no stats ({e}); is its coordinator running?", file=sys.stderr)
+                    return 1
+                print(json.dumps(snap.as_dict()) if as_json else format_stats(snap), flush=True)
+            if watch is None:
+                return 0
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        return 0
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -175,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bus", default="demo")
     p.add_argument("--seconds", type=float, default=3.0)
     sub.add_parser("ls", help="list buses, their agents and inbox fill")
+    p = sub.add_parser("stats", help="a bus's counters: totals, per agent, per topic, DLQ")
+    p.add_argument("--bus", action="append", default=[], help="a bus (default: every live one)")
+    p.add_argument("--json", action="store_true", help="one JSON object per snapshot")
+    p.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="SECONDS",
+                   help="print again every SECONDS (default 1) until interrupted")  # fmt: skip
     p = sub.add_parser("cleanup", help="remove what killed buses left (never a live bus)")
     p.add_argument("buses", nargs="*", help="bus names (default: every bus found)")
     args, rest = parser.parse_known_args(argv)
@@ -186,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.bus, args.seconds)
     if args.command == "ls":
         return run_ls()
+    if args.command == "stats":
+        return run_stats(args.bus, args.json, args.watch)
     return run_cleanup(args.buses)
 
 

@@ -111,6 +111,11 @@ def routes_name(bus: str) -> str:
     return f"{bus}.routes"
 
 
+def stats_name(bus: str) -> str:
+    """Name (without the ``shmbus.`` prefix) of the bus's stats segment."""
+    return f"{bus}.stats"
+
+
 def inbox_name(bus: str, agent: str) -> str:
     return f"{bus}.inbox.{agent}"
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._native import lib
 from .control import (
     ControlError,
     Reader,
@@ -32,11 +33,13 @@ from .control import (
     routes_name,
     runtime_dir,
     socket_path,
+    stats_name,
     validate_bus_or_agent,
 )
 from .errors import CoordinatorRunning, ShmbusError
 from .ring import Ring
 from .routes import Table, validate_pattern
+from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, StatsSegment
 
 log = logging.getLogger("shmbus.coordinator")
 
@@ -57,6 +60,7 @@ class _Agent:
     pid: int
     inbox: str
     conn: _Conn
+    slot: int = 0  # in the stats segment; 0: none was free
     active: bool = False
 
 
@@ -91,7 +95,11 @@ class Coordinator:
         # A killed coordinator of this bus left these behind; we hold the
         # lock, so nobody else owns them.
         Table.unlink_name(routes_name(bus))
+        StatsSegment.unlink_name(stats_name(bus))
         self.table = Table.create(routes_name(bus))
+        self.stats = StatsSegment.create(stats_name(bus))
+        self._free_slots = list(range(lib.SHMBUS_STATS_AGENT_SLOTS - 1, 0, -1))  # pop() = lowest
+        self._dlq_total = 0
         self._publish()
         path = socket_path(bus)
         with contextlib.suppress(FileNotFoundError):
@@ -126,6 +134,8 @@ class Coordinator:
             socket_path(self.bus).unlink()
         self.table.close()
         self.table.unlink()
+        self.stats.close()
+        self.stats.unlink()
         with contextlib.suppress(FileNotFoundError):
             lock_path(self.bus).unlink()
         os.close(self._lock_fd)
@@ -160,12 +170,16 @@ class Coordinator:
                 reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
             except (KeyError, TypeError, ValueError) as e:
                 reply = {"ok": False, "error": "BadRequest", "message": f"{type(e).__name__}: {e}"}
+            leaving = msg.get("op") == "unregister" and conn.agent is not None
+            if leaving:
+                # Off the routes before the agent hears back: once its close()
+                # returns, no peer's next send can reach the old inbox.
+                self._forget(conn)
             try:
                 conn.sock.sendall(encode(reply))
             except OSError:
-                self._drop(conn)
-                return
-            if msg.get("op") == "unregister":
+                leaving = True
+            if leaving:
                 self._drop(conn)
                 return
 
@@ -175,7 +189,7 @@ class Coordinator:
         self.table.write(
             {
                 "agents": {
-                    a.name: [a.id, a.inbox, a.pid] for a in self.agents.values() if a.active
+                    a.name: [a.id, a.inbox, a.pid, a.slot] for a in self.agents.values() if a.active
                 },
                 "subs": {p: sorted(names) for p, names in self.subs.items() if names},
             }
@@ -186,6 +200,10 @@ class Coordinator:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
         conn.sock.close()
+        self._forget(conn, publish=publish)
+
+    def _forget(self, conn: _Conn, *, publish: bool = True) -> None:
+        """Take the connection's agent off the bus: routes, subscriptions, inbox, stats slot."""
         name, conn.agent = conn.agent, None
         agent = self.agents.pop(name, None) if name else None
         if agent is None:
@@ -193,11 +211,14 @@ class Coordinator:
         for names in self.subs.values():
             names.discard(name)
         self.subs = {p: n for p, n in self.subs.items() if n}
+        if publish:
+            self._publish()  # first: peers check the version before every send
         # Its inbox goes with it (issue 4 drains what is left to the DLQ first).
         Ring.unlink_name(agent.inbox)
+        if agent.slot:
+            self.stats.close_agent(agent.slot)  # folded into the departed totals
+            self._free_slots.append(agent.slot)
         log.info("agent %s (pid %d) left the bus", name, agent.pid)
-        if publish:
-            self._publish()
 
     def _agent_of(self, conn: _Conn) -> _Agent:
         if conn.agent is None:
@@ -228,6 +249,12 @@ class Coordinator:
             if len(self.dlq) == self.dlq.maxlen:
                 self.dlq_evicted += 1
             self.dlq.append({"frame": frame, "reason": reason, "time": time.time()})
+            self._dlq_total += 1
+            self.stats.set_bus(DLQ_SIZE, len(self.dlq))
+            self.stats.set_bus(DLQ_TOTAL, self._dlq_total)
+            self.stats.set_bus(DLQ_EVICTED, self.dlq_evicted)
+            if conn.agent is not None and self.agents[conn.agent].slot:
+                self.stats.add(self.stats.agent(self.agents[conn.agent].slot), DEAD_LETTERED)
             return {"ok": True}
         if op == "dlq_list":
             # The newest entries that fit one control message.
@@ -261,9 +288,15 @@ class Coordinator:
         Ring.unlink_name(inbox)  # a dead namesake's, left by a killed coordinator
         agent = _Agent(name, self._next_id, int(msg["pid"]), inbox, conn)
         self._next_id += 1
+        if self._free_slots:
+            agent.slot = self._free_slots.pop()
+            self.stats.open_agent(agent.slot, agent.id, agent.pid, name)
+        else:
+            log.warning("no stats slot left for agent %s: it is not counted", name)
         self.agents[name] = agent
         conn.agent = name
-        return {"ok": True, "id": agent.id, "inbox": inbox}
+        return {"ok": True, "id": agent.id, "inbox": inbox, "slot": agent.slot,
+                "stats": stats_name(self.bus)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

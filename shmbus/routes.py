@@ -17,8 +17,8 @@ from typing import Any
 import msgpack
 
 from ._native import ffi, lib
-from .errors import Closed, CorruptFrame, InvalidName, MessageTooLarge, raise_for
-from .ring import PREFIX, validate_name
+from .errors import CorruptFrame, InvalidName, MessageTooLarge, raise_for
+from .segment import Segment, shm_name
 
 __all__ = ["Table", "match", "validate_pattern", "validate_topic"]
 
@@ -76,18 +76,13 @@ def match(pattern: str, topic: str) -> bool:
     return len(tw) == len(pw)
 
 
-def _shm_name(name: str) -> str:
-    return f"/{PREFIX}{validate_name(name)}"
-
-
-class Table:
+class Table(Segment):
     """A versioned msgpack blob in shared memory: one writer, many readers."""
 
+    kind = "table"
+
     def __init__(self, handle: Any, name: str, *, owner: bool) -> None:
-        self._t = handle
-        self.shm_name = _shm_name(name)
-        self.name = name
-        self.owner = owner
+        super().__init__(handle, name, owner=owner)
         self.capacity: int = lib.shmbus_table_capacity(handle)
         self._out = ffi.new("char[]", 4096)
         self._len = ffi.new("uint64_t *")
@@ -97,7 +92,7 @@ class Table:
     def create(cls, name: str, capacity: int = 4 << 20) -> Table:
         """Create the table ``/shmbus.NAME``, mode 0600, holding up to ``capacity`` bytes."""
         out = ffi.new("shmbus_table_t **")
-        rc = lib.shmbus_table_create(_shm_name(name).encode(), capacity, out)
+        rc = lib.shmbus_table_create(shm_name(name).encode(), capacity, out)
         if rc != lib.SHMBUS_OK:
             raise_for(rc, f"create table {name!r}", err=ffi.errno)
         return cls(ffi.gc(out[0], lib.shmbus_table_close), name, owner=True)
@@ -105,15 +100,10 @@ class Table:
     @classmethod
     def attach(cls, name: str) -> Table:
         out = ffi.new("shmbus_table_t **")
-        rc = lib.shmbus_table_attach(_shm_name(name).encode(), out)
+        rc = lib.shmbus_table_attach(shm_name(name).encode(), out)
         if rc != lib.SHMBUS_OK:
             raise_for(rc, f"attach table {name!r}", err=ffi.errno)
         return cls(ffi.gc(out[0], lib.shmbus_table_close), name, owner=False)
-
-    def _handle(self) -> Any:
-        if self._t is None:
-            raise Closed(f"table {self.name!r} is closed")
-        return self._t
 
     @property
     def version(self) -> int:
@@ -152,24 +142,3 @@ class Table:
         except Exception as e:
             raise CorruptFrame(f"table {self.name!r} holds invalid msgpack: {e}") from None
         return self._ver[0], value
-
-    def close(self) -> None:
-        if self._t is not None:
-            handle, self._t = self._t, None
-            ffi.release(handle)
-
-    def unlink(self) -> None:
-        self.unlink_name(self.name)
-
-    @staticmethod
-    def unlink_name(name: str) -> bool:
-        """Remove a table by name; False if there was none."""
-        return lib.shmbus_seg_unlink(_shm_name(name).encode()) == lib.SHMBUS_OK
-
-    def __enter__(self) -> Table:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-        if self.owner:
-            self.unlink()

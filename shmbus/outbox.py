@@ -1,0 +1,467 @@
+"""An agent's sending side: routes to other agents' inboxes, and the slow paths.
+
+A route (csrc/shmbus_send.h) is what the agent knows about one destination:
+the inbox rings to write to, the names that go in every frame, the counters
+to bump, and the routes-table version it was built from. The agent's fast
+path is a dictionary hit and one C call; everything else (the first send to
+a name, a table that moved, a full inbox, a signal, bad arguments) lands
+here. Routes are rebuilt lazily whenever the coordinator's table moves.
+"""
+
+from __future__ import annotations
+
+import array
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._native import ffi, lib
+from .errors import (
+    InvalidArgument,
+    MessageTooLarge,
+    NotFound,
+    RingFull,
+    UnknownRecipient,
+    raise_for,
+)
+from .message import FLAG_ACK, FLAG_RAW, HEADER_SIZE, _packer, encode_frame
+from .message import pack_payload as _pack_payload
+from .ring import Ring, _deadline, _left_ns
+from .routes import Table, match, validate_topic
+from .stats import FAILED, StatsSegment
+
+_OK = lib.SHMBUS_OK
+_EINTR = lib.SHMBUS_EINTR
+_ESTALE = lib.SHMBUS_ESTALE
+_EINVAL = lib.SHMBUS_EINVAL
+_ETOOBIG = lib.SHMBUS_ETOOBIG
+_FULL = (lib.SHMBUS_EAGAIN, lib.SHMBUS_ETIMEDOUT)
+_MAX_TTL = 0xFFFFFFFF / 1000
+_MAX_TOPIC_ROUTES = 4096  # beyond this many distinct topics, start the cache over
+
+DeadLetterFn = Callable[[bytes, str], None]
+
+
+def ttl_ms(ttl: float | None) -> int:
+    """A TTL in seconds as the header's milliseconds (0: none)."""
+    if ttl is None:
+        return 0
+    if not 0 < ttl <= _MAX_TTL:
+        raise InvalidArgument(f"ttl must be more than 0 and at most {_MAX_TTL:.0f} s, got {ttl}")
+    return max(1, round(ttl * 1000))
+
+
+def check_fields(priority: Any, ttl: Any) -> int:
+    """Validate what a send takes besides the payload; returns the TTL in ms."""
+    if type(priority) is not int or not 0 <= priority <= 100:
+        raise InvalidArgument(f"priority must be an int from 0 to 100, got {priority!r}")
+    return ttl_ms(ttl)
+
+
+def pack_many(payloads: Sequence[Any], extra_flags: int) -> tuple[bytes, Any, Any]:
+    """Payloads back to back, their lengths and their flags, for one C call."""
+    pack = _packer().pack
+    datas = []
+    flags = bytearray(len(payloads))
+    for i, p in enumerate(payloads):
+        if type(p) is bytes:
+            datas.append(p)
+            flags[i] = FLAG_RAW | extra_flags
+            continue
+        try:
+            datas.append(pack(p))
+            flags[i] = extra_flags
+        except Exception:  # the full path says exactly what is wrong with it
+            data, f = _pack_payload(p)
+            datas.append(data)
+            flags[i] = f | extra_flags
+    lens = array.array("I", map(len, datas))
+    return b"".join(datas), lens, flags
+
+
+class Outbox:
+    """Routes of one agent. ``direct`` and ``topics`` are the fast paths' caches."""
+
+    def __init__(
+        self,
+        *,
+        bus: str,
+        name: str,
+        agent_id: int,
+        table: Table,
+        stats: StatsSegment,
+        counters: Any,
+        dead_letter: DeadLetterFn,
+    ) -> None:
+        self.bus = bus
+        self.name = name
+        self._name_b = name.encode()
+        self.table = table
+        self.stats = stats
+        self.counters = counters
+        self._dead_letter = dead_letter
+        sender = lib.shmbus_sender_new(
+            agent_id, self._name_b, len(self._name_b), counters, table._handle()
+        )
+        if sender == ffi.NULL:
+            raise InvalidArgument(f"agent id {agent_id} or name {name!r} out of range")
+        self.sender = ffi.gc(sender, lib.shmbus_sender_free)
+        self.direct: dict[str, Any] = {}
+        self.topics: dict[str, Any] = {}
+        self._subscribers: dict[str, list[str]] = {}  # topic -> names, in target order
+        self.peers: dict[str, Ring] = {}
+        self.agents: dict[str, list[Any]] = {}
+        self.subs: dict[str, list[str]] = {}
+        self.version = -1
+        self.refresh()
+
+    # ----------------------------------------------------------- routes
+
+    def refresh(self) -> None:
+        """Read the routes table again; every route is rebuilt on its next use."""
+        version, routes = self.table.read()
+        routes = routes or {"agents": {}, "subs": {}}
+        agents = routes["agents"]
+        for peer in [p for p in self.peers if agents.get(p) != self.agents.get(p)]:
+            self.peers.pop(peer).close()  # gone, or back with a new inbox
+        self.agents = agents
+        self.subs = routes["subs"]
+        # Cleared in place: the agent's fast paths hold these very dicts.
+        self.direct.clear()
+        self.topics.clear()
+        self._subscribers.clear()
+        self.version = version
+
+    def _fresh(self) -> None:
+        if self.table.version != self.version:
+            self.refresh()
+
+    def _ring(self, name: str) -> Ring | None:
+        ring = self.peers.get(name)
+        if ring is None:
+            info = self.agents.get(name)
+            if info is None:
+                return None
+            try:
+                ring = Ring.attach(info[1])
+            except NotFound:
+                return None  # left between the table and now
+            self.peers[name] = ring
+        return ring
+
+    def _new_route(
+        self,
+        recipient: bytes,
+        recipient_id: int,
+        topic: bytes,
+        topic_counters: Any,
+        names: list[str],
+    ) -> Any:
+        rings = [(n, self._ring(n)) for n in names]
+        rings = [(n, r) for n, r in rings if r is not None]
+        rt = lib.shmbus_route_new(
+            self.sender,
+            self.version,
+            recipient_id,
+            recipient,
+            len(recipient),
+            topic,
+            len(topic),
+            topic_counters,
+            len(rings),
+        )
+        if rt == ffi.NULL:
+            raise MemoryError("no memory for a route")
+        rt = ffi.gc(rt, lib.shmbus_route_free)
+        for i, (n, ring) in enumerate(rings):
+            slot = self.agents[n][3] if len(self.agents[n]) > 3 else 0
+            rc = lib.shmbus_route_set(rt, i, ring._handle(), self.stats.agent(slot))
+            if rc != _OK:
+                raise_for(rc, f"route to {n!r}")
+        return rt, [n for n, _ in rings]
+
+    def route_to(self, name: str) -> Any:
+        """The route to agent ``name``; :class:`UnknownRecipient` if there is none."""
+        self._fresh()
+        rt = self.direct.get(name)
+        if rt is not None:
+            return rt
+        info = self.agents.get(name)
+        if info is None or self._ring(name) is None:
+            raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
+        rt, _ = self._new_route(name.encode(), info[0], b"", ffi.NULL, [name])
+        self.direct[name] = rt
+        return rt
+
+    def route_topic(self, topic: str) -> Any:
+        """The route to every subscriber of ``topic`` (a subscriber matched twice gets it once)."""
+        self._fresh()
+        rt = self.topics.get(topic)
+        if rt is not None:
+            return rt
+        validate_topic(topic)
+        if len(self.topics) >= _MAX_TOPIC_ROUTES:
+            self.topics.clear()
+            self._subscribers.clear()
+        names = sorted({n for p, members in self.subs.items() if match(p, topic) for n in members})
+        raw = topic.encode()
+        rt, names = self._new_route(b"", 0, raw, self.stats.topic(raw), names)
+        self.topics[topic] = rt
+        self._subscribers[topic] = names
+        return rt
+
+    def close(self) -> None:
+        self.direct.clear()
+        self.topics.clear()
+        for ring in self.peers.values():
+            ring.close()
+        self.peers.clear()
+
+    # ------------------------------------------------------------ frames
+
+    def frame(
+        self,
+        kind: int,
+        data: bytes,
+        flags: int,
+        msg_id: int,
+        *,
+        recipient: str = "",
+        topic: str = "",
+        priority: int = 0,
+        ttl: int = 0,
+        request_id: int = 0,
+        correlation_id: int = 0,
+    ) -> bytes:
+        """A frame built in Python, for the DLQ: the message as it would have gone."""
+        return encode_frame(
+            kind,
+            sender=self._name_b,
+            recipient=recipient.encode(),
+            topic=topic.encode(),
+            payload=data,
+            flags=flags,
+            msg_id=msg_id,
+            request_id=request_id,
+            correlation_id=correlation_id,
+            priority=priority,
+            timestamp_ns=time.time_ns(),
+            ttl_ms=ttl,
+        )
+
+    def _failed(self, n: int = 1) -> None:
+        StatsSegment.add(self.counters, FAILED, n)
+
+    def _too_big(self, rt: Any, data_len: int, where: str) -> MessageTooLarge:
+        ring = self.peers.get(where)
+        limit = ring.max_frame if ring is not None else 0
+        size = HEADER_SIZE + len(self._name_b) + len(where.encode()) + data_len
+        return MessageTooLarge(size, limit, f"the inbox of {where!r}")
+
+    def _full(self, name: str, timeout: float | None) -> RingFull:
+        ring = self.peers.get(name)
+        fill = f"{ring.used} of {ring.capacity} bytes in use" if ring is not None else "full"
+        return RingFull(
+            f"the inbox of {name!r} on bus {self.bus!r} stayed full for {timeout}s ({fill}); "
+            "its reader is slow or stuck"
+        )
+
+    # ------------------------------------------------------------- sends
+
+    def send(
+        self,
+        name: str,
+        kind: int,
+        data: bytes,
+        flags: int,
+        priority: Any,
+        ttl: Any,
+        timeout: float | None,
+        request_id: int = 0,
+        correlation_id: int = 0,
+    ) -> int:
+        """One direct message, the whole way (the agent's fast path did not finish it)."""
+        ms = check_fields(priority, ttl)
+        deadline = _deadline(timeout)
+        while True:
+            try:
+                rt = self.route_to(name)
+            except UnknownRecipient as e:
+                self._failed()
+                msg_id = lib.shmbus_sender_next_id(self.sender)
+                self._dead_letter(
+                    self.frame(
+                        kind,
+                        data,
+                        flags,
+                        msg_id,
+                        recipient=name,
+                        priority=priority,
+                        ttl=ms,
+                        request_id=request_id,
+                        correlation_id=correlation_id,
+                    ),
+                    f"no recipient: {e}",
+                )
+                raise
+            rc = lib.shmbus_send_ex(
+                rt,
+                kind,
+                flags,
+                priority,
+                ms,
+                data,
+                len(data),
+                _left_ns(deadline),
+                request_id,
+                correlation_id,
+                0,
+            )
+            if rc > 0:
+                return int(rc)
+            if rc == _ESTALE:
+                self.refresh()
+            elif rc != _EINTR:  # a signal: its handler ran on return; go on
+                self._failed()
+                if rc in _FULL:
+                    raise self._full(name, timeout)
+                if rc == _ETOOBIG:
+                    raise self._too_big(rt, len(data), name)
+                raise_for(rc, f"send to {name!r}")
+
+    def send_many(
+        self,
+        name: str,
+        kind: int,
+        payloads: Sequence[Any],
+        priority: Any,
+        ttl: Any,
+        requires_ack: bool,
+        timeout: float | None,
+    ) -> list[int]:
+        ms = check_fields(priority, ttl)
+        blob, lens, flags = pack_many(payloads, FLAG_ACK if requires_ack else 0)
+        n = len(lens)
+        if not n:
+            return []
+        deadline = _deadline(timeout)
+        while True:
+            try:
+                rt = self.route_to(name)
+            except UnknownRecipient as e:
+                self._failed(n)
+                for i, data in enumerate(_split(blob, lens)):
+                    msg_id = lib.shmbus_sender_next_id(self.sender)
+                    self._dead_letter(
+                        self.frame(
+                            kind, data, flags[i], msg_id, recipient=name, priority=priority, ttl=ms
+                        ),
+                        f"no recipient: {e}",
+                    )
+                raise
+            rc = lib.shmbus_send_many(
+                rt,
+                kind,
+                priority,
+                ms,
+                blob,
+                ffi.from_buffer("uint32_t[]", lens),
+                ffi.from_buffer("uint8_t[]", flags),
+                n,
+                _left_ns(deadline),
+            )
+            if rc != _ESTALE:
+                break
+            self.refresh()
+        first = int(rc) if rc > 0 else int(lib.shmbus_route_last_id(rt))
+        if rc < 0:
+            rc = self._finish(rt, 0, deadline)
+            if rc != _OK:
+                written = lib.shmbus_route_written(rt, 0)
+                self._failed(n - written)
+                if rc in _FULL:
+                    err = self._full(name, timeout)
+                    err.args = (f"{err.args[0]}; {written} of {n} messages were sent",)
+                    raise err
+                if rc == _ETOOBIG:
+                    raise self._too_big(rt, max(lens), name)
+                raise_for(rc, f"send to {name!r}")
+        return list(range(first, first + n))
+
+    def _finish(self, rt: Any, target: int, deadline: float | None) -> int:
+        """After a failed send: finish target's share once signals ran; its last error."""
+        rc = lib.shmbus_route_error(rt, target)
+        while rc == _EINTR:
+            rc = lib.shmbus_route_resume(rt, target, _left_ns(deadline))
+        return rc
+
+    def publish(
+        self,
+        topic: str,
+        kind: int,
+        blob: bytes,
+        lens: Any,
+        flags: Any,
+        priority: Any,
+        ttl: Any,
+        timeout: float | None,
+        rt: Any = None,
+        rc: int = _ESTALE,
+    ) -> int:
+        """A publish (one message, or a batch) whose fast path did not finish it."""
+        ms = check_fields(priority, ttl)
+        deadline = _deadline(timeout)
+        n = len(lens)
+        while rt is None or rc in (_ESTALE, _EINVAL):  # nothing was written yet
+            rt = self.route_topic(topic)
+            if n == 1:
+                rc = lib.shmbus_send(
+                    rt, kind, flags[0], priority, ms, blob, len(blob), _left_ns(deadline)
+                )
+            else:
+                rc = lib.shmbus_send_many(
+                    rt,
+                    kind,
+                    priority,
+                    ms,
+                    blob,
+                    ffi.from_buffer("uint32_t[]", lens),
+                    ffi.from_buffer("uint8_t[]", flags),
+                    n,
+                    _left_ns(deadline),
+                )
+            if rc == _ESTALE:
+                self.refresh()
+            elif rc == _EINVAL:
+                raise InvalidArgument(f"cannot publish on {topic!r}: a field is out of range")
+        first = int(rc) if rc > 0 else int(lib.shmbus_route_last_id(rt))
+        if rc > 0:
+            return first
+        # Some subscriber did not take it all: finish after signals, and
+        # dead-letter what a full inbox refused, so nothing vanishes.
+        names = self._subscribers.get(topic, [])
+        datas = list(_split(blob, lens))
+        for target, name in enumerate(names):
+            err = self._finish(rt, target, deadline)
+            if err == _OK:
+                continue
+            written = lib.shmbus_route_written(rt, target)
+            self._failed(n - written)
+            why = {_ETOOBIG: "too large for the inbox"}.get(
+                err, "inbox full" if err in _FULL else f"error {err}"
+            )
+            for i in range(written, n):
+                self._dead_letter(
+                    self.frame(
+                        kind, datas[i], flags[i], first + i, topic=topic, priority=priority, ttl=ms
+                    ),
+                    f"{why}: subscriber {name!r} of {topic!r}",
+                )
+        return first
+
+
+def _split(blob: bytes, lens: Any) -> Any:
+    pos = 0
+    for n in lens:
+        yield blob[pos : pos + n]
+        pos += n
