@@ -177,7 +177,11 @@ class Runner:
                 if proc.alive:
                     os.kill(proc.pid, signal.SIGTERM)
         for proc in self._agents.values():
-            proc.stop(timeout)
+            # Wait, never signal again: a second SIGTERM that lands after the
+            # agent's Python has restored the default handler on its way out
+            # kills it (exit -15) instead of letting it finish cleanly.
+            if not proc._wait(timeout):
+                proc.kill()
         if self.coordinator is not None:
             self.coordinator.stop(timeout)
         self.cleanup()

@@ -42,6 +42,18 @@ def test_spawned_agents_serve_and_everything_is_removed_on_exit(names, runtime):
     assert not os.path.exists(os.path.join(runtime, "shmbus", bus))
 
 
+def test_every_agent_asked_to_stop_exits_cleanly(names, runtime):
+    # Several agents, so that some are still unwinding when the runner gets
+    # to them: each must be signalled once, and then waited for.
+    bus = names("bus")
+    with shmbus.Runner(bus=bus) as runner:
+        driver = runner.connect("driver")
+        procs = [runner.spawn(f"echo{i}", echo_agent, args=("up",)) for i in range(4)]
+        for _ in procs:
+            assert driver.recv(timeout=20).payload == "up"
+    assert {p.name: p.exitcode for p in procs} == {p.name: 0 for p in procs}
+
+
 def test_kill_and_restart_an_agent(names, runtime):
     bus = names("bus")
     with shmbus.Runner(bus=bus) as runner:
