@@ -383,12 +383,25 @@ class Agent:
             except Exception as e:  # a handler's failure must not stop the agent
                 log.warning("agent %s: handler %r failed: %r", self.name, handler, e)
                 self._dead_letter(encode_message(msg), f"handler failed: {type(e).__name__}: {e}")
+                if msg.type == MessageType.REQUEST:
+                    self._answer_error(msg, e)
                 continue
             if result is not None and msg.type == MessageType.REQUEST:
                 self.reply(msg, result)
         if not ran:
             self._dead_letter(encode_message(msg), "no route: no rule matched")
         return ran
+
+    def _answer_error(self, msg: Message, error: Exception) -> None:
+        """Tell a requester its request failed, rather than leave it to time out."""
+        try:
+            self.send(
+                msg.sender, {"error": type(error).__name__, "message": str(error)[:1000]},
+                _kind=int(MessageType.ERROR), _request_id=msg.id,
+                _correlation_id=msg.correlation_id,
+            )  # fmt: skip
+        except ShmbusError as e:  # the requester left: the DLQ entry is what remains
+            log.info("agent %s could not answer %s with an error: %s", self.name, msg.sender, e)
 
     def serve(self, timeout: float | None = None) -> None:
         """Dispatch messages to the routed handlers until the agent is closed

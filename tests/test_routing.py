@@ -83,3 +83,14 @@ def test_bad_rule_patterns_are_refused(bus):
     with shmbus.connect(bus=bus, name="a") as agent:
         with pytest.raises(shmbus.InvalidName):
             agent.route(RoutingRule(topic="a.>.b"), print)
+
+
+def test_a_request_whose_handler_raises_gets_an_error_back_at_once(bus, children):
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        children.start(_service, bus)
+        assert driver.recv(timeout=20).payload == "ready"
+        reply = driver.request("service", {"not": "a number"}, timeout=20)  # dict * 2 raises
+        assert reply.type == MessageType.ERROR and reply.payload["error"] == "TypeError"
+        assert driver.request("service", 2, timeout=20).payload == 4  # it serves on
+        failed = [d for d in driver.dlq() if d.message.type == MessageType.REQUEST]
+        assert failed and failed[-1].reason.startswith("handler failed: TypeError")
