@@ -575,7 +575,8 @@ def _verdict_text(v: dict[str, Any], case: Case) -> str:
 
 def summary(done: list[tuple[Case, list[RowResult]]], peers: list[str]) -> str:
     """One line per case and metric: shmbus, each peer, ratio to the best, the target."""
-    cols = ["shmbus", *peers]
+    present = {r.row.kind for _, results in done for r in results}
+    cols = ["shmbus", *(p for p in peers if p in present)]
     labels = {"shmbus": "shmbus", **PEER_LABELS}
     head = f"{'case':<13} {'metric':<8}" + "".join(f"{labels[c]:>10}" for c in cols)
     head += f"{'vs best peer':>14}  {'target':<28} verdict"
