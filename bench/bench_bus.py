@@ -83,7 +83,7 @@ import _bus_peers
 from _bus_peers import Spec, roles
 from bench_ring import BenchError, CpuMeter, _sigint_ignored, headline, machine_info
 
-from shmbus import AgentProcess, Runner
+from shmbus import AgentProcess, Runner, ShmbusError
 from shmbus.control import bus_is_live, lock_path, remove_bus_shm, runtime_dir, socket_path
 
 HERE = Path(__file__).resolve().parent
@@ -442,7 +442,7 @@ def run_case(
             tag = f"benchbus-{os.getpid()}-{next(seq)}"
             try:
                 raw = measure(row.kind, res.spec, ctx, tmpdir, tag)
-            except BenchError as e:
+            except (BenchError, ShmbusError) as e:  # ShmbusError: the bus did not start
                 res.status, res.note = "failed", str(e).strip()
                 print(f"  {case.name} run {run}: {row.label}: FAILED\n{res.note}", file=sys.stderr)
                 continue
