@@ -205,6 +205,37 @@ def run_stats(buses: list[str], as_json: bool, watch: float | None) -> int:
         return 0
 
 
+# ----------------------------------------------------------------- bench
+
+
+def run_bench(argv: list[str]) -> int:
+    """Become bench/bench_bus.py (``--ring``: bench_ring.py) of the source checkout.
+
+    The process is replaced, not wrapped: Ctrl-C and SIGTERM reach the
+    benchmark itself, which stops its children and removes its buses.
+    """
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    script = bench / ("bench_ring.py" if "--ring" in argv else "bench_bus.py")
+    if not script.is_file():
+        print(
+            f"shmbus bench: no {script.name} in {bench}: the benchmarks ship with the "
+            "source tree, not with the installed package; run this from a git checkout "
+            "installed with pip install -e '.[bench]'",
+            file=sys.stderr,
+        )
+        return 2
+    args = [a for a in argv if a != "--ring"]
+    if "-h" in args or "--help" in args:
+        print(
+            "usage: shmbus bench [--ring] [ARGS ...]\n\n"
+            f"Runs {bench / 'bench_bus.py'} (with --ring: bench_ring.py) with ARGS.\n"
+            f"The options of {script.name}:\n",
+            flush=True,
+        )
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, str(script), *args])
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -215,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run a few agents on a bus for a few seconds")
     p.add_argument("--bus", default="demo")
     p.add_argument("--seconds", type=float, default=3.0)
+    sub.add_parser("bench", help="run the benchmarks (from a source checkout)", add_help=False)
     sub.add_parser("ls", help="list buses, their agents and inbox fill")
     p = sub.add_parser("stats", help="a bus's counters: totals, per agent, per topic, DLQ")
     p.add_argument("--bus", action="append", default=[], help="a bus (default: every live one)")
@@ -226,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "coordinator":
         return _coordinator.main(rest)
+    if args.command == "bench":
+        return run_bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
