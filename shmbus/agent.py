@@ -74,6 +74,7 @@ def connect(
     *,
     transport: str = "auto",
     inbox_capacity: int = DEFAULT_INBOX,
+    spin: float | None = None,
     timeout: float = 5.0,
 ) -> Agent:
     """Join ``bus`` as ``name``; both default to $SHMBUS_BUS and $SHMBUS_AGENT."""
@@ -83,7 +84,15 @@ def connect(
         raise ValueError("give the agent a name, or set SHMBUS_AGENT")
     if transport not in ("auto", "shm"):
         raise ValueError(f"transport {transport!r} is not available yet; use 'shm'")
-    return Agent(bus, name, inbox_capacity=inbox_capacity, timeout=timeout)
+    agent = Agent(bus, name, inbox_capacity=inbox_capacity, timeout=timeout)
+    if spin is None and "SHMBUS_SPIN_US" in os.environ:
+        spin = float(os.environ["SHMBUS_SPIN_US"]) / 1e6
+    if spin is not None:
+        if not 0 <= spin <= 1:
+            agent.close()
+            raise ValueError(f"spin is in seconds, from 0 to 1; got {spin}")
+        agent.inbox.spin_ns = round(spin * 1e9)
+    return agent
 
 
 class Agent:
@@ -294,6 +303,11 @@ class Agent:
         """The next message, waiting up to ``timeout`` (None: forever); :class:`RecvTimeout`."""
         if self._pending:
             return self._pending.popleft()
+        if self._frames:  # read ahead already: no call deeper than this one
+            try:
+                return decode_frame(self._frames.popleft())
+            except CorruptFrame as e:
+                log.warning("agent %s dropped a corrupt frame: %s", self.name, e)
         return self._next(timeout)
 
     def recv_many(self, max_count: int, timeout: float | None = None) -> list[Message]:

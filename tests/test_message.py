@@ -244,3 +244,14 @@ def test_payloads_packed_from_many_threads_never_mix():
     for t in threads:
         t.join(60)
     assert not failures
+
+
+def test_a_message_is_an_immutable_record_with_a_replace():
+    msg = Message(id=7, sender="a", payload=np.arange(3))
+    with pytest.raises(AttributeError):
+        msg.payload = 1  # type: ignore[misc]
+    changed = msg._replace(payload=np.arange(4))
+    assert changed.id == 7 and changed.payload.shape == (4,) and msg.payload.shape == (3,)
+    assert msg == Message(id=7, sender="a", payload=np.arange(3)) and msg != changed
+    with pytest.raises(TypeError):
+        hash(msg)
