@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ._decode import decode_block as _decode_block
 from ._native import ffi, lib
 from .control import (
     ControlError,
@@ -45,6 +46,7 @@ from .message import (
     MessageType,
     RoutingRule,
     decode_frame,
+    decode_state,
     encode_message,
     pack_payload,
 )
@@ -130,9 +132,9 @@ class Agent:
         # The fast paths' caches: the outbox fills them and clears them in place.
         self._direct = self._out.direct
         self._topics = self._out.topics
-        self._read_many = self.inbox.read_many
-        self._frames: collections.deque[bytes] = collections.deque()  # read, not yet decoded
-        self._pending: collections.deque[Message] = collections.deque()  # set aside by request()
+        self._decode_state = decode_state()
+        self._ahead: collections.deque[Message] = collections.deque()  # read ahead, in order
+        self._kept: collections.deque[Message] = collections.deque()  # set aside by request()
         self._rules: list[tuple[RoutingRule, Callable[[Message], Any]]] = []
 
     # -------------------------------------------------------- control
@@ -275,56 +277,70 @@ class Agent:
 
     # --------------------------------------------------------- receive
 
-    def _next(self, timeout: float | None) -> Message:
-        """The next decodable message from the inbox; corrupt frames are logged and skipped."""
-        frames = self._frames
-        deadline = None
-        while True:
-            if not frames:
-                # Read ahead: what is already in the inbox comes in one C
-                # call; a reader that keeps up gets one frame at a time.
-                if deadline is None:
-                    got = self._read_many(_READ_AHEAD, timeout)
-                    deadline = -1.0 if timeout is None else time.monotonic() + timeout
-                else:
-                    left = None if timeout is None else max(deadline - time.monotonic(), 0.0)
-                    got = self._read_many(_READ_AHEAD, left)
-                if not got:
-                    raise RecvTimeout(f"agent {self.name!r}: nothing arrived within {timeout}s")
-                frames.extend(got)
+    def _fill(self, max_count: int, timeout: float | None) -> bool:
+        """Decode up to ``max_count`` frames from the inbox into ``_ahead``, in
+        one read and one C decode; corrupt frames are logged and skipped.
+        False if nothing arrived within ``timeout``."""
+        inbox = self.inbox
+        n = inbox.read_block(max_count, timeout)
+        if n > 0:
+            items = _decode_block(inbox.scratch_view, inbox.lens_view, n, self._decode_state)
+        elif n < 0:  # one frame larger than the scratch, copied once from the ring
             try:
-                return decode_frame(frames.popleft())
+                items = [decode_frame(inbox.read(0))]
             except CorruptFrame as e:
-                log.warning("agent %s dropped a corrupt frame: %s", self.name, e)
-                if deadline is None:
-                    deadline = -1.0 if timeout is None else time.monotonic() + timeout
+                items = [str(e)]
+        else:
+            return False
+        ahead = self._ahead
+        for item in items:
+            if type(item) is str:
+                log.warning("agent %s dropped a corrupt frame: %s", self.name, item)
+            else:
+                ahead.append(item)
+        return True
+
+    def _next(self, timeout: float | None) -> Message:
+        """The next message from the inbox, read ahead: what is already there
+        comes in one C call, and a reader that keeps up gets one frame a call."""
+        ahead = self._ahead
+        if ahead:
+            return ahead.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = timeout
+        while True:
+            if not self._fill(_READ_AHEAD, left):
+                raise RecvTimeout(f"agent {self.name!r}: nothing arrived within {timeout}s")
+            if ahead:
+                return ahead.popleft()
+            if deadline is not None:  # only corrupt frames came: wait on
+                left = max(deadline - time.monotonic(), 0.0)
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message, waiting up to ``timeout`` (None: forever); :class:`RecvTimeout`."""
-        if self._pending:
-            return self._pending.popleft()
-        if self._frames:  # read ahead already: no call deeper than this one
-            try:
-                return decode_frame(self._frames.popleft())
-            except CorruptFrame as e:
-                log.warning("agent %s dropped a corrupt frame: %s", self.name, e)
+        if self._kept:
+            return self._kept.popleft()
+        if self._ahead:
+            return self._ahead.popleft()
         return self._next(timeout)
 
     def recv_many(self, max_count: int, timeout: float | None = None) -> list[Message]:
         """Up to ``max_count`` messages; waits only while there is none; ``[]`` on timeout."""
         out: list[Message] = []
-        pending = self._pending
-        while pending and len(out) < max_count:
-            out.append(pending.popleft())
-        frames = self._frames
-        if len(frames) < max_count - len(out):
-            frames.extend(self._read_many(max_count - len(out) - len(frames),
-                                          0 if out or frames else timeout))  # fmt: skip
-        while frames and len(out) < max_count:
-            try:
-                out.append(decode_frame(frames.popleft()))
-            except CorruptFrame as e:
-                log.warning("agent %s dropped a corrupt frame: %s", self.name, e)
+        for queue in (self._kept, self._ahead):
+            while queue and len(out) < max_count:
+                out.append(queue.popleft())
+        if len(out) >= max_count:
+            return out
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = 0 if out else timeout
+        while self._fill(max_count - len(out), left):
+            ahead = self._ahead
+            while ahead and len(out) < max_count:
+                out.append(ahead.popleft())
+            if out or deadline is None and left == 0:
+                break
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         return out
 
     def __iter__(self) -> Iterator[Message]:
@@ -351,7 +367,7 @@ class Agent:
                 ) from None
             if msg.type in (MessageType.RESPONSE, MessageType.ERROR) and msg.request_id == msg_id:
                 return msg
-            self._pending.append(msg)
+            self._kept.append(msg)
 
     def reply(self, msg: Message, payload: Any, **kw: Any) -> int:
         """Answer a REQUEST."""

@@ -394,6 +394,16 @@ def _decode_names(raw: bytes, slen: int, rlen: int) -> tuple[str, str, str]:
     return names
 
 
+def _types_table() -> tuple[MessageType | None, ...]:
+    return tuple(_TYPES.get(code) for code in range(256))
+
+
+def decode_state() -> tuple[Any, ...]:
+    """What shmbus._decode needs to build Messages as decode_frame does."""
+    kwargs = {"raw": False, "ext_hook": _ext_hook, "strict_map_key": False}
+    return (Message, _types_table(), _names, msgpack.unpackb, kwargs, _MAX_NAMES)
+
+
 def decode_frame(frame: bytes | bytearray | memoryview) -> Message:
     """Check and decode a frame from another process; raises :class:`CorruptFrame`.
 

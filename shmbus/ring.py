@@ -497,6 +497,45 @@ class Ring:
             return self._split(n)
         return self._read_slow(n, max_count, timeout)
 
+    def read_block(self, max_count: int, timeout: float | None = None) -> int:
+        """Up to ``max_count`` frames into the reader's scratch, for a decoder
+        that reads them in place; returns how many (0: nothing in time).
+
+        They are ``scratch_view`` back to back, their lengths the first ones
+        of ``lens_view`` (native uint32), valid until the next read. Returns
+        -1 when the next frame is larger than the scratch: ``read()`` it.
+        """
+        if self._out is None or max_count > self._lens_cap:
+            self._scratch(max_count)
+        ns = -1 if timeout is None else _ns(timeout)
+        n = _read_many(
+            self._r, self._out, self._out_cap, self._lens, max_count, ns, self.spin_ns,
+            self._count, self._bytes,
+        )  # fmt: skip
+        if n > 0:
+            return n  # type: ignore[no-any-return]
+        deadline = _deadline(timeout)
+        while n == _EINTR:  # a signal: its handler ran on return; go on waiting
+            n = _read_many(
+                self._handle(), self._out, self._out_cap, self._lens, max_count,
+                _left_ns(deadline), self.spin_ns, self._count, self._bytes,
+            )  # fmt: skip
+        if n > 0:
+            return n  # type: ignore[no-any-return]
+        if n == _ESMALL:
+            return -1
+        if n in (_EAGAIN, _ETIMEDOUT):
+            return 0
+        return self._fail(n, "read from")  # type: ignore[no-any-return]
+
+    @property
+    def scratch_view(self) -> Any:
+        return self._outbuf
+
+    @property
+    def lens_view(self) -> Any:
+        return ffi.buffer(self._lens)
+
     def read_view(self, timeout: float | None = None) -> _View:
         """The next frame in place, with no copy: ``with ring.read_view() as buf``.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 def test_c_unit_compiles_without_warnings_as_strict_c11(tmp_path, unit):
     result = subprocess.run(
         ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-c",
+         "-I", sysconfig.get_paths()["include"],  # shmbus_pydecode.c is a CPython module
          str(CSRC / unit), "-o", str(tmp_path / "unit.o")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
