@@ -1,4 +1,5 @@
-"""The ``shmbus`` command: run a coordinator, a demo, list buses, clean up."""
+"""The ``shmbus`` command: run a coordinator, a demo or a run file, list buses,
+send and publish from scripts, clean up."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_send, runfile
 from . import coordinator as _coordinator
 from .control import bus_is_live, lock_path, remove_bus_shm, routes_name, runtime_dir, socket_path
 from .errors import ShmbusError
@@ -177,6 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("ls", help="list buses, their agents and inbox fill")
     p = sub.add_parser("cleanup", help="remove what killed buses left (never a live bus)")
     p.add_argument("buses", nargs="*", help="bus names (default: every bus found)")
+    p = sub.add_parser("run", help="run a bus and its agents from a TOML file")
+    p.add_argument("file", help="the run file, e.g. agents.toml")
+    p.add_argument("--bus", help="run this bus instead of the file's")
+    p.add_argument(
+        "--for",
+        dest="seconds",
+        type=cli_send.positive_seconds,
+        metavar="SECONDS",
+        help="stop everything after this long (default: until the agents exit)",
+    )
+    p = sub.add_parser("send", help="send one message (or a request) to an agent")
+    p.add_argument("recipient", metavar="RECIPIENT")
+    cli_send.add_arguments(p, request=True)
+    p = sub.add_parser("publish", help="publish one message on a topic")
+    p.add_argument("topic", metavar="TOPIC")
+    cli_send.add_arguments(p, request=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "coordinator":
         return _coordinator.main(rest)
@@ -186,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.bus, args.seconds)
     if args.command == "ls":
         return run_ls()
+    if args.command == "run":
+        return runfile.main(args.file, bus=args.bus, seconds=args.seconds)
+    if args.command == "send":
+        return cli_send.run_send(args)
+    if args.command == "publish":
+        return cli_send.run_publish(args)
     return run_cleanup(args.buses)
 
 
