@@ -1,4 +1,5 @@
-"""The ``shmbus`` command: run a coordinator, a demo, list buses, clean up."""
+"""The ``shmbus`` command: run a coordinator, a demo or a run file, list buses,
+send and publish from scripts, clean up."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_send, runfile
 from . import coordinator as _coordinator
 from .control import (
     bus_is_live,
@@ -255,6 +257,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="print again every SECONDS (default 1) until interrupted")  # fmt: skip
     p = sub.add_parser("cleanup", help="remove what killed buses left (never a live bus)")
     p.add_argument("buses", nargs="*", help="bus names (default: every bus found)")
+    p = sub.add_parser("run", help="run a bus and its agents from a TOML file")
+    p.add_argument("file", help="the run file, e.g. agents.toml")
+    p.add_argument("--bus", help="run this bus instead of the file's")
+    p.add_argument(
+        "--for",
+        dest="seconds",
+        type=cli_send.positive_seconds,
+        metavar="SECONDS",
+        help="stop everything after this long (default: until the agents exit)",
+    )
+    p = sub.add_parser("send", help="send one message (or a request) to an agent")
+    p.add_argument("recipient", metavar="RECIPIENT")
+    cli_send.add_arguments(p, request=True)
+    p = sub.add_parser("publish", help="publish one message on a topic")
+    p.add_argument("topic", metavar="TOPIC")
+    cli_send.add_arguments(p, request=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "coordinator":
         return _coordinator.main(rest)
@@ -268,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_ls()
     if args.command == "stats":
         return run_stats(args.bus, args.json, args.watch)
+    if args.command == "run":
+        return runfile.main(args.file, bus=args.bus, seconds=args.seconds)
+    if args.command == "send":
+        return cli_send.run_send(args)
+    if args.command == "publish":
+        return cli_send.run_publish(args)
     return run_cleanup(args.buses)
 
 

@@ -100,6 +100,15 @@ class CoordinatorUnavailable(ShmbusError, ConnectionError):
     """No coordinator answers for that bus."""
 
 
+class InvalidRunFile(ShmbusError, ValueError):
+    """A run file (``shmbus run agents.toml``) that cannot be run; lists every problem."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
 def os_error(err: int, what: str) -> ShmbusError:
     """Map an errno from a failed system call to the matching exception."""
     text = f"{what}: {os.strerror(err)}"

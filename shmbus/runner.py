@@ -29,10 +29,17 @@ from .errors import CoordinatorUnavailable, ShmbusError
 __all__ = ["AgentProcess", "Runner"]
 
 
-def _run_agent(bus: str, name: str, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _on_sigterm(signum: int, frame: Any) -> None:
     # SIGTERM is how the runner asks an agent to stop: unwind, so the agent
-    # leaves the bus properly instead of vanishing.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # leaves the bus properly instead of vanishing. Only the first counts: a
+    # second one would cut that unwinding short, or, arriving while the
+    # interpreter finalizes (handlers reset), kill the agent outright.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
+
+
+def _run_agent(bus: str, name: str, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     with connect(bus=bus, name=name) as agent:
         target(agent, *args)
 
@@ -172,6 +179,8 @@ class Runner:
             with contextlib.suppress(ShmbusError):
                 agent.close()
         self._local.clear()
+        # All at once, so they stop in parallel; then one grace period each
+        # (stop() would signal them a second time).
         for proc in self._agents.values():
             with contextlib.suppress(ProcessLookupError):
                 if proc.alive:
