@@ -14,7 +14,7 @@
  *   scratch: a buffer holding `count` frames back to back
  *   lens:    a buffer of `count` native uint32 frame lengths
  *   state:   (Message class, types tuple of 256, names cache dict,
- *             unpackb, unpackb kwargs dict, cache limit)
+ *             unpackb, (keyword names, keyword values), cache limit)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,7 +30,8 @@ typedef struct {
     PyObject *types;   /* tuple: MessageType member or None, by type code */
     PyObject *names;   /* dict: raw names -> (sender, recipient, topic) */
     PyObject *unpackb; /* msgpack.unpackb */
-    PyObject *kwargs;  /* its keyword arguments */
+    PyObject *kwnames;  /* its keyword arguments' names (a tuple) */
+    PyObject *kwvalues; /* and their values (a tuple as long) */
     Py_ssize_t names_limit;
 } decode_state;
 
@@ -113,16 +114,21 @@ static PyObject *decode_one(decode_state *st, const char *f, uint32_t size)
     if (h.flags & SHMBUS_FRAME_FLAG_RAW) {
         payload = PyBytes_FromStringAndSize(payload_at, h.payload_len);
     } else {
-        PyObject *view = PyMemoryView_FromMemory((char *)payload_at, h.payload_len, PyBUF_READ);
-        PyObject *args = view ? PyTuple_Pack(1, view) : NULL;
-        payload = args ? PyObject_Call(st->unpackb, args, st->kwargs) : NULL;
-        Py_XDECREF(args);
-        if (view) {
-            /* the scratch is reused: nothing may keep pointing into it */
-            PyObject *r = PyObject_CallMethod(view, "release", NULL);
-            Py_XDECREF(r);
-            Py_DECREF(view);
+        /* A bytes copy, not a memoryview of the scratch: no view can outlive
+         * the read, and it is cheaper than making and releasing a view. */
+        PyObject *packed = PyBytes_FromStringAndSize(payload_at, h.payload_len);
+        if (!packed) {
+            Py_DECREF(names);
+            return NULL;
         }
+        /* unpackb(packed, **kwargs) without building a dict per call. */
+        Py_ssize_t nkw = PyTuple_GET_SIZE(st->kwnames);
+        PyObject *argv[1 + 8];
+        argv[0] = packed;
+        for (Py_ssize_t k = 0; k < nkw; k++)
+            argv[1 + k] = PyTuple_GET_ITEM(st->kwvalues, k);
+        payload = PyObject_Vectorcall(st->unpackb, argv, 1, st->kwnames);
+        Py_DECREF(packed);
         if (!payload) {
             /* shmbus.message's ext_hook raises CorruptFrame, msgpack its own
              * errors: every one of them makes this frame corrupt, nothing
@@ -136,6 +142,8 @@ static PyObject *decode_one(decode_state *st, const char *f, uint32_t size)
             PyErr_Fetch(&type, &value, &tb);
             PyErr_NormalizeException(&type, &value, &tb);
             PyObject *why = value ? PyObject_Str(value) : NULL;
+            if (!why)
+                PyErr_Clear(); /* an exception whose str() fails: say less */
             PyObject *msg = bad("payload is not valid msgpack: %s: %S",
                                 type ? ((PyTypeObject *)type)->tp_name : "?",
                                 why ? why : Py_None);
@@ -199,14 +207,22 @@ static int load_state(PyObject *state, decode_state *st)
     st->types = PyTuple_GET_ITEM(state, 1);
     st->names = PyTuple_GET_ITEM(state, 2);
     st->unpackb = PyTuple_GET_ITEM(state, 3);
-    st->kwargs = PyTuple_GET_ITEM(state, 4);
+    PyObject *kwargs = PyTuple_GET_ITEM(state, 4);
     st->names_limit = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, 5));
     if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type) ||
         !PyTuple_Check(st->types) || PyTuple_GET_SIZE(st->types) != 256 ||
-        !PyDict_Check(st->names) || !PyCallable_Check(st->unpackb) || !PyDict_Check(st->kwargs) ||
-        st->names_limit < 1) {
+        !PyDict_Check(st->names) || !PyCallable_Check(st->unpackb) || !PyTuple_Check(kwargs) ||
+        PyTuple_GET_SIZE(kwargs) != 2 || st->names_limit < 1) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "bad decode state");
+        return -1;
+    }
+    st->kwnames = PyTuple_GET_ITEM(kwargs, 0);
+    st->kwvalues = PyTuple_GET_ITEM(kwargs, 1);
+    if (!PyTuple_Check(st->kwnames) || !PyTuple_Check(st->kwvalues) ||
+        PyTuple_GET_SIZE(st->kwnames) != PyTuple_GET_SIZE(st->kwvalues) ||
+        PyTuple_GET_SIZE(st->kwnames) > 8) {
+        PyErr_SetString(PyExc_TypeError, "bad decode state: keyword arguments");
         return -1;
     }
     st->cls = (PyTypeObject *)cls;

@@ -400,7 +400,7 @@ def _types_table() -> tuple[MessageType | None, ...]:
 
 def decode_state() -> tuple[Any, ...]:
     """What shmbus._decode needs to build Messages as decode_frame does."""
-    kwargs = {"raw": False, "ext_hook": _ext_hook, "strict_map_key": False}
+    kwargs = (("raw", "ext_hook", "strict_map_key"), (False, _ext_hook, False))
     return (Message, _types_table(), _names, msgpack.unpackb, kwargs, _MAX_NAMES)
 
 
