@@ -82,6 +82,206 @@ static PyObject *names_of(decode_state *st, const char *p, uint32_t slen, uint32
     return names;
 }
 
+/* ------------------------------------------------------------ msgpack
+ *
+ * The common subset of msgpack (nil, bools, ints, floats, str, bin, array,
+ * map), decoded here because calling msgpack.unpackb costs more than the
+ * decoding of a small payload.  The rule that keeps it exactly msgpack's:
+ * anything else (an ext type, a reserved byte, bad UTF-8, an unhashable key,
+ * too deep, too short, bytes left over) is not decided here: the decoder
+ * bails out, and msgpack.unpackb decodes the payload or says why not. */
+
+enum { MP_MAX_DEPTH = 64 };
+
+typedef struct {
+    const uint8_t *p, *end;
+    int bail; /* not for this decoder: let msgpack.unpackb decide */
+} mp_reader;
+
+static int mp_need(mp_reader *r, size_t n)
+{
+    if ((size_t)(r->end - r->p) < n) {
+        r->bail = 1;
+        return 0;
+    }
+    return 1;
+}
+
+static uint64_t mp_be(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static PyObject *mp_value(mp_reader *r, int depth);
+
+static PyObject *mp_str(mp_reader *r, size_t n)
+{
+    if (!mp_need(r, n))
+        return NULL;
+    PyObject *s = PyUnicode_DecodeUTF8((const char *)r->p, (Py_ssize_t)n, NULL);
+    if (!s) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            r->bail = 1;
+        }
+        return NULL;
+    }
+    r->p += n;
+    return s;
+}
+
+static PyObject *mp_bin(mp_reader *r, size_t n)
+{
+    if (!mp_need(r, n))
+        return NULL;
+    PyObject *b = PyBytes_FromStringAndSize((const char *)r->p, (Py_ssize_t)n);
+    r->p += n;
+    return b;
+}
+
+static PyObject *mp_array(mp_reader *r, size_t n, int depth)
+{
+    if ((size_t)(r->end - r->p) < n) { /* each element takes a byte at least */
+        r->bail = 1;
+        return NULL;
+    }
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (!list)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *v = mp_value(r, depth + 1);
+        if (!v) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, v);
+    }
+    return list;
+}
+
+static PyObject *mp_map(mp_reader *r, size_t n, int depth)
+{
+    if ((size_t)(r->end - r->p) / 2 < n) {
+        r->bail = 1;
+        return NULL;
+    }
+    PyObject *dict = PyDict_New();
+    if (!dict)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *k = mp_value(r, depth + 1);
+        if (!k) {
+            Py_DECREF(dict);
+            return NULL;
+        }
+        if (PyList_CheckExact(k) || PyDict_CheckExact(k)) { /* unhashable: msgpack's call */
+            Py_DECREF(k);
+            Py_DECREF(dict);
+            r->bail = 1;
+            return NULL;
+        }
+        PyObject *v = mp_value(r, depth + 1);
+        int rc = v ? PyDict_SetItem(dict, k, v) : -1;
+        Py_DECREF(k);
+        Py_XDECREF(v);
+        if (rc < 0) {
+            Py_DECREF(dict);
+            return NULL;
+        }
+    }
+    return dict;
+}
+
+static PyObject *mp_value(mp_reader *r, int depth)
+{
+    if (depth > MP_MAX_DEPTH || !mp_need(r, 1)) {
+        r->bail = 1;
+        return NULL;
+    }
+    uint8_t b = *r->p++;
+    if (b <= 0x7f)
+        return PyLong_FromLong(b);
+    if (b >= 0xe0)
+        return PyLong_FromLong((int8_t)b);
+    if ((b & 0xf0) == 0x80)
+        return mp_map(r, b & 0x0f, depth);
+    if ((b & 0xf0) == 0x90)
+        return mp_array(r, b & 0x0f, depth);
+    if ((b & 0xe0) == 0xa0)
+        return mp_str(r, b & 0x1f);
+    static const int width[] = {
+        /* 0xc0 .. 0xdf: bytes of the length or value that follow, -1: bail */
+        0, -1, 0, 0, 1, 2, 4, -1, -1, -1, 4, 8, 1, 2, 4, 8,
+        1, 2, 4, 8, -1, -1, -1, -1, -1, 1, 2, 4, 2, 4, 2, 4,
+    };
+    int w = width[b - 0xc0];
+    if (w < 0 || !mp_need(r, (size_t)w)) {
+        r->bail = 1;
+        return NULL;
+    }
+    uint64_t v = mp_be(r->p, w);
+    r->p += w;
+    switch (b) {
+    case 0xc0:
+        Py_RETURN_NONE;
+    case 0xc2:
+        Py_RETURN_FALSE;
+    case 0xc3:
+        Py_RETURN_TRUE;
+    case 0xc4: case 0xc5: case 0xc6:
+        return mp_bin(r, v);
+    case 0xca: {
+        uint32_t u = (uint32_t)v;
+        float f;
+        memcpy(&f, &u, sizeof f);
+        return PyFloat_FromDouble(f);
+    }
+    case 0xcb: {
+        double d;
+        memcpy(&d, &v, sizeof d);
+        return PyFloat_FromDouble(d);
+    }
+    case 0xcc: case 0xcd: case 0xce: case 0xcf:
+        return PyLong_FromUnsignedLongLong(v);
+    case 0xd0:
+        return PyLong_FromLong((int8_t)v);
+    case 0xd1:
+        return PyLong_FromLong((int16_t)v);
+    case 0xd2:
+        return PyLong_FromLong((int32_t)v);
+    case 0xd3:
+        return PyLong_FromLongLong((int64_t)v);
+    case 0xd9: case 0xda: case 0xdb:
+        return mp_str(r, v);
+    case 0xdc: case 0xdd:
+        return mp_array(r, v, depth);
+    case 0xde: case 0xdf:
+        return mp_map(r, v, depth);
+    }
+    r->bail = 1; /* not reached: every byte with a width is handled above */
+    return NULL;
+}
+
+/* The payload if this decoder is sure of it; NULL with *bail set if msgpack
+ * must decide; NULL with a Python error for an error of ours (no memory). */
+static PyObject *mp_unpack(const char *p, uint32_t len, int *bail)
+{
+    mp_reader r = {(const uint8_t *)p, (const uint8_t *)p + len, 0};
+    PyObject *v = mp_value(&r, 0);
+    if (v && r.p != r.end) { /* bytes left over: msgpack says ExtraData */
+        Py_DECREF(v);
+        v = NULL;
+        r.bail = 1;
+    }
+    if (!v && r.bail && PyErr_Occurred())
+        return NULL; /* an error of ours on the way down, not a bail */
+    *bail = r.bail;
+    return v;
+}
+
 /* One frame: a new Message, a str (why it is corrupt), or NULL (an error). */
 static PyObject *decode_one(decode_state *st, const char *f, uint32_t size)
 {
@@ -114,6 +314,14 @@ static PyObject *decode_one(decode_state *st, const char *f, uint32_t size)
     if (h.flags & SHMBUS_FRAME_FLAG_RAW) {
         payload = PyBytes_FromStringAndSize(payload_at, h.payload_len);
     } else {
+        int bail = 0;
+        payload = mp_unpack(payload_at, h.payload_len, &bail);
+        if (!payload && !bail) {
+            Py_DECREF(names);
+            return NULL;
+        }
+    }
+    if (!payload && !(h.flags & SHMBUS_FRAME_FLAG_RAW)) {
         /* A bytes copy, not a memoryview of the scratch: no view can outlive
          * the read, and it is cheaper than making and releasing a view. */
         PyObject *packed = PyBytes_FromStringAndSize(payload_at, h.payload_len);
