@@ -469,6 +469,11 @@ class Agent:
 
     # ------------------------------------------------------------ stats
 
+    def peers(self) -> list[str]:
+        """The agents on the bus now (this one included), from the routes table."""
+        self._out._fresh()
+        return sorted(self._out.agents)
+
     def stats(self) -> BusStats:
         """Every counter of the bus now, read from shared memory (no coordinator call)."""
         self._out._fresh()

@@ -65,15 +65,13 @@ def demo_monitor(agent) -> None:  # type: ignore[no-untyped-def]
 
 
 def _await_agent(driver, name: str, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    """Until ``name`` is on the bus and answers (the monitor: subscribed)."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            driver.request(name, "count?" if name == "monitor" else 0, timeout=1)
-            return
-        except ShmbusError:  # not registered yet, or not answering yet
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    while name not in driver.peers():
+        if time.monotonic() > deadline:
+            raise ShmbusError(f"agent {name!r} did not join the bus within {timeout}s")
+        time.sleep(0.01)
+    driver.request(name, "count?" if name == "monitor" else 0, timeout=timeout)
 
 
 def run_demo(bus: str, seconds: float) -> int:
@@ -99,14 +97,17 @@ def run_demo(bus: str, seconds: float) -> int:
             now = time.monotonic()
             if now - last >= 0.5:
                 recent = sorted(latencies[-2000:])
+                totals = driver.stats().totals  # shared-memory counters: no one is asked
                 print(
                     f"  {now - start:4.1f}s  requests {sent:7d}  "
                     f"p50 {recent[len(recent) // 2] * 1e6:6.1f} us  "
-                    f"p99 {recent[int(len(recent) * 0.99)] * 1e6:7.1f} us",
+                    f"p99 {recent[int(len(recent) * 0.99)] * 1e6:7.1f} us  "
+                    f"bus: {totals.sent} sent, {totals.received} received",
                     flush=True,
                 )
                 last = now
         readings = driver.request("monitor", "count?", timeout=5).payload
+        print(format_stats(driver.stats()))
         elapsed = time.monotonic() - start
         p50 = statistics.median(latencies) * 1e6
         print(

@@ -203,3 +203,11 @@ def test_shmbus_stats_text_json_and_watch(bus):
             proc.stdout.close()  # type: ignore[union-attr]
     missing = _cli("stats", "--bus", bus + "-none")
     assert missing.returncode == 1 and "no stats" in missing.stderr
+
+
+def test_peers_lists_the_agents_on_the_bus(bus):
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        assert driver.peers() == ["driver"]
+        with shmbus.connect(bus=bus, name="other"):
+            assert driver.peers() == ["driver", "other"]
+        assert driver.peers() == ["driver"]
