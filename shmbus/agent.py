@@ -109,7 +109,7 @@ class Agent:
         self._reader = Reader()
         self._replies: list[dict[str, Any]] = []
         try:
-            reply = self._call("register", name=name, pid=os.getpid())
+            reply = self._call("register", name=name, pid=os.getpid(), transport="shm")
             self.id: int = reply["id"]
             self.inbox = Ring.create(reply["inbox"], inbox_capacity)
             self._table = Table.attach(routes_name(bus))

@@ -147,13 +147,15 @@ def run_ls() -> int:
         except ShmbusError as e:
             print(f"  (routes unreadable: {e})")
             continue
-        for name, (agent_id, inbox, pid, *_) in sorted((routes or {}).get("agents", {}).items()):
+        for name, (agent_id, inbox, pid, _, transport, *_) in sorted(
+            (routes or {}).get("agents", {}).items()
+        ):
             try:
                 with Ring.attach(inbox) as ring:
                     fill = f"{ring.used}/{ring.capacity} bytes"
             except ShmbusError:
                 fill = "inbox gone"
-            print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} inbox {fill}")
+            print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} {transport:4s} inbox {fill}")
         for pattern, names in sorted((routes or {}).get("subs", {}).items()):
             print(f"  sub {pattern} -> {', '.join(names)}")
     return 0

@@ -60,6 +60,7 @@ class _Agent:
     pid: int
     inbox: str
     conn: _Conn
+    transport: str = "shm"
     slot: int = 0  # in the stats segment; 0: none was free
     active: bool = False
 
@@ -189,7 +190,9 @@ class Coordinator:
         self.table.write(
             {
                 "agents": {
-                    a.name: [a.id, a.inbox, a.pid, a.slot] for a in self.agents.values() if a.active
+                    a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
+                    for a in self.agents.values()
+                    if a.active
                 },
                 "subs": {p: sorted(names) for p, names in self.subs.items() if names},
             }
@@ -286,7 +289,10 @@ class Coordinator:
             }
         inbox = inbox_name(self.bus, name)
         Ring.unlink_name(inbox)  # a dead namesake's, left by a killed coordinator
-        agent = _Agent(name, self._next_id, int(msg["pid"]), inbox, conn)
+        transport = msg.get("transport", "shm")
+        if transport not in ("shm",):
+            raise ValueError(f"unknown transport {transport!r}")
+        agent = _Agent(name, self._next_id, int(msg["pid"]), inbox, conn, transport=transport)
         self._next_id += 1
         if self._free_slots:
             agent.slot = self._free_slots.pop()
