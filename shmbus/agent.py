@@ -316,20 +316,44 @@ class Agent:
             if deadline is not None:  # only corrupt frames came: wait on
                 left = max(deadline - time.monotonic(), 0.0)
 
+    def _expired(self, msg: Message) -> bool:
+        """Is ``msg`` past its TTL? Then it goes to the DLQ, never to the caller."""
+        now = time.time()
+        if now <= msg.timestamp + msg.ttl:
+            return False
+        late = now - msg.timestamp - msg.ttl
+        self._dead_letter(
+            encode_message(msg), f"expired: ttl {msg.ttl}s ran out {late:.3f}s before delivery"
+        )
+        return True
+
     def recv(self, timeout: float | None = None) -> Message:
-        """The next message, waiting up to ``timeout`` (None: forever); :class:`RecvTimeout`."""
-        if self._kept:
-            return self._kept.popleft()
-        if self._ahead:
-            return self._ahead.popleft()
-        return self._next(timeout)
+        """The next message, waiting up to ``timeout`` (None: forever); :class:`RecvTimeout`.
+
+        A message past its TTL is never handed over: it goes to the DLQ ("expired").
+        """
+        deadline = None
+        while True:
+            if self._kept:
+                msg = self._kept.popleft()
+            elif self._ahead:
+                msg = self._ahead.popleft()
+            else:
+                left = timeout if deadline is None else max(deadline - time.monotonic(), 0.0)
+                msg = self._next(left)
+            if msg.ttl is None or not self._expired(msg):
+                return msg
+            if deadline is None and timeout is not None:
+                deadline = time.monotonic() + timeout
 
     def recv_many(self, max_count: int, timeout: float | None = None) -> list[Message]:
         """Up to ``max_count`` messages; waits only while there is none; ``[]`` on timeout."""
         out: list[Message] = []
         for queue in (self._kept, self._ahead):
             while queue and len(out) < max_count:
-                out.append(queue.popleft())
+                msg = queue.popleft()
+                if msg.ttl is None or not self._expired(msg):
+                    out.append(msg)
         if len(out) >= max_count:
             return out
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -337,7 +361,9 @@ class Agent:
         while self._fill(max_count - len(out), left):
             ahead = self._ahead
             while ahead and len(out) < max_count:
-                out.append(ahead.popleft())
+                msg = ahead.popleft()
+                if msg.ttl is None or not self._expired(msg):
+                    out.append(msg)
             if out or deadline is None and left == 0:
                 break
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -365,6 +391,8 @@ class Agent:
                 raise RequestTimeout(
                     f"agent {self.name!r}: no response from {recipient!r} within {timeout}s"
                 ) from None
+            if msg.ttl is not None and self._expired(msg):
+                continue
             if msg.type in (MessageType.RESPONSE, MessageType.ERROR) and msg.request_id == msg_id:
                 return msg
             self._kept.append(msg)
