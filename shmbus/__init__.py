@@ -7,12 +7,14 @@ The core is a lock-free many-to-one ring in POSIX shared memory
 from .agent import Agent, connect
 from .errors import (
     AlreadyExists,
+    BackpressureTimeout,
     BadSegment,
     ClaimLost,
     Closed,
     CoordinatorRunning,
     CoordinatorUnavailable,
     CorruptFrame,
+    InboxFull,
     InvalidArgument,
     InvalidName,
     InvalidRunFile,
@@ -43,6 +45,8 @@ __all__ = [
     "TopicStats",
     "Runner",
     "AlreadyExists",
+    "BackpressureTimeout",
+    "InboxFull",
     "CoordinatorRunning",
     "CoordinatorUnavailable",
     "DeadLetter",

@@ -50,7 +50,7 @@ from .message import (
     encode_message,
     pack_payload,
 )
-from .outbox import Outbox, pack_many
+from .outbox import Outbox, check_policy, pack_many
 from .ring import Ring, _ns
 from .routes import Table, match, validate_pattern
 from .stats import BYTES_RECEIVED, RECEIVED, BusStats, StatsSegment, inbox_fill
@@ -70,6 +70,14 @@ _RESPONSE = int(MessageType.RESPONSE)
 _READ_AHEAD = 64  # frames taken from the inbox per C call when they are there
 
 
+class _AgentDefault:
+    def __repr__(self) -> str:
+        return "<the agent's send_timeout>"
+
+
+_DEFAULT: Any = _AgentDefault()  # "timeout not given": the agent's own applies
+
+
 def connect(
     bus: str | None = None,
     name: str | None = None,
@@ -77,9 +85,22 @@ def connect(
     transport: str = "auto",
     inbox_capacity: int = DEFAULT_INBOX,
     spin: float | None = None,
+    backpressure: str = "block",
+    send_timeout: float | None = 30.0,
     timeout: float = 5.0,
 ) -> Agent:
-    """Join ``bus`` as ``name``; both default to $SHMBUS_BUS and $SHMBUS_AGENT."""
+    """Join ``bus`` as ``name``; both default to $SHMBUS_BUS and $SHMBUS_AGENT.
+
+    ``backpressure`` says what a send does when the recipient's inbox is
+    full: "block" waits (with growing backoff, no busy core) up to
+    ``send_timeout`` seconds (None: forever), then raises
+    :class:`BackpressureTimeout`; "error" raises :class:`InboxFull` at once;
+    "drop" dead-letters the message ("inbox full") and returns its id. Each
+    send may override both.
+    """
+    check_policy(backpressure)
+    if send_timeout is not None and not send_timeout >= 0:
+        raise ValueError(f"send_timeout is seconds (or None), got {send_timeout}")
     bus = bus if bus is not None else os.environ.get("SHMBUS_BUS", "default")
     name = name if name is not None else os.environ.get("SHMBUS_AGENT")
     if name is None:
@@ -87,6 +108,8 @@ def connect(
     if transport not in ("auto", "shm"):
         raise ValueError(f"transport {transport!r} is not available yet; use 'shm'")
     agent = Agent(bus, name, inbox_capacity=inbox_capacity, timeout=timeout)
+    agent.backpressure = backpressure
+    agent.send_timeout = send_timeout
     if spin is None and "SHMBUS_SPIN_US" in os.environ:
         spin = float(os.environ["SHMBUS_SPIN_US"]) / 1e6
     if spin is not None:
@@ -136,6 +159,9 @@ class Agent:
         self._ahead: collections.deque[Message] = collections.deque()  # read ahead, in order
         self._kept: collections.deque[Message] = collections.deque()  # set aside by request()
         self._rules: list[tuple[RoutingRule, Callable[[Message], Any]]] = []
+        self._backpressure = "block"
+        self._send_timeout: float | None = 30.0
+        self._wait_ns = _ns(30.0)
 
     # -------------------------------------------------------- control
 
@@ -180,17 +206,18 @@ class Agent:
         priority: int = 0,
         ttl: float | None = None,
         requires_ack: bool = False,
-        timeout: float | None = None,
+        timeout: float | None = _DEFAULT,
+        backpressure: str | None = None,
         _kind: int = _DIRECT,
         _request_id: int = 0,
         _correlation_id: int = 0,
     ) -> int:
         """Send one message to the agent ``recipient``; returns its id.
 
-        Waits up to ``timeout`` (None: as long as it takes) while the
-        recipient's inbox is full, then raises :class:`RingFull`. Raises
-        :class:`UnknownRecipient` (and dead-letters the message) for a name
-        nobody has.
+        A full inbox is met with the agent's backpressure policy (see
+        :func:`connect`), or ``backpressure`` and ``timeout`` (None: wait as
+        long as it takes) if given. Raises :class:`UnknownRecipient` (and
+        dead-letters the message) for a name nobody has.
         """
         if type(payload) is bytes:
             data, flags = payload, FLAG_RAW
@@ -203,20 +230,50 @@ class Agent:
             # The fast path: one C call. Anything unusual (a moved table, a
             # full inbox, a bad field, a signal) goes the whole way below.
             try:
+                ns = (self._wait_ns if timeout is _DEFAULT and backpressure is None
+                      else self._policy(timeout, backpressure)[2])  # fmt: skip
                 rc = _send_ex(
                     rt, _kind, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
-                    data, len(data), -1 if timeout is None else _ns(timeout), _request_id,
-                    _correlation_id, 0,
+                    data, len(data), ns, _request_id, _correlation_id, 0,
                 ) if _request_id else _send(
                     rt, _kind, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
-                    data, len(data), -1 if timeout is None else _ns(timeout),
+                    data, len(data), ns,
                 )  # fmt: skip
                 if rc > 0:
                     return rc  # type: ignore[no-any-return]
             except (TypeError, OverflowError):
                 pass  # a field of the wrong type or range: the full path says which
-        return self._out.send(recipient, _kind, data, flags, priority, ttl, timeout,
-                              _request_id, _correlation_id)  # fmt: skip
+        policy, wait, _ = self._policy(timeout, backpressure)
+        return self._out.send(recipient, _kind, data, flags, priority, ttl, wait,
+                              _request_id, _correlation_id, policy)  # fmt: skip
+
+    @property
+    def backpressure(self) -> str:
+        """What a send does when the recipient's inbox is full: "block", "error" or "drop"."""
+        return self._backpressure
+
+    @backpressure.setter
+    def backpressure(self, policy: str) -> None:
+        self._backpressure = check_policy(policy)
+        self._wait_ns = self._policy(_DEFAULT, None)[2]
+
+    @property
+    def send_timeout(self) -> float | None:
+        """How long a "block" send waits for room, by default (None: forever)."""
+        return self._send_timeout
+
+    @send_timeout.setter
+    def send_timeout(self, seconds: float | None) -> None:
+        self._send_timeout = seconds
+        self._wait_ns = self._policy(_DEFAULT, None)[2]
+
+    def _policy(self, timeout: Any, backpressure: str | None) -> tuple[str, float | None, int]:
+        """The policy, the wait in seconds and in C's nanoseconds for one send."""
+        policy = self._backpressure if backpressure is None else check_policy(backpressure)
+        if policy != "block":
+            return policy, 0.0, 0
+        wait = self._send_timeout if timeout is _DEFAULT else timeout
+        return policy, wait, -1 if wait is None else _ns(wait)
 
     def send_many(
         self,
@@ -226,18 +283,28 @@ class Agent:
         priority: int = 0,
         ttl: float | None = None,
         requires_ack: bool = False,
-        timeout: float | None = None,
+        timeout: float | None = _DEFAULT,
+        backpressure: str | None = None,
     ) -> list[int]:
-        """Send several messages to one recipient in one C call; returns their ids."""
+        """Send several messages to one recipient in one C call; returns their ids.
+
+        With "block" or "error", a full inbox raises after what fitted was
+        sent (the exception says how many); with "drop" the rest is
+        dead-lettered.
+        """
+        policy, wait, _ = self._policy(timeout, backpressure)
         return self._out.send_many(recipient, _DIRECT, payloads, priority, ttl, requires_ack,
-                                   timeout)  # fmt: skip
+                                   wait, policy)  # fmt: skip
 
     def publish(self, topic: str, payload: Any, *, priority: int = 0, ttl: float | None = None,
-                timeout: float | None = None) -> int:  # fmt: skip
+                timeout: float | None = _DEFAULT, backpressure: str | None = None
+                ) -> int:  # fmt: skip
         """Copy a message into the inbox of every subscriber of ``topic``; returns its id.
 
-        A subscriber whose inbox stays full past ``timeout`` does not hold up
-        the others: its copy goes to the DLQ ("inbox full").
+        A full subscriber never holds up the others, nor makes the publish
+        raise: once the backpressure policy's wait is over ("block": up to
+        ``timeout``; "error" and "drop": none), its copy goes to the DLQ
+        ("inbox full").
         """
         if type(payload) is bytes:
             data, flags = payload, FLAG_RAW
@@ -247,25 +314,29 @@ class Agent:
         rc = lib.SHMBUS_ESTALE
         if rt is not None:
             try:
+                ns = (self._wait_ns if timeout is _DEFAULT and backpressure is None
+                      else self._policy(timeout, backpressure)[2])  # fmt: skip
                 rc = _send(
                     rt, _PUBLISH, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
-                    data, len(data), -1 if timeout is None else _ns(timeout),
+                    data, len(data), ns,
                 )  # fmt: skip
                 if rc > 0:
                     return rc  # type: ignore[no-any-return]
             except (TypeError, OverflowError):
                 rt = None
+        _, wait, _ = self._policy(timeout, backpressure)
         return self._out.publish(topic, _PUBLISH, data, [len(data)], bytes((flags,)), priority,
-                                 ttl, timeout, rt, rc)  # fmt: skip
+                                 ttl, wait, rt, rc)  # fmt: skip
 
     def publish_many(self, topic: str, payloads: Sequence[Any], *, priority: int = 0,
-                     ttl: float | None = None, timeout: float | None = None
-                     ) -> list[int]:  # fmt: skip
+                     ttl: float | None = None, timeout: float | None = _DEFAULT,
+                     backpressure: str | None = None) -> list[int]:  # fmt: skip
         """Publish several messages on ``topic`` in one C call; returns their ids."""
         if not payloads:
             return []
         blob, lens, flags = pack_many(payloads, 0)
-        first = self._out.publish(topic, _PUBLISH, blob, lens, flags, priority, ttl, timeout)
+        _, wait, _ = self._policy(timeout, backpressure)
+        first = self._out.publish(topic, _PUBLISH, blob, lens, flags, priority, ttl, wait)
         return list(range(first, first + len(lens)))
 
     def subscribe(self, pattern: str) -> None:

@@ -20,6 +20,15 @@ class RingFull(ShmbusError):
     """A ring had no room for a frame before the timeout passed."""
 
 
+class InboxFull(RingFull):
+    """A recipient's inbox has no room, and the send's backpressure policy is
+    "error": raised at once. Names the recipient and its fill level."""
+
+
+class BackpressureTimeout(InboxFull, TimeoutError):
+    """A recipient's inbox stayed full for the whole wait of a "block" send."""
+
+
 class MessageTooLarge(ShmbusError, ValueError):
     """A frame is larger than the ring (or bus) accepts."""
 

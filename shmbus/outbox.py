@@ -17,10 +17,11 @@ from typing import Any
 
 from ._native import ffi, lib
 from .errors import (
+    BackpressureTimeout,
+    InboxFull,
     InvalidArgument,
     MessageTooLarge,
     NotFound,
-    RingFull,
     UnknownRecipient,
     raise_for,
 )
@@ -28,7 +29,7 @@ from .message import FLAG_ACK, FLAG_RAW, HEADER_SIZE, _packer, encode_frame
 from .message import pack_payload as _pack_payload
 from .ring import Ring, _deadline, _left_ns
 from .routes import Table, match, validate_topic
-from .stats import FAILED, StatsSegment
+from .stats import DROPPED, FAILED, StatsSegment
 
 _OK = lib.SHMBUS_OK
 _EINTR = lib.SHMBUS_EINTR
@@ -40,6 +41,13 @@ _MAX_TTL = 0xFFFFFFFF / 1000
 _MAX_TOPIC_ROUTES = 4096  # beyond this many distinct topics, start the cache over
 
 DeadLetterFn = Callable[[bytes, str], None]
+POLICIES = ("block", "error", "drop")
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise InvalidArgument(f"backpressure must be one of {POLICIES}, got {policy!r}")
+    return policy
 
 
 def ttl_ms(ttl: float | None) -> int:
@@ -258,13 +266,27 @@ class Outbox:
         size = HEADER_SIZE + len(self._name_b) + len(where.encode()) + data_len
         return MessageTooLarge(size, limit, f"the inbox of {where!r}")
 
-    def _full(self, name: str, timeout: float | None) -> RingFull:
+    def _fill(self, name: str) -> str:
         ring = self.peers.get(name)
-        fill = f"{ring.used} of {ring.capacity} bytes in use" if ring is not None else "full"
-        return RingFull(
+        if ring is None:
+            return "fill unknown"
+        return f"{ring.used} of {ring.capacity} bytes in use, {100 * ring.used // ring.capacity}%"
+
+    def _full(self, name: str, timeout: float | None, policy: str) -> InboxFull:
+        fill = self._fill(name)
+        if policy == "error":
+            return InboxFull(
+                f"the inbox of {name!r} on bus {self.bus!r} is full ({fill}); "
+                "backpressure policy 'error' does not wait"
+            )
+        return BackpressureTimeout(
             f"the inbox of {name!r} on bus {self.bus!r} stayed full for {timeout}s ({fill}); "
             "its reader is slow or stuck"
         )
+
+    def _drop(self, frame: bytes, name: str, n: int = 1) -> None:
+        StatsSegment.add(self.counters, DROPPED, n)
+        self._dead_letter(frame, f"inbox full: {name!r} ({self._fill(name)}); policy 'drop'")
 
     # ------------------------------------------------------------- sends
 
@@ -279,6 +301,7 @@ class Outbox:
         timeout: float | None,
         request_id: int = 0,
         correlation_id: int = 0,
+        policy: str = "block",
     ) -> int:
         """One direct message, the whole way (the agent's fast path did not finish it)."""
         ms = check_fields(priority, ttl)
@@ -322,9 +345,16 @@ class Outbox:
             if rc == _ESTALE:
                 self.refresh()
             elif rc != _EINTR:  # a signal: its handler ran on return; go on
+                if rc in _FULL and policy == "drop":
+                    msg_id = lib.shmbus_sender_next_id(self.sender)
+                    frame = self.frame(kind, data, flags, msg_id, recipient=name,
+                                       priority=priority, ttl=ms, request_id=request_id,
+                                       correlation_id=correlation_id)  # fmt: skip
+                    self._drop(frame, name)
+                    return int(msg_id)
                 self._failed()
                 if rc in _FULL:
-                    raise self._full(name, timeout)
+                    raise self._full(name, timeout, policy)
                 if rc == _ETOOBIG:
                     raise self._too_big(rt, len(data), name)
                 raise_for(rc, f"send to {name!r}")
@@ -338,6 +368,7 @@ class Outbox:
         ttl: Any,
         requires_ack: bool,
         timeout: float | None,
+        policy: str = "block",
     ) -> list[int]:
         ms = check_fields(priority, ttl)
         blob, lens, flags = pack_many(payloads, FLAG_ACK if requires_ack else 0)
@@ -378,9 +409,16 @@ class Outbox:
             rc = self._finish(rt, 0, deadline)
             if rc != _OK:
                 written = lib.shmbus_route_written(rt, 0)
+                if rc in _FULL and policy == "drop":
+                    for i, data in enumerate(_split(blob, lens)):
+                        if i >= written:
+                            frame = self.frame(kind, data, flags[i], first + i, recipient=name,
+                                               priority=priority, ttl=ms)  # fmt: skip
+                            self._drop(frame, name)
+                    return list(range(first, first + n))
                 self._failed(n - written)
                 if rc in _FULL:
-                    err = self._full(name, timeout)
+                    err = self._full(name, timeout, policy)
                     err.args = (f"{err.args[0]}; {written} of {n} messages were sent",)
                     raise err
                 if rc == _ETOOBIG:

@@ -211,3 +211,51 @@ def test_peers_lists_the_agents_on_the_bus(bus):
         with shmbus.connect(bus=bus, name="other"):
             assert driver.peers() == ["driver", "other"]
         assert driver.peers() == ["driver"]
+
+
+def _late_reader(bus: str) -> None:
+    """A small inbox that is left alone for a moment, then read to the end."""
+    with shmbus.connect(bus=bus, name="slow", inbox_capacity=1 << 14) as agent:
+        agent.send("driver", "ready")
+        time.sleep(0.3)
+        got = [agent.recv(timeout=20).payload for _ in range(30)]
+        agent.send("driver", [g[0] for g in got])
+
+
+def test_backpressure_policies_block_error_and_drop(bus, children):
+    with shmbus.connect(bus=bus, name="driver", send_timeout=0.05) as driver:
+        assert driver.backpressure == "block" and driver.send_timeout == 0.05
+        with shmbus.connect(bus=bus, name="tiny", inbox_capacity=1 << 14):
+            blob = b"x" * 1500
+            sent = 0
+            with pytest.raises(shmbus.BackpressureTimeout, match=r"'tiny'.*stayed full.*% ?\)"):
+                while True:  # block (default): waits send_timeout, then says how full
+                    driver.send("tiny", blob)
+                    sent += 1
+            assert 5 < sent < 12
+            with pytest.raises(shmbus.InboxFull, match="'error' does not wait") as err:
+                driver.send("tiny", blob, backpressure="error")
+            assert not isinstance(err.value, TimeoutError)
+            dropped_id = driver.send("tiny", blob + b"!", backpressure="drop")
+            ids = driver.send_many("tiny", [b"a" * 1500] * 3, backpressure="drop")
+            assert len(ids) == 3 and dropped_id < ids[0]
+            dead = [d for d in driver.dlq() if d.message.recipient == "tiny"]
+            assert [d.message.id for d in dead] == [dropped_id, *ids]
+            assert all("inbox full" in d.reason and "'drop'" in d.reason for d in dead)
+            assert dead[0].message.payload == blob + b"!"
+            mine = driver.stats().agents["driver"]
+            assert mine.dropped == 4 and mine.failed == 2  # the timeout and the error
+        with pytest.raises(shmbus.InvalidArgument):
+            driver.send("driver", 1, backpressure="wait")
+        with pytest.raises(ValueError):
+            shmbus.connect(bus=bus, name="x", backpressure="never")
+
+
+def test_a_blocked_send_goes_through_once_the_reader_drains(bus, children):
+    with shmbus.connect(bus=bus, name="driver", send_timeout=None) as driver:
+        children.start(_late_reader, bus)
+        assert driver.recv(timeout=20).payload == "ready"
+        for i in range(30):  # about 10 fit: the rest wait for room, forever if need be
+            driver.send("slow", bytes([i]) * 1500)
+        assert driver.recv(timeout=20).payload == list(range(30))
+        assert driver.stats().agents["driver"].failed == 0
