@@ -451,6 +451,18 @@ def test_every_header_byte_flipped_to_every_kind_of_value():
     assert isinstance(want[0], Message) and isinstance(want[-1], CorruptFrame)
 
 
+def test_reasons_for_bad_headers_are_the_ones_decode_frame_gives():
+    good = encode_frame(1, sender=b"a", payload=b"\xc0")
+    frames = [
+        b"", b"x" * 63, bytes(64), damage_header(good, 1, 2), damage_header(good, 0, 0x1234),
+        good + b"!", damage_header(good, 2, 0), damage_header(good, 3, 101),
+        damage_header(good, 15, 1025), encode_frame(1, sender=b"\xff", payload=b"\xc0"),
+    ]  # fmt: skip
+    m._names.clear()
+    got = c_decode(frames)
+    assert got == [str(py_decode(f)) for f in frames]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="decode_one calls memoryview.release() with the unpackb error still set, so every "
