@@ -225,7 +225,7 @@ static PyObject *decode_block(PyObject *self, PyObject *args)
     decode_state st;
     if (load_state(state, &st) < 0)
         goto done;
-    if (count < 0 || (size_t)lens.len < (size_t)count * sizeof(uint32_t)) {
+    if (count < 0 || (size_t)count > (size_t)lens.len / sizeof(uint32_t)) {
         PyErr_SetString(PyExc_ValueError, "count is larger than lens holds");
         goto done;
     }

@@ -674,6 +674,8 @@ def child_abuses_arguments() -> None:
     cases = {
         "count past lens": (frame, one, 2, state),
         "count past guarded lens": (g_frame, g_one, 2, state),
+        "count 2**62 wraps count*4": (frame, one, 2**62, state),
+        "count 2**62+1": (frame, one, 2**62 + 1, state),
         "count maxsize": (frame, one, sys.maxsize, state),
         "count -1": (frame, one, -1, state),
         "count -2**63": (frame, one, -(2**63), state),
