@@ -291,7 +291,7 @@ static PyObject *decode_one(decode_state *st, const char *f, uint32_t size)
     shmbus_frame_header h;
     memcpy(&h, f, sizeof h);
     if (h.magic != SHMBUS_FRAME_MAGIC || h.version != SHMBUS_FRAME_VERSION)
-        return bad("not a shmbus frame of version %d (magic %#x, v%u)", SHMBUS_FRAME_VERSION,
+        return bad("not a shmbus frame of version %d (magic 0x%x, v%u)", SHMBUS_FRAME_VERSION,
                    (unsigned)h.magic, (unsigned)h.version);
     uint64_t names_len = (uint64_t)h.sender_len + h.recipient_len + h.topic_len;
     if (SHMBUS_FRAME_HEADER_SIZE + names_len + h.payload_len != size)
@@ -449,7 +449,7 @@ static PyObject *decode_block(PyObject *self, PyObject *args)
     decode_state st;
     if (load_state(state, &st) < 0)
         goto done;
-    if (count < 0 || (size_t)lens.len < (size_t)count * sizeof(uint32_t)) {
+    if (count < 0 || (size_t)count > (size_t)lens.len / sizeof(uint32_t)) {
         PyErr_SetString(PyExc_ValueError, "count is larger than lens holds");
         goto done;
     }
