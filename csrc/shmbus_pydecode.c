@@ -18,6 +18,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -44,17 +45,28 @@ static PyObject *bad(const char *fmt, ...)
     return s;
 }
 
-static PyObject *names_of(decode_state *st, const char *p, uint32_t slen, uint32_t rlen,
+/* The cache key: the header's three name lengths (bytes 52..55), then the
+ * names, so ("ab", "c") and ("a", "bc") never share an entry.  Python's
+ * decode_frame builds the same key: they share the dict. */
+static PyObject *names_of(decode_state *st, const char *frame, uint32_t slen, uint32_t rlen,
                           uint32_t tlen)
 {
-    PyObject *key = PyBytes_FromStringAndSize(p, (Py_ssize_t)slen + rlen + tlen);
+    const char *p = frame + SHMBUS_FRAME_HEADER_SIZE;
+    Py_ssize_t n = (Py_ssize_t)slen + rlen + tlen;
+    PyObject *key = PyBytes_FromStringAndSize(NULL, 4 + n);
     if (!key)
         return NULL;
+    memcpy(PyBytes_AS_STRING(key), frame + offsetof(shmbus_frame_header, sender_len), 4);
+    memcpy(PyBytes_AS_STRING(key) + 4, p, (size_t)n);
     PyObject *hit = PyDict_GetItemWithError(st->names, key);
-    if (hit || PyErr_Occurred()) {
-        Py_XINCREF(hit);
+    if (hit && PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 3) {
+        Py_INCREF(hit);
         Py_DECREF(key);
         return hit;
+    }
+    if (PyErr_Occurred()) { /* a key that cannot be compared: not ours */
+        Py_DECREF(key);
+        return NULL;
     }
     PyObject *s = PyUnicode_DecodeUTF8(p, slen, NULL);
     PyObject *r = s ? PyUnicode_DecodeUTF8(p + slen, rlen, NULL) : NULL;
@@ -304,7 +316,7 @@ static PyObject *decode_one(decode_state *st, const char *f, uint32_t size)
         return bad("frame has type %u, priority %u, topic length %u: out of range",
                    (unsigned)h.type, (unsigned)h.priority, (unsigned)h.topic_len);
     const char *names_at = f + SHMBUS_FRAME_HEADER_SIZE;
-    PyObject *names = names_of(st, names_at, h.sender_len, h.recipient_len, h.topic_len);
+    PyObject *names = names_of(st, f, h.sender_len, h.recipient_len, h.topic_len);
     if (!names)
         return NULL;
     if (names == Py_None)

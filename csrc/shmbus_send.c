@@ -224,18 +224,42 @@ static int deliver(shmbus_route_t *rt, uint32_t t, int64_t timeout_ns)
     return rc;
 }
 
-/* Every target in turn, so a full subscriber does not starve the others;
- * the first error, if any. */
+static inline int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Every target without waiting first, so a full subscriber does not hold up
+ * the others; then the full ones again, sharing one deadline (a publish
+ * waits `timeout` in all, not per full subscriber).  The first error left. */
 static int deliver_all(shmbus_route_t *rt, int64_t timeout_ns)
 {
-    int first = SHMBUS_OK;
+    int full = 0;
     for (uint32_t t = 0; t < rt->targets; t++) {
         rt->written[t] = 0;
-        int rc = deliver(rt, t, timeout_ns);
-        if (rc != SHMBUS_OK && first == SHMBUS_OK)
-            first = rc;
+        int rc = deliver(rt, t, 0);
+        full |= rc == SHMBUS_EAGAIN;
     }
-    return first;
+    if (full && timeout_ns != 0) {
+        int64_t deadline = timeout_ns < 0 ? -1 : mono_ns() + timeout_ns;
+        for (uint32_t t = 0; t < rt->targets; t++) {
+            if (rt->errors[t] != SHMBUS_EAGAIN)
+                continue;
+            int64_t left = -1;
+            if (deadline >= 0) {
+                left = deadline - mono_ns();
+                if (left < 1)
+                    left = 1; /* one more look, no wait */
+            }
+            deliver(rt, t, left);
+        }
+    }
+    for (uint32_t t = 0; t < rt->targets; t++)
+        if (rt->errors[t] != SHMBUS_OK)
+            return rt->errors[t];
+    return SHMBUS_OK;
 }
 
 int shmbus_route_resume(shmbus_route_t *rt, uint32_t target, int64_t timeout_ns)
@@ -276,7 +300,9 @@ static int64_t send_in_place(shmbus_route_t *rt, uint32_t kind, uint32_t flags, 
     int64_t index;
     char *at;
     rt->last_count = 0; /* nothing to resume: a failed direct send wrote nothing */
-    int rc = shmbus_ring_claim(rt->rings[0], (uint32_t)frame_len, timeout_ns, &index, &at);
+    rt->written[0] = 0;
+    rt->errors[0] = shmbus_ring_claim(rt->rings[0], (uint32_t)frame_len, timeout_ns, &index, &at);
+    int rc = rt->errors[0];
     if (rc != SHMBUS_OK)
         return rc;
     uint64_t id = take_ids(rt->me, 1);
@@ -284,16 +310,14 @@ static int64_t send_in_place(shmbus_route_t *rt, uint32_t kind, uint32_t flags, 
     memcpy(put_header(rt, at, kind, flags, priority, ttl_ms, len, id, wall_ns(), request_id,
                       correlation_id, attempts),
            payload, len);
-    rc = shmbus_ring_commit(rt->rings[0], index);
+    rt->errors[0] = rc = shmbus_ring_commit(rt->rings[0], index);
     if (rc != SHMBUS_OK)
         return rc; /* lost to unblock(): the reader has skipped it */
+    rt->written[0] = 1;
     add(rt->me->counters, SHMBUS_STAT_SENT, 1);
     add(rt->me->counters, SHMBUS_STAT_BYTES_SENT, frame_len);
     add(rt->counters[0], SHMBUS_STAT_DELIVERED, 1);
     add(rt->counters[0], SHMBUS_STAT_DELIVERED_BYTES, frame_len);
-    add(rt->topic_counters, SHMBUS_STAT_PUBLISHED, 1);
-    add(rt->topic_counters, SHMBUS_STAT_TOPIC_DELIVERED, 1);
-    add(rt->topic_counters, SHMBUS_STAT_TOPIC_BYTES, len);
     return (int64_t)id;
 }
 
@@ -309,7 +333,7 @@ static int64_t send_one(shmbus_route_t *rt, uint32_t kind, uint32_t flags, uint3
     uint64_t frame_len = SHMBUS_FRAME_HEADER_SIZE + (uint64_t)rt->names_len + len;
     if (frame_len > UINT32_MAX)
         return SHMBUS_ETOOBIG;
-    if (rt->targets == 1)
+    if (rt->targets == 1 && !rt->topic_counters) /* a publish must be resumable */
         return send_in_place(rt, kind, flags, priority, ttl_ms, payload, len, frame_len,
                              timeout_ns, request_id, correlation_id, attempts);
     /* Several inboxes (a publish): build the frame once, copy it to each. */

@@ -237,12 +237,14 @@ uint64_t *shmbus_stats_bus(shmbus_stats_t *s) { return (uint64_t *)s->header->bu
 
 void shmbus_stats_add(uint64_t *counters, uint32_t index, uint64_t n)
 {
-    if (counters && index < 32)
+    /* Topic and bus pointers have 16 counters, an agent's 32 (own + senders'). */
+    if (counters &&
+        (index < 16 || index == SHMBUS_STAT_DELIVERED || index == SHMBUS_STAT_DELIVERED_BYTES))
         atomic_fetch_add_explicit((_Atomic uint64_t *)&counters[index], n, memory_order_relaxed);
 }
 
 void shmbus_stats_set(uint64_t *counters, uint32_t index, uint64_t value)
 {
-    if (counters && index < 32)
+    if (counters && index < 16)
         atomic_store_explicit((_Atomic uint64_t *)&counters[index], value, memory_order_relaxed);
 }

@@ -225,6 +225,7 @@ class Agent:
             data, flags = pack_payload(payload)
         if requires_ack:
             flags |= FLAG_ACK
+        rc = 0
         rt = self._direct.get(recipient)
         if rt is not None:
             # The fast path: one C call. Anything unusual (a moved table, a
@@ -241,11 +242,11 @@ class Agent:
                 )  # fmt: skip
                 if rc > 0:
                     return rc  # type: ignore[no-any-return]
-            except (TypeError, OverflowError):
+            except (TypeError, OverflowError, ValueError):
                 pass  # a field of the wrong type or range: the full path says which
         policy, wait, _ = self._policy(timeout, backpressure)
         return self._out.send(recipient, _kind, data, flags, priority, ttl, wait,
-                              _request_id, _correlation_id, policy)  # fmt: skip
+                              _request_id, _correlation_id, policy, rc)  # fmt: skip
 
     @property
     def backpressure(self) -> str:
@@ -322,7 +323,7 @@ class Agent:
                 )  # fmt: skip
                 if rc > 0:
                     return rc  # type: ignore[no-any-return]
-            except (TypeError, OverflowError):
+            except (TypeError, OverflowError, ValueError):
                 rt = None
         _, wait, _ = self._policy(timeout, backpressure)
         return self._out.publish(topic, _PUBLISH, data, [len(data)], bytes((flags,)), priority,
@@ -355,7 +356,13 @@ class Agent:
         inbox = self.inbox
         n = inbox.read_block(max_count, timeout)
         if n > 0:
-            items = _decode_block(inbox.scratch_view, inbox.lens_view, n, self._decode_state)
+            try:
+                items = _decode_block(inbox.scratch_view, inbox.lens_view, n, self._decode_state)
+            except BaseException:
+                # No memory, or Ctrl-C inside a payload's decoding: the frames
+                # are off the ring already, so keep what decodes, then raise.
+                self._salvage(inbox._split(n))
+                raise
         elif n < 0:  # one frame larger than the scratch, copied once from the ring
             try:
                 items = [decode_frame(inbox.read(0))]
@@ -370,6 +377,13 @@ class Agent:
             else:
                 ahead.append(item)
         return True
+
+    def _salvage(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            try:
+                self._ahead.append(decode_frame(frame))
+            except Exception as e:  # CorruptFrame, or whatever failed the block
+                log.warning("agent %s dropped a frame it could not decode: %s", self.name, e)
 
     def _next(self, timeout: float | None) -> Message:
         """The next message from the inbox, read ahead: what is already there

@@ -99,7 +99,9 @@ class Coordinator:
         StatsSegment.unlink_name(stats_name(bus))
         self.table = Table.create(routes_name(bus))
         self.stats = StatsSegment.create(stats_name(bus))
-        self._free_slots = list(range(lib.SHMBUS_STATS_AGENT_SLOTS - 1, 0, -1))  # pop() = lowest
+        # Freed slots go to the back: a sender's late add to a departed agent's
+        # counters lands in a slot nobody reuses for as long as possible.
+        self._free_slots = collections.deque(range(1, lib.SHMBUS_STATS_AGENT_SLOTS))
         self._dlq_total = 0
         self._publish()
         path = socket_path(bus)
@@ -169,7 +171,7 @@ class Coordinator:
                 reply = self._handle(conn, msg)
             except ShmbusError as e:
                 reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 reply = {"ok": False, "error": "BadRequest", "message": f"{type(e).__name__}: {e}"}
             leaving = msg.get("op") == "unregister" and conn.agent is not None
             if leaving:
@@ -292,11 +294,16 @@ class Coordinator:
         transport = msg.get("transport", "shm")
         if transport not in ("shm",):
             raise ValueError(f"unknown transport {transport!r}")
-        agent = _Agent(name, self._next_id, int(msg["pid"]), inbox, conn, transport=transport)
+        pid = msg["pid"]
+        if type(pid) is not int or not 0 < pid < 1 << 31:
+            raise ValueError(f"pid must be a process id, got {pid!r}")
+        if self._next_id >= 1 << 23:  # message ids hold 23 bits of agent id
+            raise ShmbusError(f"bus {self.bus!r} has run out of agent ids; restart it")
+        agent = _Agent(name, self._next_id, pid, inbox, conn, transport=transport)
         self._next_id += 1
         if self._free_slots:
-            agent.slot = self._free_slots.pop()
-            self.stats.open_agent(agent.slot, agent.id, agent.pid, name)
+            self.stats.open_agent(self._free_slots[0], agent.id, agent.pid, name)
+            agent.slot = self._free_slots.popleft()
         else:
             log.warning("no stats slot left for agent %s: it is not counted", name)
         self.agents[name] = agent

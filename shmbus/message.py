@@ -37,6 +37,14 @@ FLAG_RAW: int = lib.SHMBUS_FRAME_FLAG_RAW
 MAX_NAME: int = lib.SHMBUS_FRAME_MAX_NAME
 MAX_TOPIC: int = lib.SHMBUS_FRAME_MAX_TOPIC
 
+
+def _field_offsets() -> list[int]:
+    out = ffi.new("uint32_t[32]")
+    return list(out[0 : lib.shmbus_frame_offsets(out, 32)])
+
+
+_LENGTHS_AT = _field_offsets()[13]  # sender, recipient and topic lengths: 4 bytes
+
 _EXT_NDARRAY = 1
 _EXT_NPSCALAR = 2
 _MAX_DIMS = 32
@@ -205,10 +213,21 @@ def pack_payload(payload: Any) -> tuple[bytes, int]:
 
 
 def _tuplify(descr: Any) -> Any:
-    """msgpack turns the tuples of a structured dtype's descr into lists."""
-    if isinstance(descr, list):
-        return [tuple(_tuplify(x) for x in field) for field in descr]
-    return descr
+    """msgpack turns the tuples of a structured dtype's descr into lists: make
+    each field (name, format[, shape]) again, where a name may be (title,
+    name), a format a nested descr, and a shape a tuple."""
+    if not isinstance(descr, list):
+        return descr
+    fields = []
+    for field in descr:
+        if not isinstance(field, list) or not 2 <= len(field) <= 3:
+            raise TypeError(f"bad field {field!r}")
+        name = tuple(field[0]) if isinstance(field[0], list) else field[0]
+        rest = [_tuplify(field[1])]
+        if len(field) == 3:
+            rest.append(tuple(field[2]) if isinstance(field[2], list) else field[2])
+        fields.append((name, *rest))
+    return fields
 
 
 def _dtype(descr: Any) -> np.dtype:
@@ -383,14 +402,15 @@ _names: dict[bytes, tuple[str, str, str]] = {}
 _MAX_NAMES = 4096
 
 
-def _decode_names(raw: bytes, slen: int, rlen: int) -> tuple[str, str, str]:
+def _decode_names(key: bytes, slen: int, rlen: int) -> tuple[str, str, str]:
+    raw = key[4:]
     try:
         names = (raw[:slen].decode(), raw[slen : slen + rlen].decode(), raw[slen + rlen :].decode())
     except UnicodeDecodeError:
         raise CorruptFrame("frame names are not valid UTF-8") from None
     if len(_names) >= _MAX_NAMES:
         _names.clear()  # many distinct topics: start over rather than grow
-    _names[raw] = names
+    _names[key] = names
     return names
 
 
@@ -425,10 +445,12 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> Message:
         raise _bad_frame(frame)
     # Sender, recipient and topic repeat from frame to frame: one slice and
     # one dict hit instead of three slices and three decodes.
-    raw_names = frame[HEADER_SIZE:c]
-    names = _names.get(raw_names)
+    # The lengths too, so ("ab", "c") and ("a", "bc") differ; shmbus_pydecode.c
+    # builds the same key, and shares the dict.
+    key = frame[_LENGTHS_AT : _LENGTHS_AT + 4] + frame[HEADER_SIZE:c]
+    names = _names.get(key)
     if names is None:
-        names = _decode_names(raw_names, slen, rlen)
+        names = _decode_names(key, slen, rlen)
     sender, recipient, topic = names
     if flags & FLAG_RAW:
         payload = frame[c:]

@@ -11,6 +11,7 @@ here. Routes are rebuilt lazily whenever the coordinator's table moves.
 from __future__ import annotations
 
 import array
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,11 +60,15 @@ def ttl_ms(ttl: float | None) -> int:
     return max(1, round(ttl * 1000))
 
 
-def check_fields(priority: Any, ttl: Any) -> int:
-    """Validate what a send takes besides the payload; returns the TTL in ms."""
-    if type(priority) is not int or not 0 <= priority <= 100:
+def check_priority(priority: Any) -> int:
+    """An int from 0 to 100 (anything int-like, as the fast path's C call takes it)."""
+    try:
+        value = operator.index(priority)
+    except TypeError:
+        value = -1
+    if not 0 <= value <= 100:
         raise InvalidArgument(f"priority must be an int from 0 to 100, got {priority!r}")
-    return ttl_ms(ttl)
+    return value
 
 
 def pack_many(payloads: Sequence[Any], extra_flags: int) -> tuple[bytes, Any, Any]:
@@ -260,7 +265,7 @@ class Outbox:
     def _failed(self, n: int = 1) -> None:
         StatsSegment.add(self.counters, FAILED, n)
 
-    def _too_big(self, rt: Any, data_len: int, where: str) -> MessageTooLarge:
+    def _too_big(self, data_len: int, where: str) -> MessageTooLarge:
         ring = self.peers.get(where)
         limit = ring.max_frame if ring is not None else 0
         size = HEADER_SIZE + len(self._name_b) + len(where.encode()) + data_len
@@ -302,62 +307,48 @@ class Outbox:
         request_id: int = 0,
         correlation_id: int = 0,
         policy: str = "block",
+        first_rc: int = 0,
     ) -> int:
-        """One direct message, the whole way (the agent's fast path did not finish it)."""
-        ms = check_fields(priority, ttl)
+        """One direct message, the whole way (the agent's fast path did not
+        finish it; ``first_rc`` is what that path's C call returned: a full
+        inbox there has had its wait already)."""
+        priority = check_priority(priority)
+        ms = ttl_ms(ttl)
         deadline = _deadline(timeout)
-        while True:
+        rc = first_rc if first_rc in _FULL else 0
+        while not rc:
             try:
                 rt = self.route_to(name)
             except UnknownRecipient as e:
                 self._failed()
                 msg_id = lib.shmbus_sender_next_id(self.sender)
-                self._dead_letter(
-                    self.frame(
-                        kind,
-                        data,
-                        flags,
-                        msg_id,
-                        recipient=name,
-                        priority=priority,
-                        ttl=ms,
-                        request_id=request_id,
-                        correlation_id=correlation_id,
-                    ),
-                    f"no recipient: {e}",
-                )
+                frame = self.frame(kind, data, flags, msg_id, recipient=name, priority=priority,
+                                   ttl=ms, request_id=request_id,
+                                   correlation_id=correlation_id)  # fmt: skip
+                self._dead_letter(frame, f"no recipient: {e}")
                 raise
-            rc = lib.shmbus_send_ex(
-                rt,
-                kind,
-                flags,
-                priority,
-                ms,
-                data,
-                len(data),
-                _left_ns(deadline),
-                request_id,
-                correlation_id,
-                0,
-            )
+            rc = lib.shmbus_send_ex(rt, kind, flags, priority, ms, data, len(data),
+                                    _left_ns(deadline), request_id, correlation_id, 0)  # fmt: skip
             if rc > 0:
                 return int(rc)
             if rc == _ESTALE:
                 self.refresh()
-            elif rc != _EINTR:  # a signal: its handler ran on return; go on
-                if rc in _FULL and policy == "drop":
-                    msg_id = lib.shmbus_sender_next_id(self.sender)
-                    frame = self.frame(kind, data, flags, msg_id, recipient=name,
-                                       priority=priority, ttl=ms, request_id=request_id,
-                                       correlation_id=correlation_id)  # fmt: skip
-                    self._drop(frame, name)
-                    return int(msg_id)
-                self._failed()
-                if rc in _FULL:
-                    raise self._full(name, timeout, policy)
-                if rc == _ETOOBIG:
-                    raise self._too_big(rt, len(data), name)
-                raise_for(rc, f"send to {name!r}")
+                rc = 0
+            elif rc == _EINTR:  # a signal: its handler ran on return; go on
+                rc = 0
+        if rc in _FULL and policy == "drop":
+            msg_id = lib.shmbus_sender_next_id(self.sender)
+            frame = self.frame(kind, data, flags, msg_id, recipient=name, priority=priority,
+                               ttl=ms, request_id=request_id,
+                               correlation_id=correlation_id)  # fmt: skip
+            self._drop(frame, name)
+            return int(msg_id)
+        self._failed()
+        if rc in _FULL:
+            raise self._full(name, timeout, policy)
+        if rc == _ETOOBIG:
+            raise self._too_big(len(data), name)
+        return raise_for(rc, f"send to {name!r}")  # type: ignore[no-any-return]
 
     def send_many(
         self,
@@ -370,7 +361,8 @@ class Outbox:
         timeout: float | None,
         policy: str = "block",
     ) -> list[int]:
-        ms = check_fields(priority, ttl)
+        priority = check_priority(priority)
+        ms = ttl_ms(ttl)
         blob, lens, flags = pack_many(payloads, FLAG_ACK if requires_ack else 0)
         n = len(lens)
         if not n:
@@ -422,7 +414,7 @@ class Outbox:
                     err.args = (f"{err.args[0]}; {written} of {n} messages were sent",)
                     raise err
                 if rc == _ETOOBIG:
-                    raise self._too_big(rt, max(lens), name)
+                    raise self._too_big(max(lens), name)
                 raise_for(rc, f"send to {name!r}")
         return list(range(first, first + n))
 
@@ -447,7 +439,8 @@ class Outbox:
         rc: int = _ESTALE,
     ) -> int:
         """A publish (one message, or a batch) whose fast path did not finish it."""
-        ms = check_fields(priority, ttl)
+        priority = check_priority(priority)
+        ms = ttl_ms(ttl)
         deadline = _deadline(timeout)
         n = len(lens)
         while rt is None or rc in (_ESTALE, _EINVAL):  # nothing was written yet

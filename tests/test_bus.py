@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -249,3 +250,17 @@ def test_iteration_ends_when_the_agent_is_closed(bus):
     assert not t.is_alive() and seen == [1]
     agent._closed = False
     agent.close()
+
+
+def test_a_hostile_register_is_refused_and_the_coordinator_lives_on(bus):
+    from shmbus.control import Reader, recv_msg, send_msg, socket_path
+
+    for pid in (2**64 - 1, -5, "x", 0):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(socket_path(bus)))
+            send_msg(sock, {"op": "register", "name": "evil", "pid": pid})
+            reply = recv_msg(sock, Reader(), [])
+            assert reply["ok"] is False and "pid" in reply["message"]
+    with shmbus.connect(bus=bus, name="evil") as agent:  # the name was not kept
+        assert agent.peers() == ["evil"]

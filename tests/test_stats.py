@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import shmbus
@@ -259,3 +260,30 @@ def test_a_blocked_send_goes_through_once_the_reader_drains(bus, children):
             driver.send("slow", bytes([i]) * 1500)
         assert driver.recv(timeout=20).payload == list(range(30))
         assert driver.stats().agents["driver"].failed == 0
+
+
+def test_a_publish_to_one_full_subscriber_is_dead_lettered_not_lost(bus):
+    with (
+        shmbus.connect(bus=bus, name="driver") as driver,
+        shmbus.connect(bus=bus, name="only", inbox_capacity=1 << 14) as only,
+    ):
+        only.subscribe("one.*")
+        ids = [driver.publish("one.x", bytes([i]) * 1500, timeout=0) for i in range(12)]
+        too_big = driver.publish("one.x", b"z" * 5000)
+        assert len(set(ids)) == 12 and too_big not in ids
+        kept = [m.id for m in only.recv_many(100, timeout=5)]
+        dead = {d.message.id: d.reason for d in driver.dlq()}
+        assert sorted(kept + list(dead)) == sorted([*ids, too_big])
+        assert dead[too_big].startswith("too large for the inbox: subscriber 'only'")
+        assert all(dead[i].startswith("inbox full") for i in ids if i in dead)
+
+
+@pytest.mark.parametrize("priority", [np.int64(50), True, 7])
+def test_int_like_priorities_are_taken_alike_on_both_paths(bus, priority):
+    with (
+        shmbus.connect(bus=bus, name="driver") as driver,
+        shmbus.connect(bus=bus, name="peer") as peer,
+    ):
+        driver.send("peer", 0, priority=priority)  # the first send builds the route
+        driver.send("peer", 1, priority=priority)  # the fast path
+        assert [m.priority for m in peer.recv_many(2, timeout=5)] == [int(priority)] * 2
