@@ -599,6 +599,12 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        # Read from the inbox but never handed over: the DLQ has them, and the
+        # coordinator moves what is still in the inbox there when we go.
+        for msg in [*self._kept, *self._ahead]:
+            self._dead_letter(encode_message(msg), "unread: its recipient closed")
+        self._kept.clear()
+        self._ahead.clear()
         try:
             self._call("unregister")
         except ShmbusError:

@@ -205,9 +205,9 @@ class Coordinator:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
         conn.sock.close()
-        self._forget(conn, publish=publish)
+        self._forget(conn, publish=publish, reason="recipient died")
 
-    def _forget(self, conn: _Conn, *, publish: bool = True) -> None:
+    def _forget(self, conn: _Conn, *, publish: bool = True, reason: str = "recipient left") -> None:
         """Take the connection's agent off the bus: routes, subscriptions, inbox, stats slot."""
         name, conn.agent = conn.agent, None
         agent = self.agents.pop(name, None) if name else None
@@ -218,12 +218,49 @@ class Coordinator:
         self.subs = {p: n for p, n in self.subs.items() if n}
         if publish:
             self._publish()  # first: peers check the version before every send
-        # Its inbox goes with it (issue 4 drains what is left to the DLQ first).
+        # What its inbox still holds goes to the DLQ, then the inbox goes.
+        moved = self._drain(agent, reason)
+        if moved:
+            log.warning("agent %s left %d unread messages: in the DLQ", name, moved)
         Ring.unlink_name(agent.inbox)
         if agent.slot:
             self.stats.close_agent(agent.slot)  # folded into the departed totals
             self._free_slots.append(agent.slot)
         log.info("agent %s (pid %d) left the bus", name, agent.pid)
+
+    def _dead_letter(self, frame: bytes, reason: str) -> None:
+        if len(self.dlq) == self.dlq.maxlen:
+            self.dlq_evicted += 1
+        self.dlq.append({"frame": frame, "reason": reason, "time": time.time()})
+        self._dlq_total += 1
+        self.stats.set_bus(DLQ_SIZE, len(self.dlq))
+        self.stats.set_bus(DLQ_TOTAL, self._dlq_total)
+        self.stats.set_bus(DLQ_EVICTED, self.dlq_evicted)
+
+    def _drain(self, agent: _Agent, reason: str) -> int:
+        """Move what is left in a departed agent's inbox to the DLQ; how many."""
+        try:
+            ring = Ring.attach(agent.inbox)
+        except ShmbusError:
+            return 0  # it never made one, or it is gone already
+        moved = 0
+        with ring:
+            while True:
+                try:
+                    frames = ring.read_many(256, 0)
+                except ShmbusError as e:  # a corrupt inbox: what is left is lost, say so
+                    log.error("inbox of %s unreadable after %d frames: %s", agent.name, moved, e)
+                    break
+                if not frames:
+                    break
+                for frame in frames:
+                    if len(frame) > MAX_DLQ_FRAME:
+                        log.error("agent %s left a %d-byte message: too big for the DLQ",
+                                  agent.name, len(frame))  # fmt: skip
+                        continue
+                    self._dead_letter(frame, f"{reason}: {agent.name!r} (pid {agent.pid})")
+                    moved += 1
+        return moved
 
     def _agent_of(self, conn: _Conn) -> _Agent:
         if conn.agent is None:
@@ -251,13 +288,7 @@ class Coordinator:
             frame, reason = msg["frame"], str(msg["reason"])[:1000]
             if not isinstance(frame, bytes) or len(frame) > MAX_DLQ_FRAME:
                 raise ValueError("dlq_add needs the frame as bytes, up to 1 MiB")
-            if len(self.dlq) == self.dlq.maxlen:
-                self.dlq_evicted += 1
-            self.dlq.append({"frame": frame, "reason": reason, "time": time.time()})
-            self._dlq_total += 1
-            self.stats.set_bus(DLQ_SIZE, len(self.dlq))
-            self.stats.set_bus(DLQ_TOTAL, self._dlq_total)
-            self.stats.set_bus(DLQ_EVICTED, self.dlq_evicted)
+            self._dead_letter(frame, reason)
             if conn.agent is not None and self.agents[conn.agent].slot:
                 self.stats.add(self.stats.agent(self.agents[conn.agent].slot), DEAD_LETTERED)
             return {"ok": True}

@@ -1,0 +1,50 @@
+"""Nothing vanishes when an agent goes: what it did not read ends in the DLQ."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import shmbus
+
+
+def _holder(bus: str) -> None:
+    """Joins, says so, and then reads nothing until it is killed."""
+    with shmbus.connect(bus=bus, name="holder") as agent:
+        agent.send("driver", "ready")
+        time.sleep(60)
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_a_closing_agent_leaves_its_unread_messages_in_the_dlq(bus):
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        peer = shmbus.connect(bus=bus, name="peer")
+        for i in range(10):
+            driver.send("peer", i)
+        assert peer.recv(timeout=5).payload == 0  # reads ahead the other nine
+        driver.send("peer", 10)  # still in the inbox when it closes
+        peer.close()
+        dead = {d.message.payload: d.reason for d in driver.dlq()}
+        assert set(dead) == set(range(1, 11))
+        assert all(dead[i].startswith("unread: its recipient closed") for i in range(1, 10))
+        assert dead[10].startswith("recipient left: 'peer'")
+
+
+def test_a_killed_agent_leaves_its_inbox_in_the_dlq(bus, children):
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        proc = children.start(_holder, bus)
+        assert driver.recv(timeout=20).payload == "ready"
+        ids = driver.send_many("holder", list(range(50)))
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: "holder" not in driver.peers())
+        dead = [d for d in driver.dlq() if d.message.recipient == "holder"]
+        assert [d.message.id for d in dead] == ids
+        assert all(d.reason.startswith("recipient died: 'holder'") for d in dead)
+        assert not [n for n in os.listdir("/dev/shm") if f"{bus}.inbox.holder" in n]
