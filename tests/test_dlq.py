@@ -5,7 +5,6 @@ cut off, control ops that address entries by id."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
