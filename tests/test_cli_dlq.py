@@ -188,3 +188,23 @@ def test_cleanup_keeps_a_killed_bus_dlq_unless_told_to_purge_it(names, runtime, 
     result = shmbus_cli("cleanup", "--purge-dlq", bus)
     assert result.returncode == 0 and "removed its DLQ file" in result.stdout
     assert not (state / bus).exists()
+
+
+def test_an_entry_whose_recipient_stays_full_is_kept(bus):
+    with (
+        Control(bus) as ctl,
+        shmbus.connect(bus=bus, name="tiny", inbox_capacity=1 << 14) as tiny,
+        shmbus.connect(bus=bus, name="driver", backpressure="error") as driver,
+    ):
+        with pytest.raises(shmbus.errors.InboxFull):
+            for _ in range(100):
+                driver.send("tiny", b"x" * 1000)
+        entry = dead_letter(ctl, MessageType.DIRECT, "r", b"y" * 1000, sender="a", recipient="tiny")
+        result = shmbus_cli("dlq", "replay", "--bus", bus, "--timeout", "0.2")
+        assert result.returncode == 1 and "replayed 0, kept 1" in result.stdout
+        assert f"{entry}: kept: the inbox of 'tiny' stayed full" in result.stderr
+        assert [e["id"] for e in ctl.call("dlq_list")["entries"]] == [entry]
+        tiny.recv_many(100, timeout=0)  # room again: now it goes
+        assert shmbus_cli("dlq", "replay", "--bus", bus).returncode == 0
+        assert ctl.call("dlq_list")["entries"] == []
+        assert tiny.recv_many(100, timeout=5)[-1].payload == b"y" * 1000
