@@ -1,5 +1,5 @@
 """The ``shmbus`` command: run a coordinator, a demo or a run file, list buses,
-send and publish from scripts, clean up."""
+send and publish from scripts, see to the DLQ, clean up."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli_send, runfile
+from . import cli_dlq, cli_send, dlq, runfile
 from . import coordinator as _coordinator
 from .control import (
     bus_is_live,
@@ -21,9 +21,11 @@ from .control import (
     routes_name,
     runtime_dir,
     socket_path,
+    state_dir,
     stats_name,
+    validate_bus_or_agent,
 )
-from .errors import ShmbusError
+from .errors import CoordinatorRunning, InvalidName, ShmbusError
 from .message import MessageType
 from .ring import Ring
 from .routes import Table
@@ -161,10 +163,25 @@ def run_ls() -> int:
     return 0
 
 
-def run_cleanup(buses: list[str]) -> int:
-    """Remove what killed buses left; never touch a bus whose coordinator lives."""
+def state_bus_names() -> list[str]:
+    """Buses with a state directory (a DLQ file), running or not."""
+    names = []
+    with contextlib.suppress(FileNotFoundError):
+        for path in state_dir("x").parent.iterdir():
+            with contextlib.suppress(InvalidName):  # not one of ours
+                if path.is_dir():
+                    names.append(validate_bus_or_agent(path.name, "bus"))
+    return sorted(names)
+
+
+def run_cleanup(buses: list[str], purge_dlq: bool = False) -> int:
+    """Remove what killed buses left; never touch a bus whose coordinator lives.
+
+    A bus's DLQ file is data, not debris: it stays unless ``purge_dlq``.
+    """
     status = 0
-    for bus in buses or bus_names():
+    found = sorted(set(bus_names()) | set(state_bus_names() if purge_dlq else []))
+    for bus in buses or found:
         if bus_is_live(bus):
             print(f"{bus}: live (its coordinator holds the lock): left alone")
             status = status or (1 if buses else 0)
@@ -176,6 +193,16 @@ def run_cleanup(buses: list[str]) -> int:
         with contextlib.suppress(OSError):
             runtime_dir(bus).rmdir()
         print(f"{bus}: removed {len(removed)} shared-memory entries")
+        if purge_dlq:
+            try:
+                files = dlq.remove_files(bus)
+            except (CoordinatorRunning, OSError) as e:
+                print(f"{bus}: DLQ kept: {e}")
+                status = 1
+            else:
+                print(f"{bus}: removed its DLQ file" if files else f"{bus}: no DLQ file")
+        elif (state_dir(bus) / dlq.FILE).exists():
+            print(f"{bus}: kept its DLQ, {state_dir(bus) / dlq.FILE} (--purge-dlq removes it)")
     return status
 
 
@@ -260,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="print again every SECONDS (default 1) until interrupted")  # fmt: skip
     p = sub.add_parser("cleanup", help="remove what killed buses left (never a live bus)")
     p.add_argument("buses", nargs="*", help="bus names (default: every bus found)")
+    p.add_argument(
+        "--purge-dlq",
+        action="store_true",
+        help="also delete their dead-letter queues (kept by default: they are data)",
+    )
+    cli_dlq.add_parser(sub)
     p = sub.add_parser("run", help="run a bus and its agents from a TOML file")
     p.add_argument("file", help="the run file, e.g. agents.toml")
     p.add_argument("--bus", help="run this bus instead of the file's")
@@ -295,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         return cli_send.run_send(args)
     if args.command == "publish":
         return cli_send.run_publish(args)
-    return run_cleanup(args.buses)
+    if args.command == "dlq":
+        return cli_dlq.run(args)
+    return run_cleanup(args.buses, args.purge_dlq)
 
 
 if __name__ == "__main__":

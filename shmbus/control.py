@@ -2,7 +2,9 @@
 
 A bus NAME has a private runtime directory, ``$XDG_RUNTIME_DIR/shmbus/NAME/``
 (or ``/tmp/shmbus-UID/NAME/``), mode 0700, holding the coordinator's control
-socket and its lock. Its shared memory is ``/dev/shm/shmbus.NAME.*``.
+socket and its lock. Its shared memory is ``/dev/shm/shmbus.NAME.*``. What
+outlives the bus (the dead-letter queue) is in its state directory, see
+:func:`state_dir`.
 
 Control messages are msgpack maps, each behind a 4-byte little-endian length,
 on a Unix stream socket; a request carries ``op`` and gets one reply with
@@ -51,12 +53,43 @@ def make_runtime_dir(bus: str) -> Path:
     path = runtime_dir(bus)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.mkdir(mode=0o700, exist_ok=True)
+    check_private_dir(path)
+    return path
+
+
+def state_dir(bus: str) -> Path:
+    """Where a bus keeps what must outlive it (the DLQ file), not created here.
+
+    ``$SHMBUS_STATE_DIR/BUS/`` when that is set (tests point it at a temporary
+    directory), else ``$XDG_STATE_HOME/shmbus/BUS/``, else
+    ``~/.local/state/shmbus/BUS/``. Not the runtime directory: that one is
+    removed when the bus stops, and a tmpfs loses it at reboot.
+    """
+    validate_bus_or_agent(bus, "bus")
+    base = os.environ.get("SHMBUS_STATE_DIR")
+    if base:
+        return Path(base) / bus
+    xdg = os.environ.get("XDG_STATE_HOME")
+    # The XDG spec: a relative path in the variable is invalid and ignored.
+    root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
+    return root / "shmbus" / bus
+
+
+def make_state_dir(bus: str) -> Path:
+    """Create the bus's state directory (mode 0700) and check it is private."""
+    path = state_dir(bus)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
+    check_private_dir(path)
+    return path
+
+
+def check_private_dir(path: Path) -> None:
     st = path.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise PermissionError(
             f"{path} must belong to this user with mode 0700 (it has {oct(st.st_mode & 0o777)})"
         )
-    return path
 
 
 def socket_path(bus: str) -> Path:

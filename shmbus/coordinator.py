@@ -18,7 +18,6 @@ import selectors
 import signal
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,14 +35,15 @@ from .control import (
     stats_name,
     validate_bus_or_agent,
 )
+from .dlq import MAX_FRAME as DLQ_MAX_FRAME
+from .dlq import OPS as DLQ_OPS
+from .dlq import DeadLetterQueue
 from .errors import CoordinatorRunning, ShmbusError
 from .ring import Ring
 from .routes import Table, validate_pattern
 from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, StatsSegment
 
 log = logging.getLogger("shmbus.coordinator")
-
-MAX_DLQ_FRAME = 1 << 20
 
 
 @dataclass
@@ -85,13 +85,17 @@ class Coordinator:
             ) from None
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        # Reloaded from the bus's state directory (shmbus/dlq.py): before the
+        # shared memory, so a refusal leaves nothing behind.
+        try:
+            self.dlq = DeadLetterQueue(bus, dlq_size)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self.agents: dict[str, _Agent] = {}
         self.subs: dict[str, set[str]] = {}
         self._next_id = 1
         self._stopping = False
-        # Bounded, oldest evicted first (counted). Issue 4 persists it.
-        self.dlq: collections.deque[dict[str, Any]] = collections.deque(maxlen=dlq_size)
-        self.dlq_evicted = 0
         self._sel = selectors.DefaultSelector()
         # A killed coordinator of this bus left these behind; we hold the
         # lock, so nobody else owns them.
@@ -102,7 +106,7 @@ class Coordinator:
         # Freed slots go to the back: a sender's late add to a departed agent's
         # counters lands in a slot nobody reuses for as long as possible.
         self._free_slots = collections.deque(range(1, lib.SHMBUS_STATS_AGENT_SLOTS))
-        self._dlq_total = 0
+        self._dlq_stats()
         self._publish()
         path = socket_path(bus)
         with contextlib.suppress(FileNotFoundError):
@@ -123,6 +127,7 @@ class Coordinator:
                     self._accept()
                 else:
                     self._readable(key.data)
+            self.dlq.tick()  # its file's fdatasync, at most once a second
 
     def stop(self) -> None:
         self._stopping = True
@@ -139,6 +144,7 @@ class Coordinator:
         self.table.unlink()
         self.stats.close()
         self.stats.unlink()
+        self.dlq.close()
         with contextlib.suppress(FileNotFoundError):
             lock_path(self.bus).unlink()
         os.close(self._lock_fd)
@@ -228,14 +234,10 @@ class Coordinator:
             self._free_slots.append(agent.slot)
         log.info("agent %s (pid %d) left the bus", name, agent.pid)
 
-    def _dead_letter(self, frame: bytes, reason: str) -> None:
-        if len(self.dlq) == self.dlq.maxlen:
-            self.dlq_evicted += 1
-        self.dlq.append({"frame": frame, "reason": reason, "time": time.time()})
-        self._dlq_total += 1
-        self.stats.set_bus(DLQ_SIZE, len(self.dlq))
-        self.stats.set_bus(DLQ_TOTAL, self._dlq_total)
-        self.stats.set_bus(DLQ_EVICTED, self.dlq_evicted)
+    def _dlq_stats(self) -> None:
+        self.stats.set_bus(DLQ_SIZE, len(self.dlq.entries))
+        self.stats.set_bus(DLQ_TOTAL, self.dlq.total)
+        self.stats.set_bus(DLQ_EVICTED, self.dlq.evicted)
 
     def _drain(self, agent: _Agent, reason: str) -> int:
         """Move what is left in a departed agent's inbox to the DLQ; how many."""
@@ -254,12 +256,14 @@ class Coordinator:
                 if not frames:
                     break
                 for frame in frames:
-                    if len(frame) > MAX_DLQ_FRAME:
+                    if len(frame) > DLQ_MAX_FRAME:
                         log.error("agent %s left a %d-byte message: too big for the DLQ",
                                   agent.name, len(frame))  # fmt: skip
                         continue
-                    self._dead_letter(frame, f"{reason}: {agent.name!r} (pid {agent.pid})")
+                    self.dlq.add(frame, f"{reason}: {agent.name!r} (pid {agent.pid})")
                     moved += 1
+        if moved:
+            self._dlq_stats()
         return moved
 
     def _agent_of(self, conn: _Conn) -> _Agent:
@@ -284,26 +288,12 @@ class Coordinator:
                 self.subs.get(pattern, set()).discard(agent.name)
             self._publish()
             return {"ok": True, "version": self.table.version}
-        if op == "dlq_add":
-            frame, reason = msg["frame"], str(msg["reason"])[:1000]
-            if not isinstance(frame, bytes) or len(frame) > MAX_DLQ_FRAME:
-                raise ValueError("dlq_add needs the frame as bytes, up to 1 MiB")
-            self._dead_letter(frame, reason)
-            if conn.agent is not None and self.agents[conn.agent].slot:
+        if op in DLQ_OPS:
+            reply = self.dlq.handle(op, msg)
+            self._dlq_stats()
+            if op == "dlq_add" and conn.agent is not None and self.agents[conn.agent].slot:
                 self.stats.add(self.stats.agent(self.agents[conn.agent].slot), DEAD_LETTERED)
-            return {"ok": True}
-        if op == "dlq_list":
-            # The newest entries that fit one control message.
-            entries: list[dict[str, Any]] = []
-            budget = 3 << 20
-            for entry in reversed(self.dlq):
-                budget -= len(entry["frame"]) + len(entry["reason"]) + 64
-                if budget < 0 or len(entries) >= int(msg.get("limit", 1000)):
-                    break
-                entries.append(entry)
-            entries.reverse()
-            return {"ok": True, "entries": entries, "evicted": self.dlq_evicted,
-                    "total": len(self.dlq)}  # fmt: skip
+            return reply
         if op in ("ping", "unregister"):
             return {"ok": True}
         return {"ok": False, "error": "BadRequest", "message": f"unknown op {op!r}"}
@@ -347,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shmbus coordinator", description=__doc__)
     parser.add_argument("--bus", default=os.environ.get("SHMBUS_BUS", "default"))
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--dlq-size", type=int, default=10_000, metavar="N",
+                        help="dead letters kept (the oldest go first; default 10000)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.dlq_size < 1:
+        parser.error(f"--dlq-size must be at least 1, got {args.dlq_size}")
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     try:
-        coordinator = Coordinator(args.bus)
+        coordinator = Coordinator(args.bus, dlq_size=args.dlq_size)
     except CoordinatorRunning as e:
         print(f"shmbus coordinator: {e}", file=sys.stderr)
         return 2

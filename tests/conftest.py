@@ -27,6 +27,9 @@ _seq = itertools.count()
 # below see only this session's entries, never those of another pytest run
 # on the same machine. The controller sets it; xdist workers inherit it.
 SESSION = os.environ.setdefault("SHMBUS_TEST_SESSION", str(os.getpid()))
+# Tests without the runtime fixture must not write DLQ files to ~/.local/state.
+_STATE = tempfile.TemporaryDirectory(prefix="sbstate")
+os.environ.setdefault("SHMBUS_STATE_DIR", _STATE.name)
 TOKEN = f"t{SESSION}w"
 
 
