@@ -265,8 +265,9 @@ def test_valid_messages_decode_as_decode_frame_decodes_them(msgs, slack):
 @fuzz(150)
 @given(frames=st.lists(raw_frames(), min_size=1, max_size=4))
 def test_every_header_value_decodes_as_decode_frame_decodes_it(frames):
-    want = check_block(frames)
-    assert all(isinstance(w, Message) for w in want)
+    # Mostly valid frames; an empty payload without the raw flag is not
+    # msgpack, and both decoders must refuse it alike (check_block checks).
+    check_block(frames)
 
 
 def test_timestamps_and_ttls_at_their_extremes_are_the_same_floats():
