@@ -577,7 +577,7 @@ class Agent:
                 msg = decode_frame(entry["frame"])
             except CorruptFrame:
                 continue
-            out.append(DeadLetter(msg, entry["reason"], entry["time"]))
+            out.append(DeadLetter(msg, entry["reason"], entry["time"], entry.get("id", 0)))
         return out
 
     # ------------------------------------------------------------ stats

@@ -121,6 +121,7 @@ class DeadLetter:
     message: Message
     reason: str
     time: float
+    id: int = 0  # the DLQ's own number for the entry (for `shmbus dlq replay|purge ID`)
 
 
 @dataclasses.dataclass(frozen=True)

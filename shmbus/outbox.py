@@ -483,8 +483,15 @@ class Outbox:
             )
             for i in range(written, n):
                 self._dead_letter(
-                    self.frame(
-                        kind, datas[i], flags[i], first + i, topic=topic, priority=priority, ttl=ms
+                    self.frame(  # the subscriber as recipient: a replay goes to it alone
+                        kind,
+                        datas[i],
+                        flags[i],
+                        first + i,
+                        recipient=name,
+                        topic=topic,
+                        priority=priority,
+                        ttl=ms,
                     ),
                     f"{why}: subscriber {name!r} of {topic!r}",
                 )

@@ -110,6 +110,8 @@ def test_a_full_subscriber_does_not_starve_the_others_and_nothing_vanishes(bus, 
         dead = [e for e in driver.dlq() if e.message.topic == "t.a"]
         assert len(dead) == 30 - len(kept)
         assert all("inbox full" in e.reason and "'small'" in e.reason for e in dead)
+        assert all(e.message.recipient == "small" for e in dead)  # a replay goes to it alone
+        assert len({e.id for e in dead}) == len(dead) and min(e.id for e in dead) > 0
         assert [e.message.payload[-1] for e in dead] == list(range(len(kept), 30))
         s = driver.stats()
         assert s.agents["driver"].failed == 30 - len(kept) and s.dlq >= len(dead)
