@@ -382,17 +382,7 @@ class Outbox:
                         f"no recipient: {e}",
                     )
                 raise
-            rc = lib.shmbus_send_many(
-                rt,
-                kind,
-                priority,
-                ms,
-                blob,
-                ffi.from_buffer("uint32_t[]", lens),
-                ffi.from_buffer("uint8_t[]", flags),
-                n,
-                _left_ns(deadline),
-            )
+            rc = _send_many(rt, kind, priority, ms, blob, lens, flags, _left_ns(deadline))
             if rc != _ESTALE:
                 break
             self.refresh()
@@ -450,17 +440,7 @@ class Outbox:
                     rt, kind, flags[0], priority, ms, blob, len(blob), _left_ns(deadline)
                 )
             else:
-                rc = lib.shmbus_send_many(
-                    rt,
-                    kind,
-                    priority,
-                    ms,
-                    blob,
-                    ffi.from_buffer("uint32_t[]", lens),
-                    ffi.from_buffer("uint8_t[]", flags),
-                    n,
-                    _left_ns(deadline),
-                )
+                rc = _send_many(rt, kind, priority, ms, blob, lens, flags, _left_ns(deadline))
             if rc == _ESTALE:
                 self.refresh()
             elif rc == _EINVAL:
@@ -496,6 +476,15 @@ class Outbox:
                     f"{why}: subscriber {name!r} of {topic!r}",
                 )
         return first
+
+
+def _send_many(rt: Any, kind: int, priority: int, ms: int, blob: bytes, lens: Any, flags: Any,
+               ns: int) -> int:  # fmt: skip
+    """One C call for a batch: lengths and flags go as C arrays over Python's buffers."""
+    return lib.shmbus_send_many(  # type: ignore[no-any-return]
+        rt, kind, priority, ms, blob, ffi.from_buffer("uint32_t[]", lens),
+        ffi.from_buffer("uint8_t[]", flags), len(lens), ns,
+    )  # fmt: skip
 
 
 def _split(blob: bytes, lens: Any) -> Any:

@@ -126,11 +126,11 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start_coordinator(children: Children, bus: str) -> subprocess.Popen[bytes]:
-    """A coordinator process for ``bus``, once it listens."""
+def start_coordinator(children: Children, bus: str, *args: str) -> subprocess.Popen[bytes]:
+    """A coordinator process for ``bus`` (with more ``args``), once it listens."""
     from shmbus.control import socket_path
 
-    proc = children.popen([sys.executable, "-m", "shmbus", "coordinator", "--bus", bus])
+    proc = children.popen([sys.executable, "-m", "shmbus", "coordinator", "--bus", bus, *args])
     deadline = time.monotonic() + 20
     while not socket_path(bus).exists():
         assert proc.poll() is None, "the coordinator exited"

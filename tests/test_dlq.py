@@ -7,11 +7,10 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import start_coordinator
 
 import shmbus
 from shmbus.cli_dlq import Control
@@ -205,13 +204,7 @@ def test_the_state_directory_follows_the_environment(monkeypatch, tmp_path):
 
 def start(children, bus: str, *args: str) -> subprocess.Popen[bytes]:
     """A coordinator process for ``bus`` (with ``args``), once it listens."""
-    proc = children.popen([sys.executable, "-m", "shmbus", "coordinator", "--bus", bus, *args])
-    deadline = time.monotonic() + 20
-    while not socket_path(bus).exists():
-        assert proc.poll() is None, "the coordinator exited"
-        assert time.monotonic() < deadline, "the coordinator did not start"
-        time.sleep(0.02)
-    return proc
+    return start_coordinator(children, bus, *args)
 
 
 def stop(proc: subprocess.Popen[bytes], bus: str, how: signal.Signals) -> None:
