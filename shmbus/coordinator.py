@@ -108,13 +108,18 @@ class Coordinator:
         self._free_slots = collections.deque(range(1, lib.SHMBUS_STATS_AGENT_SLOTS))
         self._dlq_stats()
         self._publish()
+        # Bound and listening under a side name, then renamed into place: a
+        # client that finds the socket can always connect (between bind and
+        # listen it would be refused), and a killed predecessor's is replaced.
         path = socket_path(bus)
+        side = path.with_name("bind.sock")  # no longer than the real name: fits sun_path
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            side.unlink()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        os.chmod(path, 0o600)
+        self._listener.bind(str(side))
+        os.chmod(side, 0o600)
         self._listener.listen(128)
+        os.replace(side, path)
         self._listener.setblocking(False)
         self._sel.register(self._listener, selectors.EVENT_READ)
 
