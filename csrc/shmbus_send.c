@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "shmbus_send.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,9 @@ struct shmbus_route {
     uint32_t *frame_lens;
     uint32_t lens_cap;
     uint32_t last_count;
+    /* cffi lets go of the GIL: two threads sending through one route must
+     * not share (or realloc under each other) the scratch. */
+    pthread_mutex_t lock;
     char names[]; /* sender, recipient, topic: copied after each header */
 };
 
@@ -100,6 +104,7 @@ shmbus_route_t *shmbus_route_new(shmbus_sender_t *s, uint64_t version, uint32_t 
         shmbus_route_free(rt);
         return NULL;
     }
+    pthread_mutex_init(&rt->lock, NULL);
     rt->me = s;
     rt->version = version;
     rt->topic_counters = topic_counters;
@@ -136,6 +141,7 @@ void shmbus_route_free(shmbus_route_t *rt)
     free(rt->errors);
     free(rt->scratch);
     free(rt->frame_lens);
+    pthread_mutex_destroy(&rt->lock);
     free(rt);
 }
 
@@ -266,9 +272,10 @@ int shmbus_route_resume(shmbus_route_t *rt, uint32_t target, int64_t timeout_ns)
 {
     if (!rt || target >= rt->targets || !rt->last_count)
         return SHMBUS_EINVAL;
-    if (rt->written[target] == rt->last_count)
-        return SHMBUS_OK;
-    return deliver(rt, target, timeout_ns);
+    pthread_mutex_lock(&rt->lock);
+    int rc = rt->written[target] == rt->last_count ? SHMBUS_OK : deliver(rt, target, timeout_ns);
+    pthread_mutex_unlock(&rt->lock);
+    return rc;
 }
 
 /* Room in the scratch for `count` frames of `total` bytes. */
@@ -337,9 +344,12 @@ static int64_t send_one(shmbus_route_t *rt, uint32_t kind, uint32_t flags, uint3
         return send_in_place(rt, kind, flags, priority, ttl_ms, payload, len, frame_len,
                              timeout_ns, request_id, correlation_id, attempts);
     /* Several inboxes (a publish): build the frame once, copy it to each. */
+    pthread_mutex_lock(&rt->lock);
     rc = reserve(rt, 1, frame_len);
-    if (rc != SHMBUS_OK)
+    if (rc != SHMBUS_OK) {
+        pthread_mutex_unlock(&rt->lock);
         return rc;
+    }
     uint64_t id = take_ids(rt->me, 1);
     rt->last_id = id;
     rt->last_count = 1;
@@ -350,6 +360,7 @@ static int64_t send_one(shmbus_route_t *rt, uint32_t kind, uint32_t flags, uint3
     add(rt->topic_counters, SHMBUS_STAT_PUBLISHED, 1);
     add(rt->topic_counters, SHMBUS_STAT_TOPIC_BYTES, len);
     rc = deliver_all(rt, timeout_ns);
+    pthread_mutex_unlock(&rt->lock);
     return rc == SHMBUS_OK ? (int64_t)id : rc;
 }
 
@@ -384,9 +395,12 @@ int64_t shmbus_send_many(shmbus_route_t *rt, uint32_t kind, uint32_t priority, u
         total += frame_len;
         payload_total += lens[i];
     }
+    pthread_mutex_lock(&rt->lock);
     rc = reserve(rt, count, total);
-    if (rc != SHMBUS_OK)
+    if (rc != SHMBUS_OK) {
+        pthread_mutex_unlock(&rt->lock);
         return rc;
+    }
     uint64_t first = take_ids(rt->me, count);
     int64_t now = wall_ns();
     rt->last_id = first;
@@ -403,5 +417,6 @@ int64_t shmbus_send_many(shmbus_route_t *rt, uint32_t kind, uint32_t priority, u
     add(rt->topic_counters, SHMBUS_STAT_PUBLISHED, count);
     add(rt->topic_counters, SHMBUS_STAT_TOPIC_BYTES, payload_total);
     rc = deliver_all(rt, timeout_ns);
+    pthread_mutex_unlock(&rt->lock);
     return rc == SHMBUS_OK ? (int64_t)first : rc;
 }

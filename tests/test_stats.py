@@ -289,3 +289,35 @@ def test_int_like_priorities_are_taken_alike_on_both_paths(bus, priority):
         driver.send("peer", 0, priority=priority)  # the first send builds the route
         driver.send("peer", 1, priority=priority)  # the fast path
         assert [m.priority for m in peer.recv_many(2, timeout=5)] == [int(priority)] * 2
+
+
+def test_threads_sharing_an_agent_do_not_corrupt_what_it_sends(bus):
+    import threading
+
+    with (
+        shmbus.connect(bus=bus, name="driver") as driver,
+        shmbus.connect(bus=bus, name="s1") as s1,
+        shmbus.connect(bus=bus, name="s2") as s2,
+    ):
+        s1.subscribe("th.*")
+        s2.subscribe("th.*")
+        driver.publish("th.x", b"warm")  # one route, shared by the threads below
+
+        def publisher(tag: int) -> None:
+            for i in range(300):  # growing sizes: the route's scratch is reallocated
+                driver.publish_many("th.x", [bytes([tag]) * (i * 7 + 1)] * 2)
+
+        threads = [threading.Thread(target=publisher, args=(t,)) for t in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for sub in (s1, s2):
+            got = []
+            while len(got) < 1 + 1200:
+                got.extend(m.payload for m in sub.recv_many(1000, timeout=10))
+            body = got[1:]
+            assert all(len(set(p)) == 1 and p[0] in (1, 2) for p in body)  # never mixed
+            assert sorted(len(p) for p in body if p[0] == 1) == sorted(
+                i * 7 + 1 for i in range(300) for _ in range(2)
+            )
