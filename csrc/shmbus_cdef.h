@@ -35,6 +35,8 @@ int shmbus_ring_unlink(const char *shm_name, const char *bell_name);
 uint64_t shmbus_ring_capacity(const shmbus_ring_t *r);
 uint32_t shmbus_ring_max_frame(const shmbus_ring_t *r);
 uint64_t shmbus_ring_used(const shmbus_ring_t *r);
+uint64_t shmbus_ring_head(const shmbus_ring_t *r);
+uint64_t shmbus_ring_tail(const shmbus_ring_t *r);
 int64_t shmbus_ring_heartbeat(const shmbus_ring_t *r);
 uint64_t shmbus_ring_next_correlation(shmbus_ring_t *r);
 

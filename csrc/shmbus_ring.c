@@ -274,6 +274,16 @@ uint64_t shmbus_ring_used(const shmbus_ring_t *r)
     return used > r->capacity ? r->capacity : used;
 }
 
+uint64_t shmbus_ring_head(const shmbus_ring_t *r)
+{
+    return atomic_load_explicit(&r->seg->head, memory_order_acquire);
+}
+
+uint64_t shmbus_ring_tail(const shmbus_ring_t *r)
+{
+    return atomic_load_explicit(&r->seg->tail, memory_order_acquire);
+}
+
 int64_t shmbus_ring_heartbeat(const shmbus_ring_t *r)
 {
     return atomic_load_explicit(&r->seg->heartbeat, memory_order_relaxed);

@@ -106,6 +106,7 @@ class Coordinator:
         # Freed slots go to the back: a sender's late add to a departed agent's
         # counters lands in a slot nobody reuses for as long as possible.
         self._free_slots = collections.deque(range(1, lib.SHMBUS_STATS_AGENT_SLOTS))
+        self._watch: dict[str, tuple[Ring, int]] = {}  # inboxes a dead writer may block
         self._dlq_stats()
         self._publish()
         # Bound and listening under a side name, then renamed into place: a
@@ -127,12 +128,52 @@ class Coordinator:
 
     def serve(self) -> None:
         while not self._stopping:
-            for key, _ in self._sel.select(timeout=0.2):
+            for key, _ in self._sel.select(timeout=0.1 if self._watch else 0.2):
                 if key.fileobj is self._listener:
                     self._accept()
                 else:
                     self._readable(key.data)
             self.dlq.tick()  # its file's fdatasync, at most once a second
+            if self._watch:
+                self._unblock_watched()
+
+    # ---------------------------------------------------------- deaths
+
+    def _watch_after_death(self, dead: _Agent) -> None:
+        """A writer that died may have left a record half-written in any
+        inbox, below that inbox's tail now: watch each until its reader has
+        passed that tail, unblocking the reader if it stops at such a record."""
+        try:
+            os.kill(dead.pid, 0)
+            return  # it closed its connection but lives: not certain, touch nothing
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return
+        for agent in self.agents.values():
+            if agent.name in self._watch:
+                ring, _ = self._watch.pop(agent.name)
+                ring.close()
+            try:
+                ring = Ring.attach(agent.inbox)
+            except ShmbusError:
+                continue
+            self._watch[agent.name] = (ring, ring.positions[1])
+
+    def _unblock_watched(self) -> None:
+        for name, (ring, tail_at_death) in list(self._watch.items()):
+            done = name not in self.agents
+            if not done:
+                try:
+                    if ring.unblock(grace=0.1):
+                        log.warning("unblocked the inbox of %s: a dead writer's record", name)
+                    done = (ring.positions[0] - tail_at_death) % (1 << 64) < 1 << 63  # passed it
+                except ShmbusError as e:
+                    log.error("inbox of %s: %s", name, e)
+                    done = True
+            if done:
+                self._watch.pop(name)
+                ring.close()
 
     def stop(self) -> None:
         self._stopping = True
@@ -141,6 +182,9 @@ class Coordinator:
         """Close every connection and remove the bus's socket, table and lock."""
         for conn in [a.conn for a in self.agents.values()]:
             self._drop(conn, publish=False)
+        for ring, _ in self._watch.values():
+            ring.close()
+        self._watch.clear()
         self._sel.close()
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
@@ -216,7 +260,10 @@ class Coordinator:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
         conn.sock.close()
+        dead = self.agents.get(conn.agent) if conn.agent else None
         self._forget(conn, publish=publish, reason="recipient died")
+        if dead is not None and not self._stopping:
+            self._watch_after_death(dead)
 
     def _forget(self, conn: _Conn, *, publish: bool = True, reason: str = "recipient left") -> None:
         """Take the connection's agent off the bus: routes, subscriptions, inbox, stats slot."""

@@ -557,6 +557,12 @@ class Ring:
         self._open_views += 1
         return _View(self, self._view(ptr[0], length[0]))
 
+    @property
+    def positions(self) -> tuple[int, int]:
+        """(head, tail): free-running byte positions read up to and reserved up to."""
+        handle = self._handle()
+        return lib.shmbus_ring_head(handle), lib.shmbus_ring_tail(handle)
+
     def unblock(self, grace: float = 0.1) -> bool:
         """Skip a record that a dead writer left half-written; True if one was.
 

@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import pytest
+
 import shmbus
 
 
@@ -48,3 +50,29 @@ def test_a_killed_agent_leaves_its_inbox_in_the_dlq(bus, children):
         assert [d.message.id for d in dead] == ids
         assert all(d.reason.startswith("recipient died: 'holder'") for d in dead)
         assert not [n for n in os.listdir("/dev/shm") if f"{bus}.inbox.holder" in n]
+
+
+def _dies_mid_record(bus: str, victim_inbox: str) -> None:
+    """An agent that reserves room in another's inbox and dies before writing it."""
+    with shmbus.connect(bus=bus, name="writer") as agent:
+        with shmbus.Ring.attach(victim_inbox) as ring:
+            ring._test_reserve(200)  # what a writer killed between its CAS and its stores leaves
+            agent.send("other", "reserved")
+            time.sleep(60)  # killed here
+
+
+def test_a_reader_blocked_by_a_dead_writers_record_moves_on(bus, children):
+    with (
+        shmbus.connect(bus=bus, name="victim") as victim,
+        shmbus.connect(bus=bus, name="other") as other,
+    ):
+        proc = children.start(_dies_mid_record, bus, victim.inbox.name)
+        assert other.recv(timeout=20).payload == "reserved"
+        other.send("victim", "before")  # behind the reservation: stuck while its writer lives
+        with pytest.raises(shmbus.RecvTimeout):
+            victim.recv(timeout=0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        other.send("victim", "after")
+        assert [victim.recv(timeout=10).payload for _ in range(2)] == ["before", "after"]
+        assert victim.stats().agents["victim"].pending == 0
