@@ -67,6 +67,7 @@ _DIRECT = int(MessageType.DIRECT)
 _PUBLISH = int(MessageType.PUBLISH)
 _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
+_CONTROL = MessageType.CONTROL
 _READ_AHEAD = 64  # frames taken from the inbox per C call when they are there
 
 
@@ -159,6 +160,7 @@ class Agent:
         self._ahead: collections.deque[Message] = collections.deque()  # read ahead, in order
         self._kept: collections.deque[Message] = collections.deque()  # set aside by request()
         self._rules: list[tuple[RoutingRule, Callable[[Message], Any]]] = []
+        self._death_callbacks: list[Callable[[str], Any]] = []
         self._backpressure = "block"
         self._send_timeout: float | None = 30.0
         self._wait_ns = _ns(30.0)
@@ -374,9 +376,30 @@ class Agent:
         for item in items:
             if type(item) is str:
                 log.warning("agent %s dropped a corrupt frame: %s", self.name, item)
+            elif item.type is _CONTROL and not item.sender:
+                self._bus_event(item.payload)  # from the coordinator: not for recv
             else:
                 ahead.append(item)
         return True
+
+    def on_peer_death(self, callback: Callable[[str], Any]) -> None:
+        """Call ``callback(name)`` when another agent of the bus dies (its
+        process ends without leaving). It runs in the thread that receives,
+        from inside ``recv`` and the other receiving calls."""
+        self._death_callbacks.append(callback)
+
+    def _bus_event(self, event: Any) -> None:
+        if not (isinstance(event, dict) and event.get("event") == "peer_died"):
+            return  # a newer coordinator's event, or noise: nothing for us
+        name = event.get("agent")
+        if not isinstance(name, str):
+            return
+        self._out._fresh()  # its routes are gone already: drop our cached ones
+        for callback in list(self._death_callbacks):
+            try:
+                callback(name)
+            except Exception as e:  # a callback's failure must not stop the agent
+                log.warning("agent %s: peer-death callback %r failed: %r", self.name, callback, e)
 
     def _salvage(self, frames: list[bytes]) -> None:
         for frame in frames:

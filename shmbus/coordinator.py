@@ -18,8 +18,11 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgpack
 
 from ._native import lib
 from .control import (
@@ -39,6 +42,7 @@ from .dlq import MAX_FRAME as DLQ_MAX_FRAME
 from .dlq import OPS as DLQ_OPS
 from .dlq import DeadLetterQueue
 from .errors import CoordinatorRunning, ShmbusError
+from .message import MessageType, encode_frame
 from .ring import Ring
 from .routes import Table, validate_pattern
 from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, StatsSegment
@@ -107,6 +111,7 @@ class Coordinator:
         # counters lands in a slot nobody reuses for as long as possible.
         self._free_slots = collections.deque(range(1, lib.SHMBUS_STATS_AGENT_SLOTS))
         self._watch: dict[str, tuple[Ring, int]] = {}  # inboxes a dead writer may block
+        self._dying: list[tuple[_Agent, float]] = []  # closed, not yet certainly dead
         self._dlq_stats()
         self._publish()
         # Bound and listening under a side name, then renamed into place: a
@@ -128,28 +133,59 @@ class Coordinator:
 
     def serve(self) -> None:
         while not self._stopping:
-            for key, _ in self._sel.select(timeout=0.1 if self._watch else 0.2):
+            busy = self._watch or self._dying
+            for key, _ in self._sel.select(timeout=0.02 if self._dying else 0.1 if busy else 0.2):
                 if key.fileobj is self._listener:
                     self._accept()
                 else:
                     self._readable(key.data)
             self.dlq.tick()  # its file's fdatasync, at most once a second
+            if self._dying:
+                self._confirm_deaths()
             if self._watch:
                 self._unblock_watched()
 
     # ---------------------------------------------------------- deaths
 
+    def _confirm_deaths(self) -> None:
+        now = time.monotonic()
+        still = []
+        for agent, deadline in self._dying:
+            if _process_gone(agent.pid):
+                self._tell_of_death(agent)
+                self._watch_after_death(agent)
+            elif now < deadline:
+                still.append((agent, deadline))
+            else:
+                log.warning(
+                    "agent %s closed its connection, but pid %d lives on: its writes may "
+                    "resume, so no inbox is unblocked", agent.name, agent.pid,
+                )  # fmt: skip
+        self._dying = still
+
+    def _tell_of_death(self, dead: _Agent) -> None:
+        """A CONTROL message from nobody (the coordinator) in every other inbox;
+        agents act on it themselves (Agent.on_peer_death), and the routes
+        table, already updated, stays the authority if one is missed."""
+        frame = encode_frame(
+            int(MessageType.CONTROL), sender=b"",
+            payload=msgpack.packb({"event": "peer_died", "agent": dead.name, "pid": dead.pid}),
+            timestamp_ns=time.time_ns(),
+        )  # fmt: skip
+        for agent in self.agents.values():
+            try:
+                with Ring.attach(agent.inbox) as ring:
+                    if not ring.try_write(frame):
+                        log.warning(
+                            "inbox of %s full: not told of %s's death", agent.name, dead.name
+                        )
+            except ShmbusError as e:
+                log.warning("could not tell %s of %s's death: %s", agent.name, dead.name, e)
+
     def _watch_after_death(self, dead: _Agent) -> None:
         """A writer that died may have left a record half-written in any
         inbox, below that inbox's tail now: watch each until its reader has
         passed that tail, unblocking the reader if it stops at such a record."""
-        try:
-            os.kill(dead.pid, 0)
-            return  # it closed its connection but lives: not certain, touch nothing
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            return
         for agent in self.agents.values():
             if agent.name in self._watch:
                 ring, _ = self._watch.pop(agent.name)
@@ -263,7 +299,9 @@ class Coordinator:
         dead = self.agents.get(conn.agent) if conn.agent else None
         self._forget(conn, publish=publish, reason="recipient died")
         if dead is not None and not self._stopping:
-            self._watch_after_death(dead)
+            # Its socket closes while the process exits: its death is certain
+            # only once the process is gone (or a zombie), a moment later.
+            self._dying.append((dead, time.monotonic() + 5.0))
 
     def _forget(self, conn: _Conn, *, publish: bool = True, reason: str = "recipient left") -> None:
         """Take the connection's agent off the bus: routes, subscriptions, inbox, stats slot."""
@@ -383,6 +421,22 @@ class Coordinator:
         conn.agent = name
         return {"ok": True, "id": agent.id, "inbox": inbox, "slot": agent.slot,
                 "stats": stats_name(self.bus)}  # fmt: skip
+
+
+def _process_gone(pid: int) -> bool:
+    """Has ``pid`` ended (gone, or a zombie nobody reaped yet)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # someone else's: alive
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # gone between the two looks
+    return state in (b"Z", b"X")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,3 +76,21 @@ def test_a_reader_blocked_by_a_dead_writers_record_moves_on(bus, children):
         other.send("victim", "after")
         assert [victim.recv(timeout=10).payload for _ in range(2)] == ["before", "after"]
         assert victim.stats().agents["victim"].pending == 0
+
+
+def test_peers_are_told_of_a_death_and_not_through_recv(bus, children):
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        deaths: list[str] = []
+        driver.on_peer_death(deaths.append)
+        driver.on_peer_death(lambda name: 1 / 0)  # a failing callback harms nobody
+        proc = children.start(_holder, bus)
+        assert driver.recv(timeout=20).payload == "ready"
+        with shmbus.connect(bus=bus, name="leaver"):
+            pass  # leaving properly is not a death
+        os.kill(proc.pid, signal.SIGKILL)
+        driver.send("driver", "after")  # to itself: recv returns it, the notice is handled
+        wait_for(lambda: "holder" not in driver.peers())
+        assert driver.recv(timeout=10).payload == "after"
+        with pytest.raises(shmbus.RecvTimeout):
+            driver.recv(timeout=0.3)  # the CONTROL notice never comes out of recv
+        assert deaths == ["holder"]
