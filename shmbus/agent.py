@@ -210,9 +210,6 @@ class Agent:
         requires_ack: bool = False,
         timeout: float | None = _DEFAULT,
         backpressure: str | None = None,
-        _kind: int = _DIRECT,
-        _request_id: int = 0,
-        _correlation_id: int = 0,
     ) -> int:
         """Send one message to the agent ``recipient``; returns its id.
 
@@ -227,28 +224,50 @@ class Agent:
             data, flags = pack_payload(payload)
         if requires_ack:
             flags |= FLAG_ACK
-        rc = 0
         rt = self._direct.get(recipient)
         if rt is not None:
             # The fast path: one C call. Anything unusual (a moved table, a
             # full inbox, a bad field, a signal) goes the whole way below.
             try:
-                ns = (self._wait_ns if timeout is _DEFAULT and backpressure is None
-                      else self._policy(timeout, backpressure)[2])  # fmt: skip
-                rc = _send_ex(
-                    rt, _kind, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
-                    data, len(data), ns, _request_id, _correlation_id, 0,
-                ) if _request_id else _send(
-                    rt, _kind, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
-                    data, len(data), ns,
+                rc = _send(
+                    rt, _DIRECT, flags, priority,
+                    0 if ttl is None else (round(ttl * 1000) or -1), data, len(data),
+                    self._wait_ns if timeout is _DEFAULT and backpressure is None
+                    else self._policy(timeout, backpressure)[2],
                 )  # fmt: skip
                 if rc > 0:
                     return rc  # type: ignore[no-any-return]
             except (TypeError, OverflowError, ValueError):
-                pass  # a field of the wrong type or range: the full path says which
+                rc = 0  # a field of the wrong type or range: the full path says which
+        else:
+            rc = 0
         policy, wait, _ = self._policy(timeout, backpressure)
-        return self._out.send(recipient, _kind, data, flags, priority, ttl, wait,
-                              _request_id, _correlation_id, policy, rc)  # fmt: skip
+        return self._out.send(recipient, _DIRECT, data, flags, priority, ttl, wait, 0, 0,
+                              policy, rc)  # fmt: skip
+
+    def _send_kind(self, recipient: str, payload: Any, kind: int, request_id: int = 0,
+                   correlation_id: int = 0, *, priority: int = 0, ttl: float | None = None,
+                   requires_ack: bool = False, timeout: float | None = _DEFAULT,
+                   backpressure: str | None = None) -> int:  # fmt: skip
+        """A REQUEST, RESPONSE or ERROR: ``send`` with a type and the ids replies carry."""
+        data, flags = pack_payload(payload)
+        if requires_ack:
+            flags |= FLAG_ACK
+        policy, wait, ns = self._policy(timeout, backpressure)
+        rc = 0
+        rt = self._direct.get(recipient)
+        if rt is not None:
+            try:
+                rc = _send_ex(
+                    rt, kind, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
+                    data, len(data), ns, request_id, correlation_id, 0,
+                )  # fmt: skip
+                if rc > 0:
+                    return rc  # type: ignore[no-any-return]
+            except (TypeError, OverflowError, ValueError):
+                rc = 0
+        return self._out.send(recipient, kind, data, flags, priority, ttl, wait, request_id,
+                              correlation_id, policy, rc)  # fmt: skip
 
     @property
     def backpressure(self) -> str:
@@ -490,7 +509,7 @@ class Agent:
     def request(self, recipient: str, payload: Any, timeout: float = 1.0, **kw: Any) -> Message:
         """Send a REQUEST and wait for its RESPONSE; other messages are kept for ``recv``."""
         deadline = time.monotonic() + timeout
-        msg_id = self.send(recipient, payload, _kind=_REQUEST, timeout=timeout, **kw)
+        msg_id = self._send_kind(recipient, payload, _REQUEST, timeout=timeout, **kw)
         while True:
             left = deadline - time.monotonic()
             try:
@@ -507,10 +526,7 @@ class Agent:
 
     def reply(self, msg: Message, payload: Any, **kw: Any) -> int:
         """Answer a REQUEST."""
-        return self.send(
-            msg.sender, payload, _kind=_RESPONSE, _request_id=msg.id,
-            _correlation_id=msg.correlation_id, **kw,
-        )  # fmt: skip
+        return self._send_kind(msg.sender, payload, _RESPONSE, msg.id, msg.correlation_id, **kw)
 
     # ---------------------------------------------------------- routing
 
@@ -561,10 +577,9 @@ class Agent:
     def _answer_error(self, msg: Message, error: Exception) -> None:
         """Tell a requester its request failed, rather than leave it to time out."""
         try:
-            self.send(
+            self._send_kind(
                 msg.sender, {"error": type(error).__name__, "message": str(error)[:1000]},
-                _kind=int(MessageType.ERROR), _request_id=msg.id,
-                _correlation_id=msg.correlation_id,
+                int(MessageType.ERROR), msg.id, msg.correlation_id,
             )  # fmt: skip
         except ShmbusError as e:  # the requester left: the DLQ entry is what remains
             log.info("agent %s could not answer %s with an error: %s", self.name, msg.sender, e)
