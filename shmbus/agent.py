@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import os
 import socket
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from ._decode import decode_block as _decode_block
 from ._native import ffi, lib
+from .acks import Acks
 from .control import (
     ControlError,
     Reader,
@@ -68,6 +70,7 @@ _PUBLISH = int(MessageType.PUBLISH)
 _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
 _CONTROL = MessageType.CONTROL
+_ACK = MessageType.ACK
 _READ_AHEAD = 64  # frames taken from the inbox per C call when they are there
 
 
@@ -88,6 +91,8 @@ def connect(
     spin: float | None = None,
     backpressure: str = "block",
     send_timeout: float | None = 30.0,
+    ack_timeout: float = 1.0,
+    max_attempts: int = 3,
     timeout: float = 5.0,
 ) -> Agent:
     """Join ``bus`` as ``name``; both default to $SHMBUS_BUS and $SHMBUS_AGENT.
@@ -98,7 +103,14 @@ def connect(
     :class:`BackpressureTimeout`; "error" raises :class:`InboxFull` at once;
     "drop" dead-letters the message ("inbox full") and returns its id. Each
     send may override both.
+
+    A message sent with ``requires_ack=True`` is sent again (same id,
+    ``attempts + 1``) when no ACK came within ``ack_timeout`` seconds, up to
+    ``max_attempts`` sends in all, then dead-lettered ("retries exhausted");
+    its recipient hands it over once, however many copies arrive.
     """
+    if not ack_timeout > 0 or max_attempts < 1:
+        raise ValueError("ack_timeout must be > 0 and max_attempts at least 1")
     check_policy(backpressure)
     if send_timeout is not None and not send_timeout >= 0:
         raise ValueError(f"send_timeout is seconds (or None), got {send_timeout}")
@@ -111,6 +123,8 @@ def connect(
     agent = Agent(bus, name, inbox_capacity=inbox_capacity, timeout=timeout)
     agent.backpressure = backpressure
     agent.send_timeout = send_timeout
+    agent._acks.timeout = ack_timeout
+    agent._acks.max_attempts = max_attempts
     if spin is None and "SHMBUS_SPIN_US" in os.environ:
         spin = float(os.environ["SHMBUS_SPIN_US"]) / 1e6
     if spin is not None:
@@ -161,6 +175,7 @@ class Agent:
         self._kept: collections.deque[Message] = collections.deque()  # set aside by request()
         self._rules: list[tuple[RoutingRule, Callable[[Message], Any]]] = []
         self._death_callbacks: list[Callable[[str], Any]] = []
+        self._acks = Acks(self._out, 1.0, 3)
         self._backpressure = "block"
         self._send_timeout: float | None = 30.0
         self._wait_ns = _ns(30.0)
@@ -236,14 +251,34 @@ class Agent:
                     else self._policy(timeout, backpressure)[2],
                 )  # fmt: skip
                 if rc > 0:
+                    if requires_ack:
+                        self._track(rc, recipient, _DIRECT, data, flags, priority, ttl)
                     return rc  # type: ignore[no-any-return]
             except (TypeError, OverflowError, ValueError):
                 rc = 0  # a field of the wrong type or range: the full path says which
         else:
             rc = 0
         policy, wait, _ = self._policy(timeout, backpressure)
-        return self._out.send(recipient, _DIRECT, data, flags, priority, ttl, wait, 0, 0,
-                              policy, rc)  # fmt: skip
+        msg_id = self._out.send(recipient, _DIRECT, data, flags, priority, ttl, wait, 0, 0,
+                                policy, rc)  # fmt: skip
+        if requires_ack:
+            self._track(msg_id, recipient, _DIRECT, data, flags, priority, ttl)
+        return msg_id
+
+    def _track(self, msg_id: int, recipient: str, kind: int, data: bytes, flags: int,
+               priority: Any, ttl: float | None, request_id: int = 0,
+               correlation_id: int = 0) -> None:  # fmt: skip
+        """Wait for the ACK of ``msg_id`` (unless "drop" dead-lettered it)."""
+        if msg_id in self._out.dropped:
+            self._out.dropped.discard(msg_id)
+            return
+        now = time.monotonic()
+        acks = self._acks
+        acks.track(msg_id, recipient, kind, data, flags, operator.index(priority),
+                   0 if ttl is None else max(1, round(ttl * 1000)), request_id,
+                   correlation_id, now)  # fmt: skip
+        if now >= acks.next_due:
+            acks.resend_due(now)
 
     def _send_kind(self, recipient: str, payload: Any, kind: int, request_id: int = 0,
                    correlation_id: int = 0, *, priority: int = 0, ttl: float | None = None,
@@ -262,12 +297,15 @@ class Agent:
                     rt, kind, flags, priority, 0 if ttl is None else (round(ttl * 1000) or -1),
                     data, len(data), ns, request_id, correlation_id, 0,
                 )  # fmt: skip
-                if rc > 0:
-                    return rc  # type: ignore[no-any-return]
             except (TypeError, OverflowError, ValueError):
                 rc = 0
-        return self._out.send(recipient, kind, data, flags, priority, ttl, wait, request_id,
-                              correlation_id, policy, rc)  # fmt: skip
+        if rc <= 0:
+            rc = self._out.send(recipient, kind, data, flags, priority, ttl, wait, request_id,
+                                correlation_id, policy, rc)  # fmt: skip
+        if requires_ack:
+            self._track(rc, recipient, kind, data, flags, priority, ttl, request_id,
+                        correlation_id)  # fmt: skip
+        return rc  # type: ignore[no-any-return]
 
     @property
     def backpressure(self) -> str:
@@ -315,8 +353,13 @@ class Agent:
         dead-lettered.
         """
         policy, wait, _ = self._policy(timeout, backpressure)
-        return self._out.send_many(recipient, _DIRECT, payloads, priority, ttl, requires_ack,
-                                   wait, policy)  # fmt: skip
+        ids = self._out.send_many(recipient, _DIRECT, payloads, priority, ttl, requires_ack,
+                                  wait, policy)  # fmt: skip
+        if requires_ack:
+            for msg_id, payload in zip(ids, payloads, strict=True):
+                data, flags = pack_payload(payload)
+                self._track(msg_id, recipient, _DIRECT, data, flags | FLAG_ACK, priority, ttl)
+        return ids
 
     def publish(self, topic: str, payload: Any, *, priority: int = 0, ttl: float | None = None,
                 timeout: float | None = _DEFAULT, backpressure: str | None = None
@@ -395,6 +438,8 @@ class Agent:
         for item in items:
             if type(item) is str:
                 log.warning("agent %s dropped a corrupt frame: %s", self.name, item)
+            elif item.type is _ACK:
+                self._acks.acked(item.request_id)  # for our sending side, not for recv
             elif item.type is _CONTROL and not item.sender:
                 self._bus_event(item.payload)  # from the coordinator: not for recv
             else:
@@ -429,19 +474,46 @@ class Agent:
 
     def _next(self, timeout: float | None) -> Message:
         """The next message from the inbox, read ahead: what is already there
-        comes in one C call, and a reader that keeps up gets one frame a call."""
+        comes in one C call, and a reader that keeps up gets one frame a call.
+        Resends of unacknowledged messages fall due while it waits."""
         ahead = self._ahead
         if ahead:
             return ahead.popleft()
+        acks = self._acks
         deadline = None if timeout is None else time.monotonic() + timeout
         left = timeout
         while True:
-            if not self._fill(_READ_AHEAD, left):
-                raise RecvTimeout(f"agent {self.name!r}: nothing arrived within {timeout}s")
+            wait = left
+            if acks.pending:  # wake for the next resend
+                due = max(acks.next_due - time.monotonic(), 0.0)
+                wait = due if wait is None else min(wait, due)
+            got = self._fill(_READ_AHEAD, wait)
+            if acks.pending:
+                acks.resend_due(time.monotonic())
             if ahead:
                 return ahead.popleft()
-            if deadline is not None:  # only corrupt frames came: wait on
-                left = max(deadline - time.monotonic(), 0.0)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 and not got:
+                    raise RecvTimeout(f"agent {self.name!r}: nothing arrived within {timeout}s")
+                left = max(left, 0.0)
+
+    def _accept(self, msg: Message) -> bool:
+        """May ``msg`` be handed over? Not past its TTL (to the DLQ), nor a
+        copy of an acknowledged message handed over before (acked again)."""
+        if msg.ttl is not None and self._expired(msg):
+            return False
+        if msg.requires_ack and not self._acks.first_time(msg.id):
+            self._ack(msg)  # our first ACK may have been lost: the sender resent
+            return False
+        return True
+
+    def _ack(self, msg: Message) -> None:
+        try:
+            self._send_kind(msg.sender, None, int(_ACK), msg.id, timeout=0,
+                            backpressure="error")  # fmt: skip
+        except ShmbusError as e:  # gone, or its inbox full: it resends, we ack the copy
+            log.info("agent %s could not ack %d to %s: %s", self.name, msg.id, msg.sender, e)
 
     def _expired(self, msg: Message) -> bool:
         """Is ``msg`` past its TTL? Then it goes to the DLQ, never to the caller."""
@@ -454,11 +526,8 @@ class Agent:
         )
         return True
 
-    def recv(self, timeout: float | None = None) -> Message:
-        """The next message, waiting up to ``timeout`` (None: forever); :class:`RecvTimeout`.
-
-        A message past its TTL is never handed over: it goes to the DLQ ("expired").
-        """
+    def _receive(self, timeout: float | None) -> Message:
+        """The next message to hand over (not acked yet)."""
         deadline = None
         while True:
             if self._kept:
@@ -468,10 +537,28 @@ class Agent:
             else:
                 left = timeout if deadline is None else max(deadline - time.monotonic(), 0.0)
                 msg = self._next(left)
-            if msg.ttl is None or not self._expired(msg):
+            if (msg.ttl is None and not msg.requires_ack) or self._accept(msg):
                 return msg
             if deadline is None and timeout is not None:
                 deadline = time.monotonic() + timeout
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message, waiting up to ``timeout`` (None: forever); :class:`RecvTimeout`.
+
+        A message past its TTL is never handed over: it goes to the DLQ
+        ("expired"). One sent with ``requires_ack`` is acknowledged as it is
+        handed over, and handed over once however often it was resent.
+        """
+        ahead = self._ahead
+        if ahead and not self._kept:  # the common case, with no call deeper
+            msg = ahead.popleft()
+            if msg.ttl is None and not msg.requires_ack:
+                return msg
+            ahead.appendleft(msg)  # the full path decides
+        msg = self._receive(timeout)
+        if msg.requires_ack:
+            self._ack(msg)
+        return msg
 
     def recv_many(self, max_count: int, timeout: float | None = None) -> list[Message]:
         """Up to ``max_count`` messages; waits only while there is none; ``[]`` on timeout."""
@@ -479,22 +566,43 @@ class Agent:
         for queue in (self._kept, self._ahead):
             while queue and len(out) < max_count:
                 msg = queue.popleft()
-                if msg.ttl is None or not self._expired(msg):
+                if (msg.ttl is None and not msg.requires_ack) or self._accept(msg):
                     out.append(msg)
-        if len(out) >= max_count:
-            return out
-        deadline = None if timeout is None else time.monotonic() + timeout
-        left = 0 if out else timeout
-        while self._fill(max_count - len(out), left):
-            ahead = self._ahead
-            while ahead and len(out) < max_count:
-                msg = ahead.popleft()
-                if msg.ttl is None or not self._expired(msg):
-                    out.append(msg)
-            if out or deadline is None and left == 0:
-                break
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if len(out) < max_count:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            left = 0 if out else timeout
+            while self._fill(max_count - len(out), left):
+                ahead = self._ahead
+                while ahead and len(out) < max_count:
+                    msg = ahead.popleft()
+                    if (msg.ttl is None and not msg.requires_ack) or self._accept(msg):
+                        out.append(msg)
+                if out or deadline is None and left == 0:
+                    break
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if self._acks.pending:
+            self._acks.resend_due(time.monotonic())
+        for msg in out:
+            if msg.requires_ack:
+                self._ack(msg)
         return out
+
+    def wait_acked(self, timeout: float | None = None) -> bool:
+        """Receive (and resend) until every message sent with ``requires_ack``
+        is acknowledged or dead-lettered; False if some are still out after
+        ``timeout``. Other messages that arrive meanwhile stay for ``recv``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        acks = self._acks
+        while acks.pending:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            wait = max(acks.next_due - now, 0.0)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            self._fill(_READ_AHEAD, wait)
+            acks.resend_due(time.monotonic())
+        return True
 
     def __iter__(self) -> Iterator[Message]:
         """Messages as they come; ends when the agent is closed."""
@@ -518,11 +626,13 @@ class Agent:
                 raise RequestTimeout(
                     f"agent {self.name!r}: no response from {recipient!r} within {timeout}s"
                 ) from None
-            if msg.ttl is not None and self._expired(msg):
-                continue
             if msg.type in (MessageType.RESPONSE, MessageType.ERROR) and msg.request_id == msg_id:
+                if not ((msg.ttl is None and not msg.requires_ack) or self._accept(msg)):
+                    continue
+                if msg.requires_ack:
+                    self._ack(msg)
                 return msg
-            self._kept.append(msg)
+            self._kept.append(msg)  # recv checks it as it hands it over
 
     def reply(self, msg: Message, payload: Any, **kw: Any) -> int:
         """Answer a REQUEST."""
@@ -589,7 +699,7 @@ class Agent:
         (or, with ``timeout``, until nothing arrives for that long)."""
         while not self._closed:
             try:
-                msg = self.recv(timeout=0.2 if timeout is None else timeout)
+                msg = self._receive(0.2 if timeout is None else timeout)
             except RecvTimeout:
                 if timeout is None:
                     continue
@@ -597,6 +707,8 @@ class Agent:
             except Closed:
                 return
             self.dispatch(msg)
+            if msg.requires_ack:  # once the handlers are done with it
+                self._ack(msg)
 
     # -------------------------------------------------------------- DLQ
 

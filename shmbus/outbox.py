@@ -109,6 +109,7 @@ class Outbox:
         self.bus = bus
         self.name = name
         self._name_b = name.encode()
+        self.agent_id = agent_id
         self.table = table
         self.stats = stats
         self.counters = counters
@@ -119,6 +120,7 @@ class Outbox:
         if sender == ffi.NULL:
             raise InvalidArgument(f"agent id {agent_id} or name {name!r} out of range")
         self.sender = ffi.gc(sender, lib.shmbus_sender_free)
+        self.dropped: set[int] = set()  # ids dead-lettered by "drop": not to be tracked
         self.direct: dict[str, Any] = {}
         self.topics: dict[str, Any] = {}
         self._subscribers: dict[str, list[str]] = {}  # topic -> names, in target order
@@ -245,8 +247,10 @@ class Outbox:
         ttl: int = 0,
         request_id: int = 0,
         correlation_id: int = 0,
+        attempts: int = 0,
+        timestamp_ns: int | None = None,
     ) -> bytes:
-        """A frame built in Python, for the DLQ: the message as it would have gone."""
+        """A frame built in Python, for the DLQ or a resend: the message as it goes."""
         return encode_frame(
             kind,
             sender=self._name_b,
@@ -258,8 +262,10 @@ class Outbox:
             request_id=request_id,
             correlation_id=correlation_id,
             priority=priority,
-            timestamp_ns=time.time_ns(),
+            timestamp_ns=time.time_ns() if timestamp_ns is None else timestamp_ns,
             ttl_ms=ttl,
+            attempts=attempts,
+            sender_id=self.agent_id,
         )
 
     def _failed(self, n: int = 1) -> None:
@@ -342,6 +348,7 @@ class Outbox:
                                ttl=ms, request_id=request_id,
                                correlation_id=correlation_id)  # fmt: skip
             self._drop(frame, name)
+            self.dropped.add(int(msg_id))
             return int(msg_id)
         self._failed()
         if rc in _FULL:
@@ -397,6 +404,7 @@ class Outbox:
                             frame = self.frame(kind, data, flags[i], first + i, recipient=name,
                                                priority=priority, ttl=ms)  # fmt: skip
                             self._drop(frame, name)
+                            self.dropped.add(first + i)
                     return list(range(first, first + n))
                 self._failed(n - written)
                 if rc in _FULL:

@@ -1,0 +1,124 @@
+"""Acknowledgements: a sender's unacknowledged messages and their resends,
+and a receiver's filter that hands a resent message over once.
+
+A message sent with ``requires_ack=True`` stays here until the recipient's
+ACK comes back (the recipient sends it once ``recv`` has handed the message
+over, or once the handler returned under ``serve``). Past ``timeout`` it is
+sent again, the same id with ``attempts + 1``, up to ``max_attempts`` sends
+in all; then it goes to the DLQ ("retries exhausted"). There is no thread:
+resends happen while the agent receives or sends, and ``wait_acked`` waits
+for the ACKs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from typing import Any
+
+from .errors import ShmbusError
+from .outbox import Outbox
+from .stats import RETRIED, StatsSegment
+
+log = logging.getLogger("shmbus.acks")
+
+SEEN = 1 << 16  # ids a receiver remembers, to drop resent copies
+
+
+class _Pending:
+    __slots__ = ("recipient", "kind", "data", "flags", "priority", "ttl_ms", "request_id",
+                 "correlation_id", "attempts", "due", "sent_ns")  # fmt: skip
+
+    def __init__(self, *fields: Any) -> None:
+        for name, value in zip(self.__slots__, fields, strict=True):
+            setattr(self, name, value)
+
+
+class Acks:
+    """One agent's side of acknowledgements, both as sender and as receiver."""
+
+    def __init__(self, out: Outbox, timeout: float, max_attempts: int) -> None:
+        if not timeout > 0 or max_attempts < 1:
+            raise ValueError("ack_timeout must be > 0 and max_attempts >= 1")
+        self.out = out
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.pending: dict[int, _Pending] = {}
+        self.next_due = math.inf
+        self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+    # ------------------------------------------------------------ sender
+
+    def track(self, msg_id: int, recipient: str, kind: int, data: bytes, flags: int,
+              priority: int, ttl_ms: int, request_id: int, correlation_id: int,
+              now: float) -> None:  # fmt: skip
+        due = now + self.timeout
+        self.pending[msg_id] = _Pending(recipient, kind, data, flags, priority, ttl_ms,
+                                        request_id, correlation_id, 1, due,
+                                        time.time_ns())  # fmt: skip
+        self.next_due = min(self.next_due, due)
+
+    def acked(self, msg_id: int) -> None:
+        self.pending.pop(msg_id, None)
+        if not self.pending:
+            self.next_due = math.inf
+
+    def resend_due(self, now: float) -> None:
+        """Send again what waited past its timeout; dead-letter what ran out of attempts."""
+        if now < self.next_due:
+            return
+        next_due = math.inf
+        for msg_id, p in list(self.pending.items()):
+            if p.due > now:
+                next_due = min(next_due, p.due)
+                continue
+            if p.attempts >= self.max_attempts:
+                del self.pending[msg_id]
+                self.out._dead_letter(
+                    self._frame(msg_id, p),
+                    f"retries exhausted: {p.attempts} sends to {p.recipient!r}, no ACK within "
+                    f"{self.timeout}s of each",
+                )
+                continue
+            p.attempts += 1
+            p.due = now + self.timeout
+            next_due = min(next_due, p.due)
+            self._resend(msg_id, p)
+        self.next_due = next_due
+
+    def _frame(self, msg_id: int, p: _Pending) -> bytes:
+        return self.out.frame(
+            p.kind, p.data, p.flags, msg_id, recipient=p.recipient, priority=p.priority,
+            ttl=p.ttl_ms, request_id=p.request_id, correlation_id=p.correlation_id,
+            attempts=p.attempts, timestamp_ns=p.sent_ns,  # a resend keeps the TTL's start
+        )  # fmt: skip
+
+    def _resend(self, msg_id: int, p: _Pending) -> None:
+        self.out._fresh()
+        ring = self.out._ring(p.recipient)
+        if ring is None:
+            # Gone: what it had not read is in the DLQ already ("recipient
+            # left/died"), and what it had read it may have handled.
+            log.warning("no resend of %d: %r has left the bus", msg_id, p.recipient)
+            del self.pending[msg_id]
+            return
+        try:
+            if ring.try_write(self._frame(msg_id, p)):
+                StatsSegment.add(self.out.counters, RETRIED)
+            # else: its inbox is full; the next round tries again
+        except ShmbusError as e:
+            log.warning("resend of %d to %r failed: %s", msg_id, p.recipient, e)
+
+    # ---------------------------------------------------------- receiver
+
+    def first_time(self, msg_id: int) -> bool:
+        """Has a message with this id not been handed over before?"""
+        seen = self._seen
+        if msg_id in seen:
+            return False
+        seen[msg_id] = None
+        if len(seen) > SEEN:
+            seen.popitem(last=False)
+        return True
