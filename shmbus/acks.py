@@ -27,13 +27,12 @@ log = logging.getLogger("shmbus.acks")
 SEEN = 1 << 16  # ids a receiver remembers, to drop resent copies
 
 
-class _Pending:
-    __slots__ = ("recipient", "kind", "data", "flags", "priority", "ttl_ms", "request_id",
-                 "correlation_id", "attempts", "due", "sent_ns")  # fmt: skip
-
-    def __init__(self, *fields: Any) -> None:
-        for name, value in zip(self.__slots__, fields, strict=True):
-            setattr(self, name, value)
+# A pending message is a list (building one is cheap; this runs per send):
+# recipient, kind, data, flags, priority, ttl_ms, request_id, correlation_id,
+# attempts, due, sent_ns.
+_RECIPIENT, _KIND, _DATA, _FLAGS, _PRIORITY, _TTL, _REQUEST, _CORRELATION = range(8)
+_ATTEMPTS, _DUE, _SENT = 8, 9, 10
+ACK_BATCH = 64  # ACKs sent in one message, at most
 
 
 class Acks:
@@ -45,7 +44,7 @@ class Acks:
         self.out = out
         self.timeout = timeout
         self.max_attempts = max_attempts
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, list[Any]] = {}
         self.next_due = math.inf
         self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
 
@@ -55,10 +54,10 @@ class Acks:
               priority: int, ttl_ms: int, request_id: int, correlation_id: int,
               now: float) -> None:  # fmt: skip
         due = now + self.timeout
-        self.pending[msg_id] = _Pending(recipient, kind, data, flags, priority, ttl_ms,
-                                        request_id, correlation_id, 1, due,
-                                        time.time_ns())  # fmt: skip
-        self.next_due = min(self.next_due, due)
+        self.pending[msg_id] = [recipient, kind, data, flags, priority, ttl_ms, request_id,
+                                correlation_id, 1, due, time.time_ns()]  # fmt: skip
+        if due < self.next_due:
+            self.next_due = due
 
     def acked(self, msg_id: int) -> None:
         self.pending.pop(msg_id, None)
@@ -71,37 +70,39 @@ class Acks:
             return
         next_due = math.inf
         for msg_id, p in list(self.pending.items()):
-            if p.due > now:
-                next_due = min(next_due, p.due)
+            if p[_DUE] > now:
+                next_due = min(next_due, p[_DUE])
                 continue
-            if p.attempts >= self.max_attempts:
+            if p[_ATTEMPTS] >= self.max_attempts:
                 del self.pending[msg_id]
                 self.out._dead_letter(
                     self._frame(msg_id, p),
-                    f"retries exhausted: {p.attempts} sends to {p.recipient!r}, no ACK within "
-                    f"{self.timeout}s of each",
+                    f"retries exhausted: {p[_ATTEMPTS]} sends to {p[_RECIPIENT]!r}, no ACK "
+                    f"within {self.timeout}s of each",
                 )
                 continue
-            p.attempts += 1
-            p.due = now + self.timeout
-            next_due = min(next_due, p.due)
+            p[_ATTEMPTS] += 1
+            p[_DUE] = now + self.timeout
+            next_due = min(next_due, p[_DUE])
             self._resend(msg_id, p)
         self.next_due = next_due
 
-    def _frame(self, msg_id: int, p: _Pending) -> bytes:
+    def _frame(self, msg_id: int, p: list[Any]) -> bytes:
         return self.out.frame(
-            p.kind, p.data, p.flags, msg_id, recipient=p.recipient, priority=p.priority,
-            ttl=p.ttl_ms, request_id=p.request_id, correlation_id=p.correlation_id,
-            attempts=p.attempts, timestamp_ns=p.sent_ns,  # a resend keeps the TTL's start
+            p[_KIND], p[_DATA], p[_FLAGS], msg_id, recipient=p[_RECIPIENT],
+            priority=p[_PRIORITY], ttl=p[_TTL], request_id=p[_REQUEST],
+            correlation_id=p[_CORRELATION], attempts=p[_ATTEMPTS],
+            timestamp_ns=p[_SENT],  # a resend keeps the TTL's start
         )  # fmt: skip
 
-    def _resend(self, msg_id: int, p: _Pending) -> None:
+    def _resend(self, msg_id: int, p: list[Any]) -> None:
         self.out._fresh()
-        ring = self.out._ring(p.recipient)
+        recipient = p[_RECIPIENT]
+        ring = self.out._ring(recipient)
         if ring is None:
             # Gone: what it had not read is in the DLQ already ("recipient
             # left/died"), and what it had read it may have handled.
-            log.warning("no resend of %d: %r has left the bus", msg_id, p.recipient)
+            log.warning("no resend of %d: %r has left the bus", msg_id, recipient)
             del self.pending[msg_id]
             return
         try:
@@ -109,7 +110,7 @@ class Acks:
                 StatsSegment.add(self.out.counters, RETRIED)
             # else: its inbox is full; the next round tries again
         except ShmbusError as e:
-            log.warning("resend of %d to %r failed: %s", msg_id, p.recipient, e)
+            log.warning("resend of %d to %r failed: %s", msg_id, recipient, e)
 
     # ---------------------------------------------------------- receiver
 

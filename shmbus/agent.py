@@ -20,7 +20,7 @@ from typing import Any
 
 from ._decode import decode_block as _decode_block
 from ._native import ffi, lib
-from .acks import Acks
+from .acks import ACK_BATCH, Acks
 from .control import (
     ControlError,
     Reader,
@@ -176,6 +176,7 @@ class Agent:
         self._rules: list[tuple[RoutingRule, Callable[[Message], Any]]] = []
         self._death_callbacks: list[Callable[[str], Any]] = []
         self._acks = Acks(self._out, 1.0, 3)
+        self._to_ack: dict[str, list[int]] = {}
         self._backpressure = "block"
         self._send_timeout: float | None = 30.0
         self._wait_ns = _ns(30.0)
@@ -417,6 +418,8 @@ class Agent:
         """Decode up to ``max_count`` frames from the inbox into ``_ahead``, in
         one read and one C decode; corrupt frames are logged and skipped.
         False if nothing arrived within ``timeout``."""
+        if self._to_ack:
+            self._flush_acks()  # before a wait: what was handed over is acked now
         inbox = self.inbox
         n = inbox.read_block(max_count, timeout)
         if n > 0:
@@ -438,8 +441,10 @@ class Agent:
         for item in items:
             if type(item) is str:
                 log.warning("agent %s dropped a corrupt frame: %s", self.name, item)
-            elif item.type is _ACK:
-                self._acks.acked(item.request_id)  # for our sending side, not for recv
+            elif item.type is _ACK:  # for our sending side, not for recv
+                ids = item.payload
+                for msg_id in ids if isinstance(ids, list) else (item.request_id,):
+                    self._acks.acked(msg_id)
             elif item.type is _CONTROL and not item.sender:
                 self._bus_event(item.payload)  # from the coordinator: not for recv
             else:
@@ -509,11 +514,24 @@ class Agent:
         return True
 
     def _ack(self, msg: Message) -> None:
-        try:
-            self._send_kind(msg.sender, None, int(_ACK), msg.id, timeout=0,
-                            backpressure="error")  # fmt: skip
-        except ShmbusError as e:  # gone, or its inbox full: it resends, we ack the copy
-            log.info("agent %s could not ack %d to %s: %s", self.name, msg.id, msg.sender, e)
+        """Acknowledge ``msg``: gathered per sender, sent ``ACK_BATCH`` at a time
+        or before this agent waits (whichever first), so one ACK message
+        carries many."""
+        ids = self._to_ack.get(msg.sender)
+        if ids is None:
+            ids = self._to_ack[msg.sender] = []
+        ids.append(msg.id)
+        if len(ids) >= ACK_BATCH or not self._ahead:
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        to_ack, self._to_ack = self._to_ack, {}
+        for sender, ids in to_ack.items():
+            try:
+                self._send_kind(sender, ids, int(_ACK), ids[0], timeout=0, backpressure="error")
+            except ShmbusError as e:  # gone, or its inbox full: it resends, we ack the copy
+                log.info("agent %s could not ack %d messages to %s: %s", self.name, len(ids),
+                         sender, e)  # fmt: skip
 
     def _expired(self, msg: Message) -> bool:
         """Is ``msg`` past its TTL? Then it goes to the DLQ, never to the caller."""
@@ -585,6 +603,8 @@ class Agent:
         for msg in out:
             if msg.requires_ack:
                 self._ack(msg)
+        if self._to_ack:
+            self._flush_acks()
         return out
 
     def wait_acked(self, timeout: float | None = None) -> bool:
@@ -749,6 +769,8 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        if self._to_ack:
+            self._flush_acks()
         # Read from the inbox but never handed over: the DLQ has them, and the
         # coordinator moves what is still in the inbox there when we go.
         for msg in [*self._kept, *self._ahead]:
