@@ -32,6 +32,7 @@ typedef struct {
     int64_t pid;
     uint32_t name_len;
     char name[SHMBUS_STATS_NAME];
+    _Atomic uint64_t heartbeat; /* CLOCK_MONOTONIC ns, stored by the agent's beat thread */
     alignas(128) _Atomic uint64_t own[16];
     alignas(128) _Atomic uint64_t others[16];
 } agent_slot;
@@ -48,6 +49,7 @@ _Static_assert(sizeof(stats_header) == SHMBUS_STATS_HEADER_SIZE, "header size");
 _Static_assert(sizeof(agent_slot) == SHMBUS_STATS_SLOT_SIZE, "agent slot size");
 _Static_assert(sizeof(topic_slot) == SHMBUS_STATS_SLOT_SIZE, "topic slot size");
 _Static_assert(offsetof(agent_slot, own) == 128, "own counters at 128");
+_Static_assert(offsetof(agent_slot, heartbeat) == SHMBUS_STATS_HEARTBEAT_AT, "heartbeat at 96");
 _Static_assert(offsetof(agent_slot, others) == 256, "senders' counters at 256");
 _Static_assert(offsetof(topic_slot, counters) == 256, "topic counters at 256");
 /* own + 16 is others[0], so one pointer reaches both lines. */
@@ -162,6 +164,7 @@ int shmbus_stats_agent_open(shmbus_stats_t *s, uint32_t slot, uint64_t agent_id,
     }
     a->id = agent_id;
     a->pid = pid;
+    atomic_store_explicit(&a->heartbeat, 0, memory_order_relaxed);
     a->name_len = name_len;
     memset(a->name, 0, sizeof a->name);
     memcpy(a->name, name, name_len);
@@ -234,6 +237,13 @@ uint64_t *shmbus_stats_topic(shmbus_stats_t *s, const char *topic, uint32_t len)
 }
 
 uint64_t *shmbus_stats_bus(shmbus_stats_t *s) { return (uint64_t *)s->header->bus; }
+
+uint64_t *shmbus_stats_heartbeat(shmbus_stats_t *s, uint32_t slot)
+{
+    if (!s || slot == 0 || slot >= SHMBUS_STATS_AGENT_SLOTS)
+        return NULL;
+    return (uint64_t *)&s->agents[slot].heartbeat;
+}
 
 void shmbus_stats_add(uint64_t *counters, uint32_t index, uint64_t n)
 {

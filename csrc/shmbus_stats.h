@@ -14,7 +14,7 @@
  *            | bus: DLQ size, DLQ total, DLQ evicted, ...      |
  *   256      +-------------------------------------------------+
  *            | agent slots (384 bytes each; slot 0: departed)  |
- *            |   0   identity: state, id, pid, name            |
+ *            |   0   identity: state, id, pid, name, heartbeat |
  *            |   128 counters the agent writes (its own line)  |
  *            |   256 counters its senders write (delivered)    |
  *            +-------------------------------------------------+
@@ -42,6 +42,7 @@
 #define SHMBUS_STATS_TOPIC_SLOTS 1024
 #define SHMBUS_STATS_NAME 64        /* agent names are at most 64 bytes */
 #define SHMBUS_STATS_TOPIC_NAME 240 /* longer topics count as overflow */
+#define SHMBUS_STATS_HEARTBEAT_AT 96 /* in an agent slot: its last beat */
 
 /* Counter indices.  An agent's own line: */
 #define SHMBUS_STAT_SENT 0
@@ -83,6 +84,10 @@ int shmbus_stats_agent_open(shmbus_stats_t *s, uint32_t slot, uint64_t agent_id,
 int shmbus_stats_agent_close(shmbus_stats_t *s, uint32_t slot);
 /* A topic's counters, claiming its slot on first use; never NULL. */
 uint64_t *shmbus_stats_topic(shmbus_stats_t *s, const char *topic, uint32_t len);
+/* An agent's heartbeat: CLOCK_MONOTONIC ns of its last beat (0: none yet),
+ * stored by a thread of the agent and read by the coordinator, which calls
+ * an agent hung when it stays old (a stopped or wedged process). */
+uint64_t *shmbus_stats_heartbeat(shmbus_stats_t *s, uint32_t slot);
 /* The bus line (DLQ figures, written by the coordinator). */
 uint64_t *shmbus_stats_bus(shmbus_stats_t *s);
 void shmbus_stats_add(uint64_t *counters, uint32_t index, uint64_t n);

@@ -14,7 +14,9 @@ import logging
 import operator
 import os
 import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -72,6 +74,41 @@ _RESPONSE = int(MessageType.RESPONSE)
 _CONTROL = MessageType.CONTROL
 _ACK = MessageType.ACK
 _READ_AHEAD = 64  # frames taken from the inbox per C call when they are there
+
+
+BEAT_EVERY = 0.5  # seconds between heartbeats
+
+
+class _Beater(threading.Thread):
+    """Stores the time in the agent's stats slot every BEAT_EVERY seconds, so
+    the coordinator can tell a stopped or wedged process (no beats) from a
+    busy one (a thread runs while Python code does, the GIL switching).
+
+    It holds the stats segment, so the mapping it writes to lives as long as
+    it runs, and it ends with its agent: closed, or collected without close."""
+
+    def __init__(self, agent: Agent, stats: StatsSegment, slot: int) -> None:
+        super().__init__(name=f"shmbus-heartbeat-{agent.name}", daemon=True)
+        self.agent = weakref.ref(agent)
+        self.stats = stats
+        self.where = stats.heartbeat(slot)
+        self.stop = threading.Event()
+        if self.where:
+            self.beat()
+            self.start()
+
+    def beat(self) -> None:
+        lib.shmbus_stats_set(self.where, 0, time.monotonic_ns())
+
+    def run(self) -> None:
+        while not self.stop.wait(BEAT_EVERY) and self.agent() is not None:
+            self.beat()
+        self.stats = None  # type: ignore[assignment]  # let the mapping go
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.is_alive():
+            self.join(5)
 
 
 class _AgentDefault:
@@ -161,8 +198,11 @@ class Agent:
                 bus=bus, name=name, agent_id=self.id, table=self._table, stats=self._stats,
                 counters=counters, dead_letter=self._dead_letter,
             )  # fmt: skip
+            self._beater = _Beater(self, self._stats, reply.get("slot", 0))
             self._call("activate")
         except BaseException:
+            if hasattr(self, "_beater"):
+                self._beater.close()
             self._sock.close()
             if hasattr(self, "inbox"):
                 self.inbox.__exit__(None, None, None)
@@ -175,6 +215,7 @@ class Agent:
         self._kept: collections.deque[Message] = collections.deque()  # set aside by request()
         self._rules: list[tuple[RoutingRule, Callable[[Message], Any]]] = []
         self._death_callbacks: list[Callable[[str], Any]] = []
+        self._hung_callbacks: list[Callable[[str, bool], Any]] = []
         self._acks = Acks(self._out, 1.0, 3)
         self._to_ack: dict[str, list[int]] = {}
         self._backpressure = "block"
@@ -457,18 +498,29 @@ class Agent:
         from inside ``recv`` and the other receiving calls."""
         self._death_callbacks.append(callback)
 
+    def on_peer_hung(self, callback: Callable[[str, bool], Any]) -> None:
+        """Call ``callback(name, True)`` when another agent stops beating (the
+        coordinator's ``--heartbeat-timeout``: a stopped or wedged process),
+        and ``callback(name, False)`` when it beats again. Runs like
+        :meth:`on_peer_death`'s callbacks."""
+        self._hung_callbacks.append(callback)
+
     def _bus_event(self, event: Any) -> None:
-        if not (isinstance(event, dict) and event.get("event") == "peer_died"):
-            return  # a newer coordinator's event, or noise: nothing for us
-        name = event.get("agent")
-        if not isinstance(name, str):
-            return
-        self._out._fresh()  # its routes are gone already: drop our cached ones
-        for callback in list(self._death_callbacks):
+        if not isinstance(event, dict) or not isinstance(event.get("agent"), str):
+            return  # noise: nothing for us
+        kind, name = event.get("event"), event["agent"]
+        if kind == "peer_died":
+            self._out._fresh()  # its routes are gone already: drop our cached ones
+            calls = [(cb, (name,)) for cb in self._death_callbacks]
+        elif kind in ("peer_hung", "peer_resumed"):
+            calls = [(cb, (name, kind == "peer_hung")) for cb in self._hung_callbacks]
+        else:
+            return  # a newer coordinator's event
+        for callback, args in calls:
             try:
-                callback(name)
+                callback(*args)
             except Exception as e:  # a callback's failure must not stop the agent
-                log.warning("agent %s: peer-death callback %r failed: %r", self.name, callback, e)
+                log.warning("agent %s: %s callback %r failed: %r", self.name, kind, callback, e)
 
     def _salvage(self, frames: list[bytes]) -> None:
         for frame in frames:
@@ -785,6 +837,7 @@ class Agent:
         self._out.close()
         self._table.close()
         lib.shmbus_ring_count_reads(self.inbox._handle(), ffi.NULL, ffi.NULL)
+        self._beater.close()  # it writes to the stats mapping: done before that goes
         self._stats.close()
         self.inbox.close()
         self.inbox.unlink()

@@ -67,12 +67,13 @@ class _Agent:
     transport: str = "shm"
     slot: int = 0  # in the stats segment; 0: none was free
     active: bool = False
+    hung: bool = False  # no heartbeat for heartbeat_timeout
 
 
 class Coordinator:
     """One bus's control plane. ``serve()`` runs it until ``stop()``."""
 
-    def __init__(self, bus: str, *, dlq_size: int = 10_000) -> None:
+    def __init__(self, bus: str, *, dlq_size: int = 10_000, heartbeat_timeout: float = 5.0) -> None:
         self.bus = validate_bus_or_agent(bus, "bus")
         make_runtime_dir(bus)
         self._lock_fd = os.open(lock_path(bus), os.O_RDWR | os.O_CREAT, 0o600)
@@ -112,6 +113,8 @@ class Coordinator:
         self._free_slots = collections.deque(range(1, lib.SHMBUS_STATS_AGENT_SLOTS))
         self._watch: dict[str, tuple[Ring, int]] = {}  # inboxes a dead writer may block
         self._dying: list[tuple[_Agent, float]] = []  # closed, not yet certainly dead
+        self.heartbeat_timeout = heartbeat_timeout
+        self._next_beat_check = 0.0
         self._dlq_stats()
         self._publish()
         # Bound and listening under a side name, then renamed into place: a
@@ -142,6 +145,7 @@ class Coordinator:
             self.dlq.tick()  # its file's fdatasync, at most once a second
             if self._dying:
                 self._confirm_deaths()
+            self._check_heartbeats(time.monotonic())
             if self._watch:
                 self._unblock_watched()
 
@@ -163,24 +167,49 @@ class Coordinator:
                 )  # fmt: skip
         self._dying = still
 
-    def _tell_of_death(self, dead: _Agent) -> None:
-        """A CONTROL message from nobody (the coordinator) in every other inbox;
-        agents act on it themselves (Agent.on_peer_death), and the routes
-        table, already updated, stays the authority if one is missed."""
+    def _tell(self, event: str, about: _Agent) -> None:
+        """A CONTROL message from nobody (the coordinator) in every other
+        inbox; agents act on it themselves (Agent.on_peer_death/on_peer_hung),
+        and the routes table stays the authority if one is missed."""
         frame = encode_frame(
             int(MessageType.CONTROL), sender=b"",
-            payload=msgpack.packb({"event": "peer_died", "agent": dead.name, "pid": dead.pid}),
+            payload=msgpack.packb({"event": event, "agent": about.name, "pid": about.pid}),
             timestamp_ns=time.time_ns(),
         )  # fmt: skip
         for agent in self.agents.values():
+            if agent is about:
+                continue
             try:
                 with Ring.attach(agent.inbox) as ring:
                     if not ring.try_write(frame):
-                        log.warning(
-                            "inbox of %s full: not told of %s's death", agent.name, dead.name
-                        )
+                        log.warning("inbox of %s full: not told %s of %s", agent.name, event,
+                                    about.name)  # fmt: skip
             except ShmbusError as e:
-                log.warning("could not tell %s of %s's death: %s", agent.name, dead.name, e)
+                log.warning("could not tell %s %s of %s: %s", agent.name, event, about.name, e)
+
+    def _tell_of_death(self, dead: _Agent) -> None:
+        self._tell("peer_died", dead)
+
+    def _check_heartbeats(self, now: float) -> None:
+        """An agent whose beats stopped for heartbeat_timeout is hung (stopped,
+        or wedged in C with the GIL held): its peers are told, and told again
+        when it beats again. Its death, if it comes, is noticed as ever."""
+        if now < self._next_beat_check:
+            return
+        self._next_beat_check = now + 0.5
+        now_ns = time.monotonic_ns()
+        for agent in list(self.agents.values()):
+            if not agent.active or not agent.slot:
+                continue
+            beat = self.stats.heartbeat(agent.slot)[0]
+            if not beat:
+                continue  # an agent of an older shmbus, or not started beating yet
+            late = (now_ns - beat) / 1e9 > self.heartbeat_timeout
+            if late != agent.hung:
+                agent.hung = late
+                log.warning("agent %s (pid %d) %s", agent.name, agent.pid,
+                            "stopped beating: hung" if late else "beats again")  # fmt: skip
+                self._tell("peer_hung" if late else "peer_resumed", agent)
 
     def _watch_after_death(self, dead: _Agent) -> None:
         """A writer that died may have left a record half-written in any
@@ -443,14 +472,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shmbus coordinator", description=__doc__)
     parser.add_argument("--bus", default=os.environ.get("SHMBUS_BUS", "default"))
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="an agent silent this long is hung; its peers are told")  # fmt: skip
     parser.add_argument("--dlq-size", type=int, default=10_000, metavar="N",
                         help="dead letters kept (the oldest go first; default 10000)")  # fmt: skip
     args = parser.parse_args(argv)
+    if not args.heartbeat_timeout > 0:
+        parser.error(f"--heartbeat-timeout must be positive, got {args.heartbeat_timeout}")
     if args.dlq_size < 1:
         parser.error(f"--dlq-size must be at least 1, got {args.dlq_size}")
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     try:
-        coordinator = Coordinator(args.bus, dlq_size=args.dlq_size)
+        coordinator = Coordinator(
+            args.bus, dlq_size=args.dlq_size, heartbeat_timeout=args.heartbeat_timeout
+        )
     except CoordinatorRunning as e:
         print(f"shmbus coordinator: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ them all at once, without asking the coordinator, as a :class:`BusStats`.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ _TOPICS = lib.SHMBUS_STATS_TOPIC_SLOTS
 _READY = 2
 _OWN = 16  # word offset of a slot's counters (byte 128)
 _OTHERS = 32  # senders' counters (byte 256); a topic's counters too
+_BEAT = lib.SHMBUS_STATS_HEARTBEAT_AT // 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,7 @@ class AgentStats(Counters):
     pending: int = 0  # of those, not read yet
     inbox_used: int = 0  # bytes
     inbox_capacity: int = 0
+    heartbeat_age: float | None = None  # seconds since its last beat (None: none yet)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +141,10 @@ class StatsSegment(Segment):
         """The counters of agent slot ``slot`` (cdata ``uint64_t *``; NULL for slot 0)."""
         return lib.shmbus_stats_agent(self._handle(), slot)
 
+    def heartbeat(self, slot: int) -> Any:
+        """Where agent slot ``slot`` stores its beats (cdata ``uint64_t *``; NULL for 0)."""
+        return lib.shmbus_stats_heartbeat(self._handle(), slot)
+
     def topic(self, topic: bytes) -> Any:
         return lib.shmbus_stats_topic(self._handle(), topic, len(topic))
 
@@ -162,6 +169,7 @@ class StatsSegment(Segment):
     def snapshot(self, bus: str, inboxes: dict[str, tuple[int, int]] | None = None) -> BusStats:
         """Every counter now. ``inboxes`` maps agent names to (used, capacity) bytes."""
         words = self._words.copy()  # one pass over the mapping, then no more races
+        now = time.monotonic_ns()
         if not len(words):
             raise ShmbusError(f"{self.kind} {self.name!r} is closed")
         raw = words.view(np.uint8)
@@ -184,6 +192,7 @@ class StatsSegment(Segment):
                 *(int(w) for w in own), name=name, id=int(row[1]),
                 pid=int(row[2].astype(np.int64)), delivered=delivered,
                 pending=max(delivered - received, 0), inbox_used=used, inbox_capacity=capacity,
+                heartbeat_age=max(now - int(row[_BEAT]), 0) / 1e9 if row[_BEAT] else None,
             )  # fmt: skip
         topics_at = agents_at + _AGENTS * _SLOT
         tslots = words[topics_at : topics_at + _TOPICS * _SLOT].reshape(_TOPICS, _SLOT)
@@ -237,13 +246,14 @@ def format_stats(s: BusStats) -> str:
         f"bytes {t.bytes_sent}/{t.bytes_received}  dead-lettered {t.dead_lettered}  "
         f"DLQ {s.dlq} (ever {s.dlq_total}, evicted {s.dlq_evicted})",
         f"  {'agent':20s} {'pid':>8s} {'sent':>10s} {'received':>10s} {'failed':>7s} "
-        f"{'pending':>8s} {'inbox':>18s}",
+        f"{'pending':>8s} {'inbox':>18s} {'beat':>7s}",
     ]
     for a in sorted(s.agents.values(), key=lambda a: a.name):
         inbox = f"{a.inbox_used}/{a.inbox_capacity}" if a.inbox_capacity else "-"
+        beat = "-" if a.heartbeat_age is None else f"{a.heartbeat_age:.1f}s"
         lines.append(
             f"  {a.name:20s} {a.pid:>8d} {a.sent:>10d} {a.received:>10d} {a.failed:>7d} "
-            f"{a.pending:>8d} {inbox:>18s}"
+            f"{a.pending:>8d} {inbox:>18s} {beat:>7s}"
         )
     if s.topics:
         lines.append(f"  {'topic':40s} {'published':>10s} {'delivered':>10s} {'bytes':>12s}")

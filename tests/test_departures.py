@@ -94,3 +94,42 @@ def test_peers_are_told_of_a_death_and_not_through_recv(bus, children):
         with pytest.raises(shmbus.RecvTimeout):
             driver.recv(timeout=0.3)  # the CONTROL notice never comes out of recv
         assert deaths == ["holder"]
+
+
+def _idle(bus: str) -> None:
+    with shmbus.connect(bus=bus, name="idle") as agent:
+        agent.send("driver", "ready")
+        time.sleep(60)  # no receiving at all: its beat thread alone says it lives
+
+
+def test_a_stopped_agent_is_reported_hung_and_then_resumed(names, runtime, children):
+    from conftest import start_coordinator
+
+    bus = names("bus")
+    coordinator = start_coordinator(children, bus, "--heartbeat-timeout", "1")
+    try:
+        with shmbus.connect(bus=bus, name="driver") as driver:
+            events: list[tuple[str, bool]] = []
+            driver.on_peer_hung(lambda name, hung: events.append((name, hung)))
+            proc = children.start(_idle, bus)
+            assert driver.recv(timeout=20).payload == "ready"
+            time.sleep(1.5)  # longer than the timeout: a live idle agent is not hung
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 20
+                while not events and time.monotonic() < deadline:
+                    with pytest.raises(shmbus.RecvTimeout):
+                        driver.recv(timeout=0.1)  # takes the coordinator's notice in
+                assert events == [("idle", True)]
+                assert driver.stats().agents["idle"].heartbeat_age > 1
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 20
+            while len(events) < 2 and time.monotonic() < deadline:
+                with pytest.raises(shmbus.RecvTimeout):
+                    driver.recv(timeout=0.1)
+            assert events == [("idle", True), ("idle", False)]
+            assert "idle" in driver.peers()  # hung is reported, not removed
+    finally:
+        coordinator.terminate()
+        coordinator.wait(10)
