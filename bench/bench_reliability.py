@@ -26,6 +26,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unread", type=int, default=1000, help="unread messages at the kill")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results/reliability.json"))
     args = parser.parse_args(argv)
+    # The death case fills a DLQ on purpose: keep its file out of the user's state.
+    state = tempfile.TemporaryDirectory(prefix="benchrel")
+    os.environ["SHMBUS_STATE_DIR"] = state.name
     runs = args.runs or (1 if args.quick else 5)
     count = args.messages or (5_000 if args.quick else 100_000)
     print(f"shmbus {shmbus.__version__}; Python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"ack": ack_runs, "death": death_runs, "messages": count}, indent=1))
     print(f"\nresults in {out}")
+    state.cleanup()
     return 0
 
 
