@@ -19,7 +19,6 @@ from __future__ import annotations
 import cProfile
 import functools
 import io as _io
-import math
 import operator
 import os
 import pstats
@@ -29,6 +28,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from _peers import latency_summary
 
 #: The small dict of the dict cases, as an agent might send a sensor reading.
 DICT_PAYLOAD = {"id": 7, "name": "sensor-7", "value": 3.25, "ok": True}
@@ -330,20 +331,7 @@ def client(io: Io, spec: Spec, sync: Callable[[], None], window: Window, **_: An
     sync()
     if total != spec.touched(spec.count):
         raise AssertionError("replies differ from the requests")
-    lat.sort()
-    n = len(lat)
-
-    def pct(q: float) -> float:  # nearest rank, in microseconds
-        return lat[min(n - 1, max(0, math.ceil(q * n - 1e-9) - 1))] / 1e3
-
-    return {
-        "round_trips": n,
-        "p50_us": pct(0.50),
-        "p99_us": pct(0.99),
-        "mean_us": sum(lat) / n / 1e3,
-        "min_us": lat[0] / 1e3,
-        "max_us": lat[-1] / 1e3,
-    }
+    return latency_summary(lat)
 
 
 def server(io: Io, spec: Spec, sync: Callable[[], None], window: Window, **_: Any) -> dict:

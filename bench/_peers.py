@@ -255,20 +255,7 @@ def pingpong_client(io: Io, spec: Spec, sync: Callable[[], None]) -> dict[str, A
     sync()
     if wrong:
         raise AssertionError(f"{wrong} of {spec.count} echoes differed from what was sent")
-    lat.sort()
-    n = len(lat)
-
-    def pct(q: float) -> float:  # nearest rank, in microseconds
-        return lat[min(n - 1, max(0, math.ceil(q * n - 1e-9) - 1))] / 1e3
-
-    return {
-        "round_trips": n,
-        "p50_us": pct(0.50),
-        "p99_us": pct(0.99),
-        "mean_us": sum(lat) / n / 1e3,
-        "min_us": lat[0] / 1e3,
-        "max_us": lat[-1] / 1e3,
-    }
+    return latency_summary(lat)
 
 
 def pingpong_server(io: Io, spec: Spec, sync: Callable[[], None]) -> dict[str, Any]:
@@ -390,3 +377,21 @@ def child_main(role: str, kind: str, spec: Spec, end: Any, barrier: Any, conn: A
         if io is not None:
             io.close()
         conn.close()
+
+
+def latency_summary(lat: list[int]) -> dict[str, Any]:
+    """Round-trip times in nanoseconds as percentiles (nearest rank) in microseconds."""
+    lat.sort()
+    n = len(lat)
+
+    def pct(q: float) -> float:
+        return lat[min(n - 1, max(0, math.ceil(q * n - 1e-9) - 1))] / 1e3
+
+    return {
+        "round_trips": n,
+        "p50_us": pct(0.50),
+        "p99_us": pct(0.99),
+        "mean_us": sum(lat) / n / 1e3,
+        "min_us": lat[0] / 1e3,
+        "max_us": lat[-1] / 1e3,
+    }

@@ -68,6 +68,7 @@ class Acks:
         """Send again what waited past its timeout; dead-letter what ran out of attempts."""
         if now < self.next_due:
             return
+        self.out._fresh()  # once for the round: a recipient may have left
         next_due = math.inf
         for msg_id, p in list(self.pending.items()):
             if p[_DUE] > now:
@@ -96,7 +97,6 @@ class Acks:
         )  # fmt: skip
 
     def _resend(self, msg_id: int, p: list[Any]) -> None:
-        self.out._fresh()
         recipient = p[_RECIPIENT]
         ring = self.out._ring(recipient)
         if ring is None:

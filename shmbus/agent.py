@@ -13,7 +13,6 @@ import collections
 import logging
 import operator
 import os
-import socket
 import threading
 import time
 import weakref
@@ -24,20 +23,14 @@ from ._decode import decode_block as _decode_block
 from ._native import ffi, lib
 from .acks import ACK_BATCH, Acks
 from .control import (
-    ControlError,
-    Reader,
-    recv_msg,
+    Client,
     routes_name,
-    send_msg,
-    socket_path,
     stats_name,
     validate_bus_or_agent,
 )
 from .errors import (
     Closed,
-    CoordinatorUnavailable,
     CorruptFrame,
-    NameTaken,
     RecvTimeout,
     RequestTimeout,
     ShmbusError,
@@ -64,7 +57,6 @@ __all__ = ["Agent", "connect"]
 log = logging.getLogger("shmbus.agent")
 
 DEFAULT_INBOX = 1 << 22  # 4 MiB: frames up to 512 KiB
-_ERRORS = {"NameTaken": NameTaken}
 _send = lib.shmbus_send
 _send_ex = lib.shmbus_send_ex
 _DIRECT = int(MessageType.DIRECT)
@@ -180,9 +172,7 @@ class Agent:
         self.name = validate_bus_or_agent(name, "agent")
         self._name_b = name.encode()
         self._closed = False
-        self._sock = self._dial(timeout)
-        self._reader = Reader()
-        self._replies: list[dict[str, Any]] = []
+        self._ctl = Client(bus, timeout, wait=timeout, who=f"agent {name!r}: ")
         try:
             reply = self._call("register", name=name, pid=os.getpid(), transport="shm")
             self.id: int = reply["id"]
@@ -203,7 +193,7 @@ class Agent:
         except BaseException:
             if hasattr(self, "_beater"):
                 self._beater.close()
-            self._sock.close()
+            self._ctl.close()
             if hasattr(self, "inbox"):
                 self.inbox.__exit__(None, None, None)
             raise
@@ -224,36 +214,8 @@ class Agent:
 
     # -------------------------------------------------------- control
 
-    def _dial(self, timeout: float) -> socket.socket:
-        path = str(socket_path(self.bus))
-        deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(path)
-                sock.settimeout(timeout)
-                return sock
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                sock.close()
-                if time.monotonic() >= deadline:
-                    raise CoordinatorUnavailable(
-                        f"no coordinator answers for bus {self.bus!r} at {path} ({e}); "
-                        f"start one with `shmbus coordinator --bus {self.bus}`"
-                    ) from None
-                time.sleep(0.02)
-
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
-        try:
-            send_msg(self._sock, {"op": op, **args})
-            reply = recv_msg(self._sock, self._reader, self._replies)
-        except (OSError, ControlError) as e:
-            raise CoordinatorUnavailable(
-                f"agent {self.name!r}: the coordinator of bus {self.bus!r} is gone ({e})"
-            ) from None
-        if not reply.get("ok"):
-            cls = _ERRORS.get(reply.get("error", ""), ShmbusError)
-            raise cls(reply.get("message", f"{op} refused"))
-        return reply
+        return self._ctl.call(op, **args)
 
     # ------------------------------------------------------------ send
 
@@ -301,19 +263,21 @@ class Agent:
         else:
             rc = 0
         policy, wait, _ = self._policy(timeout, backpressure)
-        msg_id = self._out.send(recipient, _DIRECT, data, flags, priority, ttl, wait, 0, 0,
-                                policy, rc)  # fmt: skip
-        if requires_ack:
-            self._track(msg_id, recipient, _DIRECT, data, flags, priority, ttl)
-        return msg_id
+        on_sent = self._tracker(recipient, _DIRECT, priority, ttl) if requires_ack else None
+        return self._out.send(recipient, _DIRECT, data, flags, priority, ttl, wait, 0, 0,
+                              policy, rc, on_sent)  # fmt: skip
+
+    def _tracker(self, recipient: str, kind: int, priority: Any, ttl: float | None,
+                 request_id: int = 0, correlation_id: int = 0) -> Any:  # fmt: skip
+        """What the outbox calls for each message that reached the inbox: wait for its ACK."""
+        return lambda msg_id, data, flags: self._track(
+            msg_id, recipient, kind, data, flags, priority, ttl, request_id, correlation_id
+        )
 
     def _track(self, msg_id: int, recipient: str, kind: int, data: bytes, flags: int,
                priority: Any, ttl: float | None, request_id: int = 0,
                correlation_id: int = 0) -> None:  # fmt: skip
-        """Wait for the ACK of ``msg_id`` (unless "drop" dead-lettered it)."""
-        if msg_id in self._out.dropped:
-            self._out.dropped.discard(msg_id)
-            return
+        """Wait for the ACK of ``msg_id``."""
         now = time.monotonic()
         acks = self._acks
         acks.track(msg_id, recipient, kind, data, flags, operator.index(priority),
@@ -341,13 +305,15 @@ class Agent:
                 )  # fmt: skip
             except (TypeError, OverflowError, ValueError):
                 rc = 0
-        if rc <= 0:
-            rc = self._out.send(recipient, kind, data, flags, priority, ttl, wait, request_id,
-                                correlation_id, policy, rc)  # fmt: skip
-        if requires_ack:
-            self._track(rc, recipient, kind, data, flags, priority, ttl, request_id,
-                        correlation_id)  # fmt: skip
-        return rc  # type: ignore[no-any-return]
+        if rc > 0:
+            if requires_ack:
+                self._track(rc, recipient, kind, data, flags, priority, ttl, request_id,
+                            correlation_id)  # fmt: skip
+            return rc  # type: ignore[no-any-return]
+        on_sent = (self._tracker(recipient, kind, priority, ttl, request_id, correlation_id)
+                   if requires_ack else None)  # fmt: skip
+        return self._out.send(recipient, kind, data, flags, priority, ttl, wait, request_id,
+                              correlation_id, policy, rc, on_sent)  # fmt: skip
 
     @property
     def backpressure(self) -> str:
@@ -395,13 +361,9 @@ class Agent:
         dead-lettered.
         """
         policy, wait, _ = self._policy(timeout, backpressure)
-        ids = self._out.send_many(recipient, _DIRECT, payloads, priority, ttl, requires_ack,
-                                  wait, policy)  # fmt: skip
-        if requires_ack:
-            for msg_id, payload in zip(ids, payloads, strict=True):
-                data, flags = pack_payload(payload)
-                self._track(msg_id, recipient, _DIRECT, data, flags | FLAG_ACK, priority, ttl)
-        return ids
+        on_sent = self._tracker(recipient, _DIRECT, priority, ttl) if requires_ack else None
+        return self._out.send_many(recipient, _DIRECT, payloads, priority, ttl, requires_ack,
+                                   wait, policy, on_sent)  # fmt: skip
 
     def publish(self, topic: str, payload: Any, *, priority: int = 0, ttl: float | None = None,
                 timeout: float | None = _DEFAULT, backpressure: str | None = None
@@ -833,7 +795,7 @@ class Agent:
             self._call("unregister")
         except ShmbusError:
             pass  # the coordinator is gone: nothing to tell
-        self._sock.close()
+        self._ctl.close()
         self._out.close()
         self._table.close()
         lib.shmbus_ring_count_reads(self.inbox._handle(), ffi.NULL, ffi.NULL)

@@ -27,7 +27,6 @@ import base64
 import datetime
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -36,17 +35,12 @@ from typing import Any
 from .agent import Agent, connect
 from .cli_send import positive_seconds, to_json
 from .control import (
-    ControlError,
-    Reader,
+    Client,
     bus_is_live,
-    recv_msg,
     routes_name,
-    send_msg,
-    socket_path,
     validate_bus_or_agent,
 )
 from .errors import (
-    CoordinatorUnavailable,
     CorruptFrame,
     InvalidName,
     NotFound,
@@ -63,35 +57,11 @@ __all__ = ["Control", "add_parser", "run"]
 _PAGE = 500  # entries asked for per dlq_list call
 
 
-class Control:
+class Control(Client):
     """A control connection that does not register an agent: for DLQ requests."""
 
     def __init__(self, bus: str, timeout: float = 10.0) -> None:
-        self.bus = bus
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(str(socket_path(bus)))
-        except OSError as e:
-            self._sock.close()
-            raise CoordinatorUnavailable(
-                f"no coordinator answers for bus {bus!r} ({e}); start one with "
-                f"`shmbus coordinator --bus {bus}` (it reloads the DLQ)"
-            ) from None
-        self._reader = Reader()
-        self._pending: list[dict[str, Any]] = []
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        try:
-            send_msg(self._sock, {"op": op, **args})
-            reply = recv_msg(self._sock, self._reader, self._pending)
-        except (OSError, ControlError) as e:
-            raise CoordinatorUnavailable(
-                f"the coordinator of bus {self.bus!r} is gone ({e})"
-            ) from None
-        if not reply.get("ok"):
-            raise ShmbusError(reply.get("message", f"{op} refused"))
-        return reply
+        super().__init__(bus, timeout, hint=" (it reloads the DLQ)")
 
     def entries(self, ids: list[int] | None = None) -> Iterator[dict[str, Any]]:
         """Entries oldest first: those with ``ids``, or all there are now (not
@@ -115,15 +85,6 @@ class Control:
                 after = entry["id"]
             if not reply["more"]:
                 return
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Control:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # ------------------------------------------------------------------ list

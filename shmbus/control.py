@@ -19,12 +19,13 @@ import os
 import re
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from .errors import InvalidName, ShmbusError
+from .errors import CoordinatorUnavailable, InvalidName, NameTaken, ShmbusError
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z")
 _LEN = struct.Struct("<I")
@@ -50,11 +51,7 @@ def runtime_dir(bus: str) -> Path:
 
 
 def make_runtime_dir(bus: str) -> Path:
-    path = runtime_dir(bus)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.mkdir(mode=0o700, exist_ok=True)
-    check_private_dir(path)
-    return path
+    return _make_private_dir(runtime_dir(bus))
 
 
 def state_dir(bus: str) -> Path:
@@ -77,7 +74,10 @@ def state_dir(bus: str) -> Path:
 
 def make_state_dir(bus: str) -> Path:
     """Create the bus's state directory (mode 0700) and check it is private."""
-    path = state_dir(bus)
+    return _make_private_dir(state_dir(bus))
+
+
+def _make_private_dir(path: Path) -> Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.mkdir(mode=0o700, exist_ok=True)
     check_private_dir(path)
@@ -202,3 +202,61 @@ def recv_msg(sock: socket.socket, reader: Reader, pending: list[dict[str, Any]])
             raise ControlError("the coordinator closed the control connection")
         pending.extend(reader.feed(data))
     return pending.pop(0)
+
+
+class Client:
+    """A control connection to a bus's coordinator: one request, one reply.
+
+    Agents keep one open for their lifetime (its closing is how the
+    coordinator learns of their death); ``shmbus dlq`` opens one without
+    registering. ``wait`` is how long to retry while no coordinator listens.
+    """
+
+    _ERRORS = {"NameTaken": NameTaken}
+
+    def __init__(self, bus: str, timeout: float = 10.0, *, wait: float = 0.0, who: str = "",
+                 hint: str = "") -> None:  # fmt: skip
+        self.bus = bus
+        self._who = who
+        path = str(socket_path(bus))
+        deadline = time.monotonic() + wait
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                break
+            except OSError as e:
+                sock.close()
+                retry = isinstance(e, FileNotFoundError | ConnectionRefusedError)
+                if not retry or time.monotonic() >= deadline:
+                    raise CoordinatorUnavailable(
+                        f"no coordinator answers for bus {bus!r} at {path} ({e}); "
+                        f"start one with `shmbus coordinator --bus {bus}`{hint}"
+                    ) from None
+                time.sleep(0.02)
+        sock.settimeout(timeout)
+        self._sock = sock
+        self._reader = Reader()
+        self._pending: list[dict[str, Any]] = []
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        try:
+            send_msg(self._sock, {"op": op, **args})
+            reply = recv_msg(self._sock, self._reader, self._pending)
+        except (OSError, ControlError) as e:
+            raise CoordinatorUnavailable(
+                f"{self._who}the coordinator of bus {self.bus!r} is gone ({e})"
+            ) from None
+        if not reply.get("ok"):
+            cls = self._ERRORS.get(reply.get("error", ""), ShmbusError)
+            raise cls(reply.get("message", f"{op} refused"))
+        return reply
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -156,7 +156,7 @@ class Coordinator:
         still = []
         for agent, deadline in self._dying:
             if _process_gone(agent.pid):
-                self._tell_of_death(agent)
+                self._tell("peer_died", agent)
                 self._watch_after_death(agent)
             elif now < deadline:
                 still.append((agent, deadline))
@@ -186,9 +186,6 @@ class Coordinator:
                                     about.name)  # fmt: skip
             except ShmbusError as e:
                 log.warning("could not tell %s %s of %s: %s", agent.name, event, about.name, e)
-
-    def _tell_of_death(self, dead: _Agent) -> None:
-        self._tell("peer_died", dead)
 
     def _check_heartbeats(self, now: float) -> None:
         """An agent whose beats stopped for heartbeat_timeout is hung (stopped,

@@ -42,6 +42,7 @@ _MAX_TTL = 0xFFFFFFFF / 1000
 _MAX_TOPIC_ROUTES = 4096  # beyond this many distinct topics, start the cache over
 
 DeadLetterFn = Callable[[bytes, str], None]
+SentFn = Callable[[int, bytes, int], None]  # message id, payload, flags
 POLICIES = ("block", "error", "drop")
 
 
@@ -120,7 +121,6 @@ class Outbox:
         if sender == ffi.NULL:
             raise InvalidArgument(f"agent id {agent_id} or name {name!r} out of range")
         self.sender = ffi.gc(sender, lib.shmbus_sender_free)
-        self.dropped: set[int] = set()  # ids dead-lettered by "drop": not to be tracked
         self.direct: dict[str, Any] = {}
         self.topics: dict[str, Any] = {}
         self._subscribers: dict[str, list[str]] = {}  # topic -> names, in target order
@@ -314,10 +314,12 @@ class Outbox:
         correlation_id: int = 0,
         policy: str = "block",
         first_rc: int = 0,
+        on_sent: SentFn | None = None,
     ) -> int:
         """One direct message, the whole way (the agent's fast path did not
         finish it; ``first_rc`` is what that path's C call returned: a full
-        inbox there has had its wait already)."""
+        inbox there has had its wait already). ``on_sent(id, data, flags)``
+        runs once it is in the recipient's inbox (not when dead-lettered)."""
         priority = check_priority(priority)
         ms = ttl_ms(ttl)
         deadline = _deadline(timeout)
@@ -336,6 +338,8 @@ class Outbox:
             rc = lib.shmbus_send_ex(rt, kind, flags, priority, ms, data, len(data),
                                     _left_ns(deadline), request_id, correlation_id, 0)  # fmt: skip
             if rc > 0:
+                if on_sent is not None:
+                    on_sent(int(rc), data, flags)
                 return int(rc)
             if rc == _ESTALE:
                 self.refresh()
@@ -348,7 +352,6 @@ class Outbox:
                                ttl=ms, request_id=request_id,
                                correlation_id=correlation_id)  # fmt: skip
             self._drop(frame, name)
-            self.dropped.add(int(msg_id))
             return int(msg_id)
         self._failed()
         if rc in _FULL:
@@ -367,7 +370,10 @@ class Outbox:
         requires_ack: bool,
         timeout: float | None,
         policy: str = "block",
+        on_sent: SentFn | None = None,
     ) -> list[int]:
+        """Messages to one recipient in one C call; ``on_sent`` as for :meth:`send`,
+        for each message that reached the inbox."""
         priority = check_priority(priority)
         ms = ttl_ms(ttl)
         blob, lens, flags = pack_many(payloads, FLAG_ACK if requires_ack else 0)
@@ -394,27 +400,33 @@ class Outbox:
                 break
             self.refresh()
         first = int(rc) if rc > 0 else int(lib.shmbus_route_last_id(rt))
+        written = n
         if rc < 0:
             rc = self._finish(rt, 0, deadline)
             if rc != _OK:
                 written = lib.shmbus_route_written(rt, 0)
-                if rc in _FULL and policy == "drop":
-                    for i, data in enumerate(_split(blob, lens)):
-                        if i >= written:
-                            frame = self.frame(kind, data, flags[i], first + i, recipient=name,
-                                               priority=priority, ttl=ms)  # fmt: skip
-                            self._drop(frame, name)
-                            self.dropped.add(first + i)
-                    return list(range(first, first + n))
-                self._failed(n - written)
-                if rc in _FULL:
-                    err = self._full(name, timeout, policy)
-                    err.args = (f"{err.args[0]}; {written} of {n} messages were sent",)
-                    raise err
-                if rc == _ETOOBIG:
-                    raise self._too_big(max(lens), name)
-                raise_for(rc, f"send to {name!r}")
-        return list(range(first, first + n))
+        if on_sent is not None:
+            for i, data in enumerate(_split(blob, lens)):
+                if i >= written:
+                    break
+                on_sent(first + i, data, flags[i])
+        if written == n:
+            return list(range(first, first + n))
+        if rc in _FULL and policy == "drop":
+            for i, data in enumerate(_split(blob, lens)):
+                if i >= written:
+                    frame = self.frame(kind, data, flags[i], first + i, recipient=name,
+                                       priority=priority, ttl=ms)  # fmt: skip
+                    self._drop(frame, name)
+            return list(range(first, first + n))
+        self._failed(n - written)
+        if rc in _FULL:
+            err = self._full(name, timeout, policy)
+            err.args = (f"{err.args[0]}; {written} of {n} messages were sent",)
+            raise err
+        if rc == _ETOOBIG:
+            raise self._too_big(max(lens), name)
+        return raise_for(rc, f"send to {name!r}")  # type: ignore[no-any-return]
 
     def _finish(self, rt: Any, target: int, deadline: float | None) -> int:
         """After a failed send: finish target's share once signals ran; its last error."""

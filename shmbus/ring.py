@@ -435,9 +435,10 @@ class Ring:
             self._fail(rc, "read from")
         return data
 
-    def _read_slow(self, rc: int, max_count: int, timeout: float | None) -> list[bytes]:
-        """After a read call that got no frame: retry after signals, take a large
-        frame, or return [] when the timeout passed."""
+    def _after_read(self, rc: int, max_count: int, timeout: float | None) -> int:
+        """After a read call that got no frame: retry after signals. Returns
+        how many frames are in the scratch, -1 if the next is larger than the
+        scratch, 0 if the timeout passed."""
         deadline = _deadline(timeout)
         while rc == _EINTR:  # a signal: its handler ran on return; go on waiting
             rc = _read_many(
@@ -445,12 +446,20 @@ class Ring:
                 self.spin_ns, self._count, self._bytes,
             )  # fmt: skip
         if rc > 0:
-            return self._split(rc)
+            return rc
         if rc == _ESMALL:
-            return [self._read_large()]
+            return -1
         if rc in (_EAGAIN, _ETIMEDOUT):
-            return []
-        return self._fail(rc, "read from")
+            return 0
+        return self._fail(rc, "read from")  # type: ignore[no-any-return]
+
+    def _read_slow(self, rc: int, max_count: int, timeout: float | None) -> list[bytes]:
+        """After a read call that got no frame: the frames that came after
+        signals, a large frame, or [] when the timeout passed."""
+        n = self._after_read(rc, max_count, timeout)
+        if n > 0:
+            return self._split(n)
+        return [self._read_large()] if n < 0 else []
 
     def read(self, timeout: float | None = None) -> bytes:
         """The next frame, waiting up to ``timeout`` seconds (None: forever).
@@ -514,19 +523,7 @@ class Ring:
         )  # fmt: skip
         if n > 0:
             return n  # type: ignore[no-any-return]
-        deadline = _deadline(timeout)
-        while n == _EINTR:  # a signal: its handler ran on return; go on waiting
-            n = _read_many(
-                self._handle(), self._out, self._out_cap, self._lens, max_count,
-                _left_ns(deadline), self.spin_ns, self._count, self._bytes,
-            )  # fmt: skip
-        if n > 0:
-            return n  # type: ignore[no-any-return]
-        if n == _ESMALL:
-            return -1
-        if n in (_EAGAIN, _ETIMEDOUT):
-            return 0
-        return self._fail(n, "read from")  # type: ignore[no-any-return]
+        return self._after_read(n, max_count, timeout)
 
     @property
     def scratch_view(self) -> Any:

@@ -18,7 +18,7 @@ import msgpack
 
 from ._native import ffi, lib
 from .errors import CorruptFrame, InvalidName, MessageTooLarge, raise_for
-from .segment import Segment, shm_name
+from .segment import Segment
 
 __all__ = ["Table", "match", "validate_pattern", "validate_topic"]
 
@@ -80,6 +80,8 @@ class Table(Segment):
     """A versioned msgpack blob in shared memory: one writer, many readers."""
 
     kind = "table"
+    _c = "shmbus_table"
+    _ctype = "shmbus_table_t"
 
     def __init__(self, handle: Any, name: str, *, owner: bool) -> None:
         super().__init__(handle, name, owner=owner)
@@ -91,19 +93,11 @@ class Table(Segment):
     @classmethod
     def create(cls, name: str, capacity: int = 4 << 20) -> Table:
         """Create the table ``/shmbus.NAME``, mode 0600, holding up to ``capacity`` bytes."""
-        out = ffi.new("shmbus_table_t **")
-        rc = lib.shmbus_table_create(shm_name(name).encode(), capacity, out)
-        if rc != lib.SHMBUS_OK:
-            raise_for(rc, f"create table {name!r}", err=ffi.errno)
-        return cls(ffi.gc(out[0], lib.shmbus_table_close), name, owner=True)
+        return cls._open("create", name, capacity)  # type: ignore[no-any-return]
 
     @classmethod
     def attach(cls, name: str) -> Table:
-        out = ffi.new("shmbus_table_t **")
-        rc = lib.shmbus_table_attach(shm_name(name).encode(), out)
-        if rc != lib.SHMBUS_OK:
-            raise_for(rc, f"attach table {name!r}", err=ffi.errno)
-        return cls(ffi.gc(out[0], lib.shmbus_table_close), name, owner=False)
+        return cls._open("attach", name)  # type: ignore[no-any-return]
 
     @property
     def version(self) -> int:

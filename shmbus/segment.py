@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._native import ffi, lib
-from .errors import Closed
+from .errors import Closed, raise_for
 from .ring import PREFIX, validate_name
 
 
@@ -19,6 +19,18 @@ class Segment:
     """Base of Table and StatsSegment. Subclasses set ``kind`` for messages."""
 
     kind = "segment"
+    _c = ""  # the C functions' prefix (shmbus_table): _create, _attach, _close
+    _ctype = ""  # the C handle's type (shmbus_table_t)
+
+    @classmethod
+    def _open(cls, how: str, name: str, *args: Any) -> Any:
+        """``how`` is "create" (this process owns it) or "attach"."""
+        out = ffi.new(f"{cls._ctype} **")
+        rc = getattr(lib, f"{cls._c}_{how}")(shm_name(name).encode(), *args, out)
+        if rc != lib.SHMBUS_OK:
+            raise_for(rc, f"{how} {cls.kind} {name!r}", err=ffi.errno)
+        handle = ffi.gc(out[0], getattr(lib, f"{cls._c}_close"))
+        return cls(handle, name, owner=how == "create")
 
     def __init__(self, handle: Any, name: str, *, owner: bool) -> None:
         self._h = handle

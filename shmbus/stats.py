@@ -15,7 +15,7 @@ import numpy as np
 from ._native import ffi, lib
 from .errors import ShmbusError, raise_for
 from .ring import Ring
-from .segment import Segment, shm_name
+from .segment import Segment
 
 __all__ = ["AgentStats", "BusStats", "Counters", "StatsSegment", "TopicStats"]
 
@@ -105,6 +105,8 @@ class StatsSegment(Segment):
     """The stats segment of one bus: ``/dev/shm/shmbus.BUS.stats``."""
 
     kind = "stats segment"
+    _c = "shmbus_stats"
+    _ctype = "shmbus_stats_t"
 
     def __init__(self, handle: Any, name: str, *, owner: bool) -> None:
         super().__init__(handle, name, owner=owner)
@@ -117,19 +119,11 @@ class StatsSegment(Segment):
 
     @classmethod
     def create(cls, name: str) -> StatsSegment:
-        out = ffi.new("shmbus_stats_t **")
-        rc = lib.shmbus_stats_create(shm_name(name).encode(), out)
-        if rc != lib.SHMBUS_OK:
-            raise_for(rc, f"create stats segment {name!r}", err=ffi.errno)
-        return cls(ffi.gc(out[0], lib.shmbus_stats_close), name, owner=True)
+        return cls._open("create", name)  # type: ignore[no-any-return]
 
     @classmethod
     def attach(cls, name: str) -> StatsSegment:
-        out = ffi.new("shmbus_stats_t **")
-        rc = lib.shmbus_stats_attach(shm_name(name).encode(), out)
-        if rc != lib.SHMBUS_OK:
-            raise_for(rc, f"attach stats segment {name!r}", err=ffi.errno)
-        return cls(ffi.gc(out[0], lib.shmbus_stats_close), name, owner=False)
+        return cls._open("attach", name)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self._words = np.zeros(0, dtype=np.uint64)  # the view must not outlive the mapping

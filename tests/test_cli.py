@@ -50,7 +50,7 @@ def test_cleanup_removes_a_killed_bus_and_never_touches_a_live_one(names, runtim
         assert not os.path.exists(os.path.join(runtime, "shmbus", bus))
     finally:
         agent._closed = True  # its bus is gone: nothing to leave
-        agent._sock.close()
+        agent._ctl.close()
 
 
 def test_coordinator_command_refuses_a_second_one(names, runtime, children):
