@@ -30,6 +30,7 @@ from .control import (
 )
 from .errors import (
     Closed,
+    CoordinatorUnavailable,
     CorruptFrame,
     RecvTimeout,
     RequestTimeout,
@@ -69,12 +70,17 @@ _READ_AHEAD = 64  # frames taken from the inbox per C call when they are there
 
 
 BEAT_EVERY = 0.5  # seconds between heartbeats
+DLQ_KEPT = 10_000  # dead letters kept while the bus has no coordinator
 
 
 class _Beater(threading.Thread):
     """Stores the time in the agent's stats slot every BEAT_EVERY seconds, so
     the coordinator can tell a stopped or wedged process (no beats) from a
     busy one (a thread runs while Python code does, the GIL switching).
+
+    It also looks at the control connection on each beat: once the
+    coordinator is gone, it tries to rejoin a new one (backing off from
+    0.05 s to 1 s), then hands over the dead letters kept meanwhile.
 
     It holds the stats segment, so the mapping it writes to lives as long as
     it runs, and it ends with its agent: closed, or collected without close."""
@@ -87,14 +93,24 @@ class _Beater(threading.Thread):
         self.stop = threading.Event()
         if self.where:
             self.beat()
-            self.start()
+        self.start()
 
     def beat(self) -> None:
-        lib.shmbus_stats_set(self.where, 0, time.monotonic_ns())
+        if self.where:
+            lib.shmbus_stats_set(self.where, 0, time.monotonic_ns())
 
     def run(self) -> None:
-        while not self.stop.wait(BEAT_EVERY) and self.agent() is not None:
+        backoff = 0.0  # while not 0, the coordinator is gone: the next try to rejoin
+        while not self.stop.wait(backoff or BEAT_EVERY):
+            agent = self.agent()
+            if agent is None:
+                break
             self.beat()
+            try:
+                backoff = agent._keep_connected(backoff)
+            except Exception as e:  # never let the beats stop
+                log.error("agent %s: rejoining the bus failed: %r", agent.name, e)
+            del agent
         self.stats = None  # type: ignore[assignment]  # let the mapping go
 
     def close(self) -> None:
@@ -172,10 +188,16 @@ class Agent:
         self.name = validate_bus_or_agent(name, "agent")
         self._name_b = name.encode()
         self._closed = False
+        self._subscriptions: set[str] = set()  # told again to a coordinator that takes over
+        # Dead letters made while no coordinator runs, sent once one took over.
+        self._dlq_lock = threading.Lock()
+        self._dlq_kept: collections.deque[tuple[bytes, str]] = collections.deque()
+        self._dlq_lost = 0
         self._ctl = Client(bus, timeout, wait=timeout, who=f"agent {name!r}: ")
         try:
             reply = self._call("register", name=name, pid=os.getpid(), transport="shm")
             self.id: int = reply["id"]
+            self._slot: int = reply.get("slot", 0)
             self.inbox = Ring.create(reply["inbox"], inbox_capacity)
             self._table = Table.attach(routes_name(bus))
             self._stats = StatsSegment.attach(reply.get("stats", stats_name(bus)))
@@ -211,11 +233,42 @@ class Agent:
         self._backpressure = "block"
         self._send_timeout: float | None = 30.0
         self._wait_ns = _ns(30.0)
+        self._ctl.rejoins = True  # from now on, a new coordinator takes us back
 
     # -------------------------------------------------------- control
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
         return self._ctl.call(op, **args)
+
+    def _keep_connected(self, backoff: float) -> float:
+        """The heartbeat thread's look at the control connection; returns the
+        wait before the next try to rejoin (0: connected, or given up)."""
+        ctl = self._ctl
+        if self._closed or not ctl.rejoins or ctl.refused:
+            return 0.0
+        if ctl.connected:
+            if ctl.check():
+                if self._dlq_kept:
+                    self._flush_dead_letters()
+                return 0.0
+            log.warning("agent %s: the coordinator of bus %r is gone; sending over the routes "
+                        "known until a new one takes over", self.name, self.bus)  # fmt: skip
+            return 0.05
+        try:
+            if not ctl.rejoin(self._hello):
+                return min(max(backoff, 0.025) * 2, 1.0)
+        except ShmbusError as e:
+            log.error("agent %s could not rejoin bus %r: %s", self.name, self.bus, e)
+            return 0.0
+        log.warning("agent %s rejoined bus %r under a new coordinator", self.name, self.bus)
+        self._flush_dead_letters()
+        return 0.0
+
+    def _hello(self) -> dict[str, Any]:
+        """The rejoin request: who we are, and what we listen to."""
+        return {"op": "rejoin", "name": self.name, "id": self.id, "pid": os.getpid(),
+                "inbox": self.inbox.name, "slot": self._slot,
+                "subs": sorted(self._subscriptions)}  # fmt: skip
 
     # ------------------------------------------------------------ send
 
@@ -409,11 +462,26 @@ class Agent:
         return list(range(first, first + len(lens)))
 
     def subscribe(self, pattern: str) -> None:
-        """Receive what is published on topics matching ``pattern`` (``*``, ``>``)."""
-        self._call("subscribe", pattern=validate_pattern(pattern))
+        """Receive what is published on topics matching ``pattern`` (``*``, ``>``).
+
+        While the coordinator is gone, waits for a new one to take over (up
+        to the agent's ``timeout``), then raises :class:`CoordinatorUnavailable`."""
+        # Noted first: a rejoin that comes between the call and its reply
+        # must tell the new coordinator.
+        pattern = validate_pattern(pattern)
+        known = pattern in self._subscriptions
+        self._subscriptions.add(pattern)
+        try:
+            self._call("subscribe", pattern=pattern)
+        except ShmbusError:
+            if not known:
+                self._subscriptions.discard(pattern)
+            raise
 
     def unsubscribe(self, pattern: str) -> None:
-        self._call("unsubscribe", pattern=validate_pattern(pattern))
+        pattern = validate_pattern(pattern)
+        self._call("unsubscribe", pattern=pattern)
+        self._subscriptions.discard(pattern)
 
     # --------------------------------------------------------- receive
 
@@ -747,10 +815,51 @@ class Agent:
     # -------------------------------------------------------------- DLQ
 
     def _dead_letter(self, frame: bytes, reason: str) -> None:
+        """To the coordinator's DLQ; kept here while there is none (never
+        waited for: this runs on the send and receive paths)."""
+        with self._dlq_lock:
+            keep = bool(self._dlq_kept) or not self._ctl.connected  # keeps their order
+            if keep:
+                self._keep_dead_letter(frame, reason)
+                return
         try:
-            self._call("dlq_add", frame=frame, reason=reason)
-        except ShmbusError as e:  # no coordinator: say so loudly, it is a loss
+            self._ctl.call("dlq_add", wait=0, frame=frame, reason=reason)
+        except CoordinatorUnavailable:
+            with self._dlq_lock:
+                self._keep_dead_letter(frame, reason)
+        except ShmbusError as e:  # refused (too big...): say so loudly, it is a loss
             log.error("agent %s could not dead-letter a message (%s): %s", self.name, reason, e)
+
+    def _keep_dead_letter(self, frame: bytes, reason: str) -> None:
+        if len(self._dlq_kept) < DLQ_KEPT:
+            self._dlq_kept.append((frame, reason))
+            return
+        self._dlq_lost += 1
+        if self._dlq_lost == 1 or self._dlq_lost % 1000 == 0:
+            log.error("agent %s: %d dead letters lost: %d kept while the bus has no "
+                      "coordinator, the most there is room for", self.name, self._dlq_lost,
+                      DLQ_KEPT)  # fmt: skip
+
+    def _flush_dead_letters(self) -> None:
+        """Hand the kept dead letters to the coordinator, oldest first."""
+        sent = 0
+        while True:
+            with self._dlq_lock:
+                if not self._dlq_kept:
+                    break
+                frame, reason = self._dlq_kept[0]
+            try:
+                self._ctl.call("dlq_add", wait=0, frame=frame, reason=reason)
+            except CoordinatorUnavailable:
+                break  # gone again: the next rejoin goes on
+            except ShmbusError as e:
+                log.error("agent %s could not dead-letter a message (%s): %s", self.name,
+                          reason, e)  # fmt: skip
+            with self._dlq_lock:
+                self._dlq_kept.popleft()
+            sent += 1
+        if sent:
+            log.info("agent %s handed %d kept dead letters to the DLQ", self.name, sent)
 
     def dlq(self, limit: int = 1000) -> list[DeadLetter]:
         """The newest entries of the bus's dead-letter queue, oldest first."""
@@ -791,8 +900,13 @@ class Agent:
             self._dead_letter(encode_message(msg), "unread: its recipient closed")
         self._kept.clear()
         self._ahead.clear()
+        if self._dlq_kept:
+            self._flush_dead_letters()
+        if self._dlq_kept:
+            log.error("agent %s closes with %d dead letters no coordinator took: lost",
+                      self.name, len(self._dlq_kept))  # fmt: skip
         try:
-            self._call("unregister")
+            self._ctl.call("unregister", wait=0)
         except ShmbusError:
             pass  # the coordinator is gone: nothing to tell
         self._ctl.close()

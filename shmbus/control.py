@@ -17,15 +17,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import socket
 import struct
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from .errors import CoordinatorUnavailable, InvalidName, NameTaken, ShmbusError
+from .errors import CoordinatorUnavailable, InvalidName, NameTaken, RejoinRefused, ShmbusError
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z")
 _LEN = struct.Struct("<I")
@@ -210,50 +213,159 @@ class Client:
     Agents keep one open for their lifetime (its closing is how the
     coordinator learns of their death); ``shmbus dlq`` opens one without
     registering. ``wait`` is how long to retry while no coordinator listens.
+
+    Calls are serialized by a lock, so an agent's own thread can watch the
+    connection and, with ``rejoin``, replace it when a new coordinator takes
+    the bus over; meanwhile a call waits for that, up to its timeout.
     """
 
-    _ERRORS = {"NameTaken": NameTaken}
+    _ERRORS = {"NameTaken": NameTaken, "RejoinRefused": RejoinRefused}
 
     def __init__(self, bus: str, timeout: float = 10.0, *, wait: float = 0.0, who: str = "",
                  hint: str = "") -> None:  # fmt: skip
         self.bus = bus
+        self.timeout = timeout
         self._who = who
-        path = str(socket_path(bus))
+        self._hint = hint
+        self._path = str(socket_path(bus))
+        self._cond = threading.Condition(threading.Lock())
+        self._sock: socket.socket | None = self._connect(wait)
+        self._reader = Reader()
+        self._pending: list[dict[str, Any]] = []
+        self._closed = False
+        self._lost = ""  # why the connection ended
+        self.rejoins = False  # set by a registered agent: calls wait for its rejoin
+        self.refused = ""  # why a coordinator that took the bus over refused us
+
+    def _connect(self, wait: float) -> socket.socket:
         deadline = time.monotonic() + wait
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(path)
+                sock.connect(self._path)
                 break
             except OSError as e:
                 sock.close()
                 retry = isinstance(e, FileNotFoundError | ConnectionRefusedError)
                 if not retry or time.monotonic() >= deadline:
                     raise CoordinatorUnavailable(
-                        f"no coordinator answers for bus {bus!r} at {path} ({e}); "
-                        f"start one with `shmbus coordinator --bus {bus}`{hint}"
+                        f"no coordinator answers for bus {self.bus!r} at {self._path} ({e}); "
+                        f"start one with `shmbus coordinator --bus {self.bus}`{self._hint}"
                     ) from None
                 time.sleep(0.02)
-        sock.settimeout(timeout)
-        self._sock = sock
-        self._reader = Reader()
-        self._pending: list[dict[str, Any]] = []
+        sock.settimeout(self.timeout)
+        return sock
 
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        try:
-            send_msg(self._sock, {"op": op, **args})
-            reply = recv_msg(self._sock, self._reader, self._pending)
-        except (OSError, ControlError) as e:
-            raise CoordinatorUnavailable(
-                f"{self._who}the coordinator of bus {self.bus!r} is gone ({e})"
-            ) from None
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def call(self, op: str, *, wait: float | None = None, **args: Any) -> dict[str, Any]:
+        """Send one request and return its reply. With ``rejoins`` set, a call
+        made while the coordinator is gone waits up to ``wait`` seconds (None:
+        the timeout) for the connection to be rejoined, and one cut short by
+        the coordinator's death is made again on the new connection."""
+        deadline = time.monotonic() + (self.timeout if wait is None else wait)
+        with self._cond:
+            while True:
+                while self._sock is None:
+                    left = deadline - time.monotonic()
+                    if self._closed or self.refused or not self.rejoins or left <= 0:
+                        raise self._gone()
+                    self._cond.wait(left)
+                try:
+                    send_msg(self._sock, {"op": op, **args})
+                    reply = recv_msg(self._sock, self._reader, self._pending)
+                    break
+                except (OSError, ControlError) as e:
+                    self._lose(e)
+                    if not self.rejoins:
+                        raise self._gone() from None
         if not reply.get("ok"):
             cls = self._ERRORS.get(reply.get("error", ""), ShmbusError)
             raise cls(reply.get("message", f"{op} refused"))
         return reply
 
+    def _gone(self) -> CoordinatorUnavailable:
+        if self.refused:
+            return RejoinRefused(f"{self._who}{self.refused}")
+        if self._closed:
+            return CoordinatorUnavailable(f"{self._who}the control connection is closed")
+        waited = f"; none took the bus over within {self.timeout}s" if self.rejoins else ""
+        return CoordinatorUnavailable(
+            f"{self._who}the coordinator of bus {self.bus!r} is gone ({self._lost}){waited}; "
+            f"start one with `shmbus coordinator --bus {self.bus}`"
+        )
+
+    def _lose(self, why: object) -> None:
+        """The connection ended (the lock is held)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._lost = str(why) or type(why).__name__
+        self._reader = Reader()
+        self._pending = []
+
+    def check(self) -> bool:
+        """Is the connection still open? Never blocks: while a call runs, that
+        call is the one to find out."""
+        if not self._cond.acquire(blocking=False):
+            return True
+        try:
+            if self._sock is None:
+                return False
+            try:
+                # A poll, not a recv: the socket's timeout would make that wait.
+                if not select.select([self._sock], [], [], 0)[0]:
+                    return True
+                if self._sock.recv(1, socket.MSG_PEEK):
+                    return True  # nothing is sent unasked; whatever it is, a call reads it
+                self._lose("the coordinator closed the control connection")
+            except InterruptedError:
+                return True
+            except OSError as e:
+                self._lose(e)
+            return False
+        finally:
+            self._cond.release()
+
+    def rejoin(self, hello: Callable[[], dict[str, Any]]) -> bool:
+        """Connect once to the bus's socket and send ``hello()`` (a request
+        with its op), taken under the lock so no call interleaves; True once
+        a coordinator accepted it, False if none listens yet.
+        :class:`RejoinRefused` if it refused (every later call raises it too)."""
+        try:
+            sock = self._connect(0)
+        except CoordinatorUnavailable:
+            return False
+        reader: Reader = Reader()
+        pending: list[dict[str, Any]] = []
+        with self._cond:
+            if self._closed or self._sock is not None:
+                sock.close()
+                return self._sock is not None
+            try:
+                send_msg(sock, hello())
+                reply = recv_msg(sock, reader, pending)
+            except (OSError, ControlError):
+                sock.close()
+                return False  # it died too, or is not ready: try again later
+            if not reply.get("ok"):
+                sock.close()
+                self.refused = reply.get("message", "the coordinator refused to take us back")
+                self._cond.notify_all()
+                raise RejoinRefused(self.refused)
+            self._sock, self._reader, self._pending = sock, reader, pending
+            self._cond.notify_all()
+        return True
+
     def close(self) -> None:
-        self._sock.close()
+        with self._cond:
+            self._closed = True
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            self._cond.notify_all()
 
     def __enter__(self) -> Client:
         return self

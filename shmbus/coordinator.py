@@ -9,7 +9,6 @@ path of a message: agents write straight into each other's inboxes.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import fcntl
 import logging
@@ -24,7 +23,7 @@ from typing import Any
 
 import msgpack
 
-from ._native import lib
+from . import takeover
 from .control import (
     ControlError,
     Reader,
@@ -32,7 +31,6 @@ from .control import (
     inbox_name,
     lock_path,
     make_runtime_dir,
-    routes_name,
     runtime_dir,
     socket_path,
     stats_name,
@@ -44,8 +42,9 @@ from .dlq import DeadLetterQueue
 from .errors import CoordinatorRunning, ShmbusError
 from .message import MessageType, encode_frame
 from .ring import Ring
-from .routes import Table, validate_pattern
-from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, StatsSegment
+from .routes import validate_pattern
+from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL
+from .takeover import process_gone as _process_gone
 
 log = logging.getLogger("shmbus.coordinator")
 
@@ -63,7 +62,7 @@ class _Agent:
     id: int
     pid: int
     inbox: str
-    conn: _Conn
+    conn: _Conn | None  # None: adopted from a killed coordinator, not rejoined yet
     transport: str = "shm"
     slot: int = 0  # in the stats segment; 0: none was free
     active: bool = False
@@ -102,19 +101,20 @@ class Coordinator:
         self._next_id = 1
         self._stopping = False
         self._sel = selectors.DefaultSelector()
-        # A killed coordinator of this bus left these behind; we hold the
-        # lock, so nobody else owns them.
-        Table.unlink_name(routes_name(bus))
-        StatsSegment.unlink_name(stats_name(bus))
-        self.table = Table.create(routes_name(bus))
-        self.stats = StatsSegment.create(stats_name(bus))
-        # Freed slots go to the back: a sender's late add to a departed agent's
-        # counters lands in a slot nobody reuses for as long as possible.
-        self._free_slots = collections.deque(range(1, lib.SHMBUS_STATS_AGENT_SLOTS))
         self._watch: dict[str, tuple[Ring, int]] = {}  # inboxes a dead writer may block
         self._dying: list[tuple[_Agent, float]] = []  # closed, not yet certainly dead
+        self._strays: dict[int, int] = {}  # stats slot -> pid: in use, by no agent we know
         self.heartbeat_timeout = heartbeat_timeout
         self._next_beat_check = 0.0
+        self._next_orphan_check = 0.0
+        # A killed coordinator of this bus left its routes and stats behind,
+        # and its agents live on with them mapped: take them over. We hold
+        # the lock, so nobody else owns them.
+        try:
+            self.adopted = takeover.adopt(self, _Agent)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._dlq_stats()
         self._publish()
         # Bound and listening under a side name, then renamed into place: a
@@ -136,7 +136,7 @@ class Coordinator:
 
     def serve(self) -> None:
         while not self._stopping:
-            busy = self._watch or self._dying
+            busy = self._watch or self._dying or self._strays or self._orphans()
             for key, _ in self._sel.select(timeout=0.02 if self._dying else 0.1 if busy else 0.2):
                 if key.fileobj is self._listener:
                     self._accept()
@@ -146,6 +146,7 @@ class Coordinator:
             if self._dying:
                 self._confirm_deaths()
             self._check_heartbeats(time.monotonic())
+            takeover.check_orphans(self, time.monotonic())
             if self._watch:
                 self._unblock_watched()
 
@@ -166,6 +167,17 @@ class Coordinator:
                     "resume, so no inbox is unblocked", agent.name, agent.pid,
                 )  # fmt: skip
         self._dying = still
+
+    def _orphans(self) -> bool:
+        return any(a.conn is None for a in self.agents.values())
+
+    def _died(self, agent: _Agent, why: str) -> None:
+        """``agent``, with no connection, is certainly dead: as if its
+        connection had closed and its process were gone."""
+        log.warning("agent %s (pid %d) %s", agent.name, agent.pid, why)
+        self._forget_agent(agent, reason="recipient died")
+        self._tell("peer_died", agent)
+        self._watch_after_death(agent)
 
     def _tell(self, event: str, about: _Agent) -> None:
         """A CONTROL message from nobody (the coordinator) in every other
@@ -242,8 +254,11 @@ class Coordinator:
 
     def close(self) -> None:
         """Close every connection and remove the bus's socket, table and lock."""
-        for conn in [a.conn for a in self.agents.values()]:
-            self._drop(conn, publish=False)
+        for agent in list(self.agents.values()):
+            if agent.conn is None:
+                self._forget_agent(agent, publish=False)
+            else:
+                self._drop(agent.conn, publish=False)
         for ring, _ in self._watch.values():
             ring.close()
         self._watch.clear()
@@ -314,6 +329,8 @@ class Coordinator:
                     if a.active
                 },
                 "subs": {p: sorted(names) for p, names in self.subs.items() if names},
+                # For a coordinator that takes over: ids are never reused.
+                "next_id": self._next_id,
             }
         )
 
@@ -332,9 +349,18 @@ class Coordinator:
     def _forget(self, conn: _Conn, *, publish: bool = True, reason: str = "recipient left") -> None:
         """Take the connection's agent off the bus: routes, subscriptions, inbox, stats slot."""
         name, conn.agent = conn.agent, None
-        agent = self.agents.pop(name, None) if name else None
-        if agent is None:
+        agent = self.agents.get(name) if name else None
+        if agent is not None:
+            self._forget_agent(agent, publish=publish, reason=reason)
+
+    def _forget_agent(self, agent: _Agent, *, publish: bool = True,
+                      reason: str = "recipient left") -> None:  # fmt: skip
+        name = agent.name
+        if self.agents.get(name) is not agent:
             return
+        del self.agents[name]
+        if agent.conn is not None:
+            agent.conn.agent = None
         for names in self.subs.values():
             names.discard(name)
         self.subs = {p: n for p, n in self.subs.items() if n}
@@ -391,6 +417,8 @@ class Coordinator:
         op = msg.get("op")
         if op == "register":
             return self._register(conn, msg)
+        if op == "rejoin":
+            return takeover.rejoin(self, conn, msg)
         if op == "activate":
             self._agent_of(conn).active = True
             self._publish()
@@ -418,6 +446,9 @@ class Coordinator:
         if conn.agent is not None:
             raise ShmbusError(f"this connection is agent {conn.agent!r} already")
         name = validate_bus_or_agent(msg["name"], "agent")
+        other = self.agents.get(name)
+        if other is not None and other.conn is None and _process_gone(other.pid):
+            self._died(other, "died while no coordinator ran")  # a namesake restarted
         if name in self.agents:
             other = self.agents[name]
             return {
@@ -447,22 +478,6 @@ class Coordinator:
         conn.agent = name
         return {"ok": True, "id": agent.id, "inbox": inbox, "slot": agent.slot,
                 "stats": stats_name(self.bus)}  # fmt: skip
-
-
-def _process_gone(pid: int) -> bool:
-    """Has ``pid`` ended (gone, or a zombie nobody reaped yet)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # someone else's: alive
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return True  # gone between the two looks
-    return state in (b"Z", b"X")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,11 @@ class CoordinatorUnavailable(ShmbusError, ConnectionError):
     """No coordinator answers for that bus."""
 
 
+class RejoinRefused(CoordinatorUnavailable):
+    """A coordinator that took the bus over does not know this agent (it
+    started a fresh bus, or gave the name to another): reconnect as new."""
+
+
 class InvalidRunFile(ShmbusError, ValueError):
     """A run file (``shmbus run agents.toml``) that cannot be run; lists every problem."""
 

@@ -103,6 +103,20 @@ class AgentProcess:
         return f"<AgentProcess {self.name!r} pid {self.pid} {state}>"
 
 
+class _CoordinatorProcess(AgentProcess):
+    """The coordinator's handle: ``restart`` returns once the new one listens.
+    After ``kill()``, the new one takes the bus over (shmbus/takeover.py):
+    the agents stay, and rejoin it on their own."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+        super().__init__("coordinator", runner._start_coordinator)
+
+    def restart(self, timeout: float = 5.0) -> None:
+        super().restart(timeout)
+        self._runner._await_coordinator()
+
+
 class Runner:
     """Starts a bus's coordinator and agents, and cleans all of it up on exit."""
 
@@ -128,7 +142,7 @@ class Runner:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-        self.coordinator = AgentProcess("coordinator", self._start_coordinator)
+        self.coordinator = _CoordinatorProcess(self)
         try:
             self._await_coordinator()
         except BaseException:

@@ -158,6 +158,16 @@ class StatsSegment(Segment):
     def add(counters: Any, index: int, n: int = 1) -> None:
         lib.shmbus_stats_add(counters, index, n)  # NULL counters: a no-op
 
+    def open_slots(self) -> dict[int, tuple[int, int]]:
+        """The agent slots in use now: slot -> (agent id, pid). A coordinator
+        that takes the bus over learns from this which slots are not free."""
+        slots = self._words[_HEADER : _HEADER + _AGENTS * _SLOT].reshape(_AGENTS, _SLOT)
+        return {
+            int(i): (int(slots[i, 1]), int(slots[i, 2].astype(np.int64)))
+            for i in np.flatnonzero(slots[:, 0] == _READY)
+            if i
+        }
+
     # ------------------------------------------------------------ readers
 
     def snapshot(self, bus: str, inboxes: dict[str, tuple[int, int]] | None = None) -> BusStats:
