@@ -1,0 +1,270 @@
+"""Coordinator restart: agents outlive a killed coordinator, and a new one takes the bus over."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import start_coordinator
+
+import shmbus
+from shmbus import MessageType
+from shmbus.control import routes_name, socket_path
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not met in time"
+        time.sleep(0.02)
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+def take_over(children, bus: str, *args: str, **kw) -> subprocess.Popen[bytes]:
+    """A new coordinator for a bus whose coordinator was killed, once it listens."""
+    socket_path(bus).unlink(missing_ok=True)  # the killed one's: start_coordinator waits for it
+    if not kw:
+        return start_coordinator(children, bus, *args)
+    proc = children.popen([sys.executable, "-m", "shmbus", "coordinator", "--bus", bus, *args],
+                          **kw)  # fmt: skip
+    wait_for(lambda: socket_path(bus).exists() or proc.poll() is not None, what="listening")
+    assert proc.poll() is None, "the coordinator exited"
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+def bus_entries(bus: str) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if f"shmbus.{bus}." in n]
+
+
+def _echo(bus: str) -> None:
+    """Answers whatever comes: direct messages and publishes to their sender
+    (publishes to "driver"), requests with a response; "stop" ends it."""
+    with shmbus.connect(bus=bus, name="echo") as agent:
+        agent.subscribe("t.>")
+        agent.send("driver", "ready")
+        for msg in agent:
+            if msg.payload == "stop":
+                return
+            if msg.type == MessageType.REQUEST:
+                agent.reply(msg, {"echo": msg.payload})
+            elif msg.type == MessageType.PUBLISH:
+                agent.send("driver", {"pub": msg.payload})
+            elif msg.type == MessageType.DIRECT:
+                agent.send(msg.sender, {"echo": msg.payload})
+
+
+def _holder(bus: str) -> None:
+    """Joins, says so, and then reads nothing until it is killed."""
+    with shmbus.connect(bus=bus, name="holder") as agent:
+        agent.send("driver", "ready")
+        time.sleep(60)
+
+
+def exchange(driver: shmbus.Agent, tag: object) -> None:
+    """A direct message, a publish and a request to the echo agent, and their answers."""
+    driver.send("echo", tag)
+    assert driver.recv(timeout=10).payload == {"echo": tag}
+    driver.publish("t.x", tag)
+    assert driver.recv(timeout=10).payload == {"pub": tag}
+    assert driver.request("echo", tag, timeout=10).payload == {"echo": tag}
+
+
+def test_agents_keep_talking_and_rejoin_a_coordinator_that_takes_over(names, children, runtime):
+    bus = names("bus")
+    first = start_coordinator(children, bus)
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        echo = children.start(_echo, bus)
+        assert driver.recv(timeout=20).payload == "ready"
+        exchange(driver, 0)
+        before = driver.stats()
+        kill(first)
+        for i in range(1, 6):  # over the routes they have
+            exchange(driver, i)
+        new = take_over(children, bus)
+        driver.subscribe("u.*")  # waits for the driver to rejoin
+        ls = subprocess.run([sys.executable, "-m", "shmbus", "ls"], capture_output=True,
+                            text=True, timeout=30, check=True).stdout  # fmt: skip
+        lines = ls.splitlines()
+        at = lines.index(f"{bus}: live")
+        section = itertools.takewhile(lambda line: line.startswith("  "), lines[at + 1 :])
+        listed = [line.split()[0] for line in section if "id" in line.split()]
+        assert listed == ["driver", "echo"]
+        assert driver.peers() == ["driver", "echo"]
+        after = driver.stats()
+        for name in ("driver", "echo"):  # the same slots, counting on
+            assert after.agents[name].id == before.agents[name].id
+            assert after.agents[name].sent >= before.agents[name].sent + 10
+        assert after.totals.sent >= before.totals.sent + 20
+        exchange(driver, "after")
+        # A newcomer reaches the old agents and they reach it.
+        with shmbus.connect(bus=bus, name="late") as late:
+            assert late.id > max(a.id for a in before.agents.values())
+            late.send("echo", "hi")
+            assert late.recv(timeout=10).payload == {"echo": "hi"}
+            late.subscribe("t.>")
+            driver.publish("t.y", "both")
+            assert late.recv(timeout=10).payload == "both"
+            assert driver.recv(timeout=10).payload == {"pub": "both"}
+            driver.send("late", "direct")
+            assert late.recv(timeout=10).payload == "direct"
+            late.publish("u.1", "to the driver")  # the subscription made after the takeover
+            assert driver.recv(timeout=10).payload == "to the driver"
+        driver.send("echo", "stop")
+        echo.join(20)
+        assert echo.exitcode == 0
+    stop(new)
+    assert bus_entries(bus) == []
+
+
+def test_an_agent_killed_while_no_coordinator_runs_is_found_dead(names, children, runtime):
+    bus = names("bus")
+    first = start_coordinator(children, bus)
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        died: list[str] = []
+        driver.on_peer_death(died.append)
+        holder = children.start(_holder, bus)
+        assert driver.recv(timeout=20).payload == "ready"
+        kill(first)
+        ids = driver.send_many("holder", list(range(20)))  # into its inbox, unread
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        new = take_over(children, bus)
+
+        def told() -> bool:
+            try:
+                driver.recv(timeout=0.05)
+            except shmbus.RecvTimeout:
+                pass
+            return died == ["holder"]
+
+        wait_for(told, what="the driver told of the death")
+        assert driver.peers() == ["driver"]
+        dead = [d for d in driver.dlq() if d.message.recipient == "holder"]
+        assert [d.message.id for d in dead] == ids
+        assert all(d.reason.startswith("recipient died: 'holder'") for d in dead)
+        assert not [n for n in bus_entries(bus) if ".inbox.holder" in n]
+    stop(new)
+    assert bus_entries(bus) == []
+
+
+def test_an_agent_killed_before_it_rejoins_is_found_dead(names, children, runtime):
+    # Alive when the new coordinator takes over, dead before it rejoins: the
+    # coordinator looks at the processes of agents that have not rejoined.
+    bus = names("bus")
+    first = start_coordinator(children, bus)
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        holder = children.start(_holder, bus)
+        assert driver.recv(timeout=20).payload == "ready"
+        os.kill(holder.pid, signal.SIGSTOP)  # it cannot rejoin
+        kill(first)
+        new = take_over(children, bus)
+        driver.subscribe("x")  # the driver is back
+        assert driver.peers() == ["driver", "holder"]
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        wait_for(lambda: driver.peers() == ["driver"], what="the holder gone")
+    stop(new)
+    assert bus_entries(bus) == []
+
+
+def test_dead_letters_made_while_no_coordinator_runs_reach_the_dlq(names, children, runtime):
+    bus = names("bus")
+    first = start_coordinator(children, bus)
+    with (
+        shmbus.connect(bus=bus, name="a") as a,
+        shmbus.connect(bus=bus, name="b") as b,
+    ):
+        kill(first)
+        with pytest.raises(shmbus.UnknownRecipient):
+            a.send("nobody", "lost?")
+        a.send("b", "stale", ttl=0.05)
+        time.sleep(0.1)
+        with pytest.raises(shmbus.RecvTimeout):
+            b.recv(timeout=0.2)  # expired: to the DLQ, which is down
+        new = take_over(children, bus)
+
+        def reasons() -> dict[object, str]:
+            return {d.message.payload: d.reason for d in a.dlq()}
+
+        wait_for(lambda: len(reasons()) == 2, what="both dead letters in the DLQ")
+        got = reasons()
+        assert got["lost?"].startswith("no recipient")
+        assert got["stale"].startswith("expired")
+    stop(new)
+    assert bus_entries(bus) == []
+
+
+def test_a_control_call_waits_for_the_takeover_then_says_why(names, children, runtime):
+    bus = names("bus")
+    first = start_coordinator(children, bus)
+    with shmbus.connect(bus=bus, name="a", timeout=0.5) as a:
+        kill(first)
+        with pytest.raises(shmbus.CoordinatorUnavailable, match="none took the bus over"):
+            a.subscribe("t")
+        new = take_over(children, bus)
+        a._ctl.timeout = 20.0
+        a.subscribe("t")  # waits for the rejoin, then goes through
+        assert a.peers() == ["a"]
+    stop(new)
+    assert bus_entries(bus) == []
+
+
+def test_a_corrupt_routes_table_makes_a_fresh_bus(names, children, runtime, tmp_path):
+    bus = names("bus")
+    first = start_coordinator(children, bus)
+    old = shmbus.connect(bus=bus, name="old", timeout=20)
+    try:
+        kill(first)
+        with open(f"/dev/shm/shmbus.{routes_name(bus)}", "r+b") as f:
+            f.write(b"garbage!")  # over its magic
+        log = tmp_path / "coordinator.log"
+        with open(log, "wb") as out:
+            new = take_over(children, bus, stderr=out)
+        with shmbus.connect(bus=bus, name="new") as fresh:
+            assert fresh.peers() == ["new"]
+            with pytest.raises(shmbus.RejoinRefused, match="fresh bus"):
+                old.subscribe("t")
+        text = log.read_text()
+        assert "routes table left behind is unusable" in text
+        assert "starting a fresh bus" in text
+    finally:
+        old.close()
+    stop(new)
+    assert bus_entries(bus) == []
+
+
+def _runner_echo(agent: shmbus.Agent) -> None:
+    agent.send("driver", "ready")
+    for msg in agent:
+        if msg.type == MessageType.REQUEST:
+            agent.reply(msg, msg.payload)
+
+
+def test_runner_restart_after_kill_takes_the_bus_over(names, runtime):
+    bus = names("bus")
+    with shmbus.Runner(bus=bus) as runner:
+        driver = runner.connect("driver")
+        runner.spawn("echo", _runner_echo)
+        assert driver.recv(timeout=20).payload == "ready"
+        runner.coordinator.kill()
+        assert driver.request("echo", 1, timeout=10).payload == 1
+        runner.coordinator.restart()
+        assert runner.coordinator.alive
+        driver.subscribe("t")  # rejoined: the same bus, not a fresh one
+        assert driver.peers() == ["driver", "echo"]
+        assert driver.request("echo", 2, timeout=10).payload == 2
+    assert bus_entries(bus) == []
