@@ -100,10 +100,12 @@ class Acks:
         recipient = p[_RECIPIENT]
         ring = self.out._ring(recipient)
         if ring is None:
-            # Gone: what it had not read is in the DLQ already ("recipient
-            # left/died"), and what it had read it may have handled.
-            log.warning("no resend of %d: %r has left the bus", msg_id, recipient)
-            del self.pending[msg_id]
+            # Gone for now. What it had not read is in the DLQ already
+            # ("recipient left/died"), but what it had read ahead and not
+            # handed over is nowhere else: an agent restarted under its name
+            # gets it, else it runs out of attempts into the DLQ. (What it
+            # handled without its ACK reaching us may so be there twice.)
+            log.info("no resend of %d yet: %r is not on the bus", msg_id, recipient)
             return
         try:
             if ring.try_write(self._frame(msg_id, p)):
