@@ -191,7 +191,7 @@ def _account(logs, dead, killed) -> dict[str, object]:
             dlq_direct[entry.message.id].append(entry.reason)
     counts: collections.Counter[str] = collections.Counter()
     for msg_id, recipient in sent.items():
-        by = handled.get(msg_id, [])
+        by = sorted(handled.get(msg_id, []))  # by incarnation
         if not by:
             if msg_id in dlq_direct:
                 counts["direct dead-lettered"] += 1
