@@ -89,6 +89,10 @@ class Coordinator:
             ) from None
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        # A killed predecessor's socket: gone at once, so that the socket's
+        # presence with our pid in the lock means we listen (Runner waits so).
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(bus).unlink()
         # Reloaded from the bus's state directory (shmbus/dlq.py): before the
         # shared memory, so a refusal leaves nothing behind.
         try:

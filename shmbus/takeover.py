@@ -161,13 +161,14 @@ def _parse(bus: str, routes: Any) -> tuple[dict[str, tuple[Any, ...]], dict[str,
 
 
 def _look_at_orphan(coord: Coordinator, agent: Any) -> None:
-    if process_gone(agent.pid):
-        coord._died(agent, "died while the bus had no coordinator")
-    elif not os.path.exists(f"/dev/shm/shmbus.{agent.inbox}"):
-        # It closed (and removed its inbox) while no coordinator ran.
+    if not os.path.exists(f"/dev/shm/shmbus.{agent.inbox}"):
+        # It closed (which removes its inbox; a killed one leaves it) while
+        # no coordinator ran: it left, whether its process lives on or not.
         log.warning("agent %s (pid %d) left while the bus had no coordinator", agent.name,
                     agent.pid)  # fmt: skip
         coord._forget_agent(agent)
+    elif process_gone(agent.pid):
+        coord._died(agent, "died while the bus had no coordinator")
 
 
 def check_orphans(coord: Coordinator, now: float) -> None:
