@@ -5,7 +5,8 @@ alternately, and publish on ``chaos.<sender>``; the receivers subscribe to
 ``chaos.>`` and handle what comes under ``serve`` (the ACK goes after the
 handler). Meanwhile the driver SIGKILLs a random agent (restarting it under
 the same name: a new incarnation) or the coordinator (a new one takes the bus
-over), one at a time. Every process writes what it does to its own file, one
+over), one at a time, and once an agent while no coordinator runs (the next
+one finds it dead). Every process writes what it does to its own file, one
 ``write`` per event, so a SIGKILL loses nothing written before it.
 
 What is counted:
@@ -138,11 +139,14 @@ class Chaos:
         self.kills.append((name, time.monotonic()))
         self.start(name)
 
-    def kill_coordinator(self) -> None:
+    def kill_coordinator(self, and_agent: str | None = None) -> None:
         self.coordinator.kill()
         self.coordinator.wait(10)
         self.kills.append(("coordinator", time.monotonic()))
         time.sleep(0.2)  # the agents carry on alone
+        if and_agent:  # dead before the new coordinator comes: it finds out
+            self.kill_agent(and_agent)
+            time.sleep(0.2)
         socket_path(self.bus).unlink(missing_ok=True)
         self.coordinator = start_coordinator(self.children, self.bus)
 
@@ -246,11 +250,13 @@ def test_chaos_every_message_is_accounted_for(run, names, children, runtime, tmp
         for name in RECEIVERS + SENDERS:
             chaos.start(name)
         time.sleep(2.0)  # all up and sending
-        events = ["agent", "coordinator", "agent", "agent", "coordinator", "agent"]
+        events = ["agent", "coordinator", "agent", "both", "agent", "coordinator", "agent"]
         t_first = time.monotonic()
         for event in events:
             if event == "agent":
                 chaos.kill_agent(rng.choice(RECEIVERS + SENDERS))
+            elif event == "both":
+                chaos.kill_coordinator(and_agent=rng.choice(RECEIVERS + SENDERS))
             else:
                 chaos.kill_coordinator()
             time.sleep(CHAOS_SECONDS / len(events))
