@@ -187,13 +187,14 @@ def _account(logs, dead, killed) -> dict[str, object]:
     dlq_copy: set[tuple[int, str]] = set()
     reasons: collections.Counter[str] = collections.Counter()
     for entry in dead:
-        reasons[entry.reason.split(":")[0]] += 1
+        reasons[f"{entry.reason.split(':')[0]} ({entry.message.type.name})"] += 1
         if entry.message.type == MessageType.PUBLISH:
             who = entry.message.recipient or (re.findall(r"'([^']+)'", entry.reason) or [""])[0]
             dlq_copy.add((entry.message.id, who))
         else:
             dlq_direct[entry.message.id].append(entry.reason)
     counts: collections.Counter[str] = collections.Counter()
+    counts.update({"direct LOST": 0, "duplicates": 0, "publish copies LOST": 0})
     for msg_id, recipient in sent.items():
         by = sorted(handled.get(msg_id, []))  # by incarnation
         if not by:
@@ -204,8 +205,10 @@ def _account(logs, dead, killed) -> dict[str, object]:
                 problems.append(f"direct message {msg_id} to {recipient}: lost")
             continue
         if len(set(by)) < len(by):
+            counts["duplicates"] += 1
             problems.append(f"direct message {msg_id}: handed over twice by one incarnation {by}")
-        if any(h not in killed for h in by[:-1]) or any(h[0] != recipient for h in by):
+        elif any(h not in killed for h in by[:-1]) or any(h[0] != recipient for h in by):
+            counts["duplicates"] += 1
             problems.append(f"direct message {msg_id}: duplicate, handled by {by}")
         counts["direct received once" if len(by) == 1 else "direct redelivered after a crash"] += 1
         if msg_id in dlq_direct:
@@ -226,6 +229,7 @@ def _account(logs, dead, killed) -> dict[str, object]:
             if n == 1:
                 counts["publish copies received"] += 1
             elif n > 1:
+                counts["duplicates"] += 1
                 problems.append(f"publish {msg_id}: handed to {name}.{inc} {n} times")
             elif (msg_id, name) in dlq_copy:
                 counts["publish copies dead-lettered"] += 1
