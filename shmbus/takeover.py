@@ -140,6 +140,8 @@ def _parse(bus: str, routes: Any) -> tuple[dict[str, tuple[Any, ...]], dict[str,
         raise ValueError("no agents and subs maps")
     out = {}
     for name, info in agents.items():
+        if isinstance(info, list) and info and info[0] == 0:
+            continue  # id 0: the coordinator's own inbox (its history's), not an agent
         validate_bus_or_agent(name, "agent")
         if not isinstance(info, list) or len(info) < 5:
             raise ValueError(f"agent {name!r}: {info!r}")
@@ -157,6 +159,8 @@ def _parse(bus: str, routes: Any) -> tuple[dict[str, tuple[Any, ...]], dict[str,
         validate_pattern(pattern)
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"subscribers of {pattern!r}: {names!r}")
+    # Only agents' subscriptions: the coordinator's own make themselves again.
+    subs = {p: [n for n in names if n in out] for p, names in subs.items()}
     return out, subs, next_id
 
 

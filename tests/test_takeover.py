@@ -268,3 +268,23 @@ def test_runner_restart_after_kill_takes_the_bus_over(names, runtime):
         assert driver.peers() == ["driver", "echo"]
         assert driver.request("echo", 2, timeout=10).payload == 2
     assert bus_entries(bus) == []
+
+
+def test_what_the_table_holds_is_checked_and_the_coordinators_own_inbox_skipped():
+    from shmbus.takeover import _parse
+
+    agents = {"a": [3, "b.inbox.a", 100, 1, "shm"], ".history": [0, "b.history", 99, 2, "shm"]}
+    subs = {"x.*": ["a", ".history"], "y": [".history"]}
+    got, got_subs, next_id = _parse("b", {"agents": agents, "subs": subs, "next_id": 7})
+    assert got == {"a": (3, "b.inbox.a", 100, 1, "shm")}
+    assert got_subs == {"x.*": ["a"], "y": []}
+    assert next_id == 7
+    for bad in (
+        [],
+        {"agents": {"a": [3, "b.inbox.other", 100, 1, "shm"]}, "subs": {}},
+        {"agents": {"a": [3, "b.inbox.a", -1, 1, "shm"]}, "subs": {}},
+        {"agents": {"bad name": [3, "b.inbox.bad name", 1, 1, "shm"]}, "subs": {}},
+        {"agents": {}, "subs": {"a..b": ["a"]}},
+    ):
+        with pytest.raises(ValueError):
+            _parse("b", bad)
