@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -238,11 +239,15 @@ class Client:
         self._sock = sock
         self._reader = Reader()
         self._pending: list[dict[str, Any]] = []
+        # One call at a time: a thread that receives (dead-lettering what
+        # expired) and one that sends may share an agent's client.
+        self._lock = threading.Lock()
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         try:
-            send_msg(self._sock, {"op": op, **args})
-            reply = recv_msg(self._sock, self._reader, self._pending)
+            with self._lock:
+                send_msg(self._sock, {"op": op, **args})
+                reply = recv_msg(self._sock, self._reader, self._pending)
         except (OSError, ControlError) as e:
             raise CoordinatorUnavailable(
                 f"{self._who}the coordinator of bus {self.bus!r} is gone ({e})"

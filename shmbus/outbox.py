@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import operator
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -128,40 +129,50 @@ class Outbox:
         self.agents: dict[str, list[Any]] = {}
         self.subs: dict[str, list[str]] = {}
         self.version = -1
+        # A receiving thread (resends, ACKs, a peer's death) and a sending
+        # one may both find the table moved: one of them rebuilds the caches.
+        self._lock = threading.RLock()
         self.refresh()
 
     # ----------------------------------------------------------- routes
 
     def refresh(self) -> None:
         """Read the routes table again; every route is rebuilt on its next use."""
-        version, routes = self.table.read()
-        routes = routes or {"agents": {}, "subs": {}}
-        agents = routes["agents"]
-        for peer in [p for p in self.peers if agents.get(p) != self.agents.get(p)]:
-            self.peers.pop(peer).close()  # gone, or back with a new inbox
-        self.agents = agents
-        self.subs = routes["subs"]
-        # Cleared in place: the agent's fast paths hold these very dicts.
-        self.direct.clear()
-        self.topics.clear()
-        self._subscribers.clear()
-        self.version = version
+        with self._lock:
+            version, routes = self.table.read()
+            routes = routes or {"agents": {}, "subs": {}}
+            agents = routes["agents"]
+            for peer in [p for p in self.peers if agents.get(p) != self.agents.get(p)]:
+                self.peers.pop(peer).close()  # gone, or back with a new inbox
+            self.agents = agents
+            self.subs = routes["subs"]
+            # Cleared in place: the agent's fast paths hold these very dicts.
+            self.direct.clear()
+            self.topics.clear()
+            self._subscribers.clear()
+            self.version = version
 
     def _fresh(self) -> None:
         if self.table.version != self.version:
-            self.refresh()
+            with self._lock:
+                if self.table.version != self.version:  # not done by another thread meanwhile
+                    self.refresh()
 
     def _ring(self, name: str) -> Ring | None:
         ring = self.peers.get(name)
         if ring is None:
-            info = self.agents.get(name)
-            if info is None:
-                return None
-            try:
-                ring = Ring.attach(info[1])
-            except NotFound:
-                return None  # left between the table and now
-            self.peers[name] = ring
+            with self._lock:
+                ring = self.peers.get(name)
+                if ring is not None:
+                    return ring
+                info = self.agents.get(name)
+                if info is None:
+                    return None
+                try:
+                    ring = Ring.attach(info[1])
+                except NotFound:
+                    return None  # left between the table and now
+                self.peers[name] = ring
         return ring
 
     def _new_route(
