@@ -4,7 +4,7 @@ The inbox's doorbell is a POSIX semaphore, which an event loop cannot select
 on. So each asyncio agent has one reader thread that waits in the synchronous
 agent's receive path (the ring's short spin, then the semaphore: no busy
 core), and hands what it read to the loop in batches, one wake-up of the loop
-for many messages. It stops reading while the loop holds ``HIGH`` unread
+for many messages. It stops reading while the loop holds ``max_unread``
 messages and no request waits, so the inbox fills and senders feel the
 backpressure instead of Python buffering without bound.
 """
@@ -24,10 +24,9 @@ from .message import Message, MessageType, encode_message
 
 log = logging.getLogger("shmbus.aio")
 
-#: Unread messages the loop may hold before the reader stops reading, and
-#: how few there must be again before it goes on.
-HIGH = 4096
-LOW = HIGH // 2
+#: Unread messages the loop may hold, by default, before the reader stops
+#: reading; it goes on once half of them are taken.
+MAX_UNREAD = 4096
 BATCH = 64  # messages per read, and per wake-up of the loop, at most
 IDLE = 0.5  # seconds a read waits at most: resends fall due, a lost wake-up is found
 WAKE = "shmbus.aio.wake"  # the payload of the frame that wakes a reader to stop
@@ -38,16 +37,19 @@ class Reader(threading.Thread):
 
     def __init__(self, agent: Agent, loop: asyncio.AbstractEventLoop,
                  deliver: Callable[[list[Message]], None],
-                 requests_waiting: Callable[[], bool]) -> None:  # fmt: skip
+                 requests_waiting: Callable[[], int], max_unread: int) -> None:  # fmt: skip
         super().__init__(name=f"shmbus-aio-reader-{agent.name}", daemon=True)
         self.agent = agent
         self.loop = loop
         self.deliver = deliver
         self.requests_waiting = requests_waiting
+        self.high = max_unread
+        self.low = max_unread // 2
         self.cond = threading.Condition()
         self.backlog = 0  # handed to the loop, not yet taken by recv (under cond)
         self.paused = False
         self.stopping = False
+        self.wake_seen = False
         self._wake = encode_message(
             Message(type=MessageType.CONTROL, sender=agent.name, recipient=agent.name, payload=WAKE)
         )
@@ -58,7 +60,7 @@ class Reader(threading.Thread):
         """The loop took ``n`` messages: the reader may go on once few are left."""
         with self.cond:
             self.backlog -= n
-            if self.paused and self.backlog <= LOW:
+            if self.paused and self.backlog <= self.low:
                 self.cond.notify()
 
     def need(self) -> None:
@@ -67,16 +69,38 @@ class Reader(threading.Thread):
             with self.cond:
                 self.cond.notify()
 
-    def stop(self, timeout: float) -> None:
-        """Have the thread end (blocking up to ``timeout``; run it off the loop)."""
+    def stop(self, timeout: float) -> list[Message]:
+        """Have the thread end (blocking up to ``timeout``: run it off the loop).
+        Returns what was read after it, looking for the wake-up frame left
+        behind when the thread was not waiting on the inbox."""
         with self.cond:
             self.stopping = True
             self.cond.notify()
         try:  # wake it now rather than at the end of its wait
-            self.agent.inbox.try_write(self._wake)
+            woken = self.agent.inbox.try_write(self._wake)
         except ShmbusError:
-            pass  # a full inbox wakes it anyway; else IDLE bounds the wait
+            woken = False  # a full inbox wakes it anyway; else IDLE bounds the wait
         self.join(timeout)
+        after: list[Message] = []
+        if not woken or self.is_alive():
+            return after
+        while not self.wake_seen:  # the reader is gone: this thread reads now
+            got = self.agent.recv_many(BATCH, timeout=0)
+            if not got:
+                break
+            after += self._strip(got)
+        return after
+
+    def _strip(self, got: list[Message]) -> list[Message]:
+        """``got`` without the wake-up frame (noted as seen)."""
+        name = self.agent.name
+        out = []
+        for m in got:
+            if m.type is MessageType.CONTROL and m.sender == name and m.payload == WAKE:
+                self.wake_seen = True
+            else:
+                out.append(m)
+        return out
 
     # ---------------------------------------------------- thread's side
 
@@ -84,7 +108,7 @@ class Reader(threading.Thread):
         """Wait while the loop holds enough unread; False when told to stop."""
         acks = self.agent._acks
         with self.cond:
-            while self.backlog >= HIGH and not self.stopping and not self.requests_waiting():
+            while self.backlog >= self.high and not self.stopping and not self.requests_waiting():
                 self.paused = True
                 self.cond.wait(IDLE)
                 if acks.pending:  # senders wait on our ACKs; our own resends go on
@@ -101,7 +125,7 @@ class Reader(threading.Thread):
             if acks.pending:  # wake for the next resend
                 wait = min(wait, max(acks.next_due - time.monotonic(), 0.0))
             try:
-                got = agent.recv_many(BATCH, timeout=wait)
+                got = agent.recv_many(min(BATCH, max(self.high - self.backlog, 1)), timeout=wait)
             except Closed:
                 return
             except ShmbusError as e:  # not expected: say so, do not spin on it
@@ -110,10 +134,7 @@ class Reader(threading.Thread):
                 continue
             if not got:
                 continue
-            batch = [
-                m for m in got
-                if not (m.type is MessageType.CONTROL and m.sender == name and m.payload == WAKE)
-            ]  # fmt: skip
+            batch = self._strip(got)
             if not batch:
                 continue
             with self.cond:

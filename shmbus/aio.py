@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import agent as _agent
-from ._aio_thread import Reader, join_left, off_loop
+from ._aio_thread import MAX_UNREAD, Reader, join_left, off_loop
 from .errors import Closed, InboxFull, RecvTimeout, RequestTimeout
 from .message import DeadLetter, Message, MessageType, RoutingRule, encode_message
 from .routes import validate_pattern
@@ -44,11 +44,18 @@ _ANSWERS = (MessageType.RESPONSE, MessageType.ERROR)
 _ABANDONED = 1 << 14  # ids of abandoned requests remembered, to drop their late answers
 
 
-async def connect(bus: str | None = None, name: str | None = None, **kw: Any) -> Agent:
-    """Join ``bus`` as ``name``: :func:`shmbus.connect`'s arguments, an asyncio agent."""
+async def connect(bus: str | None = None, name: str | None = None, *,
+                  max_unread: int = MAX_UNREAD, **kw: Any) -> Agent:  # fmt: skip
+    """Join ``bus`` as ``name`` (the other arguments are :func:`shmbus.connect`'s).
+
+    ``max_unread`` bounds the messages read from the inbox but not yet taken
+    by ``recv``: past it the agent stops reading (unless a request awaits
+    its response), and senders meet a full inbox."""
+    if max_unread < 1:
+        raise ValueError(f"max_unread is a count of messages, at least 1; got {max_unread}")
     left: set[threading.Thread] = set()
     sync = await off_loop(left, _agent.connect, bus, name, **kw)  # waits for the coordinator
-    return Agent(sync)
+    return Agent(sync, max_unread=max_unread)
 
 
 class Agent:
@@ -57,7 +64,7 @@ class Agent:
     Use it from the loop it was made in only. ``await close()`` (or ``async
     with``) when done: it stops the reader thread and leaves the bus."""
 
-    def __init__(self, agent: _agent.Agent) -> None:
+    def __init__(self, agent: _agent.Agent, *, max_unread: int = MAX_UNREAD) -> None:
         self._agent = agent
         self._loop = asyncio.get_running_loop()
         self._queue: collections.deque[Message] = collections.deque()  # for recv, in order
@@ -74,7 +81,7 @@ class Agent:
         self._closing: asyncio.Future[None] | None = None
         #: Responses that came after their request was cancelled or timed out.
         self.late_responses = 0
-        self._reader = Reader(agent, self._loop, self._deliver, self._requests.__len__)
+        self._reader = Reader(agent, self._loop, self._deliver, self._requests.__len__, max_unread)
         self._reader.start()
 
     @property
@@ -398,7 +405,7 @@ class Agent:
         self._closing = self._loop.create_future()
         self._closed = True
         try:
-            await off_loop(self._left, self._reader.stop, 5.0)
+            after = await off_loop(self._left, self._reader.stop, 5.0)
             await asyncio.sleep(0)  # what the reader handed over last is delivered now
             error = Closed(f"agent {self.name!r} was closed")
             for fut in [*self._waiters, *self._requests.values()]:
@@ -407,7 +414,7 @@ class Agent:
             self._waiters.clear()
             self._requests.clear()
             await join_left(self._left, 5.0)
-            unread = [*self._queue, *self._early.values()]
+            unread = [*self._queue, *self._early.values(), *after]
             self._queue.clear()
             self._early.clear()
             if self._reader.is_alive():  # wedged: its agent is not ours to close under it

@@ -1,0 +1,364 @@
+"""shmbus.aio: the asyncio agent against sync agents, other asyncio agents and itself.
+
+No pytest-asyncio: each test runs its coroutine with :func:`run`, which bounds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+import shmbus
+import shmbus.aio
+from shmbus import MessageType, RoutingRule
+
+# ------------------------------------------------------------- helpers
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+    """Run ``coro`` in a fresh loop, failing the test past ``timeout`` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def aio_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("shmbus-")]
+
+
+def _echo(bus: str, name: str) -> None:
+    """A sync agent in another process: answers requests, stops on 'stop'."""
+    with shmbus.connect(bus=bus, name=name) as agent:
+        for msg in agent:
+            if msg.type == MessageType.REQUEST:
+                agent.reply(msg, {"echo": msg.payload})
+            elif msg.payload == "stop":
+                return
+
+
+async def _wait_for_peer(agent: shmbus.aio.Agent, name: str) -> None:
+    while name not in agent.sync.peers():
+        await asyncio.sleep(0.01)
+
+
+class Ticker:
+    """A task that counts the loop's turns: it stops counting if the loop blocks."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            self.ticks += 1
+
+    def stop(self) -> int:
+        self.task.cancel()
+        return self.ticks
+
+
+# ---------------------------------------------------- request/response
+
+
+def test_request_to_a_sync_agent_in_another_process_is_answered(bus, children):
+    children.start(_echo, bus, "echo")
+
+    async def main() -> None:
+        async with await shmbus.aio.connect(bus=bus, name="client") as agent:
+            await _wait_for_peer(agent, "echo")
+            reply = await agent.request("echo", {"n": 1}, timeout=10)
+            assert reply.type == MessageType.RESPONSE and reply.payload == {"echo": {"n": 1}}
+            await agent.send("echo", "stop")
+
+    run(main())
+    children.join_all(10)
+
+
+def test_many_concurrent_requests_from_one_loop_each_get_their_own_answer(bus, children):
+    children.start(_echo, bus, "echo")
+
+    async def main() -> None:
+        async with await shmbus.aio.connect(bus=bus, name="client") as agent:
+            await _wait_for_peer(agent, "echo")
+            replies = await asyncio.gather(
+                *(agent.request("echo", i, timeout=20) for i in range(250))
+            )
+            assert [r.payload for r in replies] == [{"echo": i} for i in range(250)]
+            await agent.send("echo", "stop")
+
+    run(main())
+    children.join_all(10)
+
+
+def test_two_asyncio_agents_serve_and_request_with_async_handlers(bus):
+    async def main() -> None:
+        async with (
+            await shmbus.aio.connect(bus=bus, name="svc") as svc,
+            await shmbus.aio.connect(bus=bus, name="client") as client,
+        ):
+
+            async def double(msg: shmbus.Message) -> Any:
+                await asyncio.sleep(0)
+                if msg.payload < 0:
+                    raise ValueError("negative")
+                return msg.payload * 2
+
+            svc.route(RoutingRule(msg_type=MessageType.REQUEST), double)
+            serving = asyncio.ensure_future(svc.serve())
+            answers = await asyncio.gather(
+                *(client.request("svc", i, timeout=10) for i in range(20))
+            )
+            assert [a.payload for a in answers] == [2 * i for i in range(20)]
+            failed = await client.request("svc", -1, timeout=10)
+            assert failed.type == MessageType.ERROR and failed.payload["error"] == "ValueError"
+            await svc.close()
+            await asyncio.wait_for(serving, 10)  # serve ends when its agent closes
+
+    run(main())
+
+
+def test_request_with_no_answer_raises_request_timeout(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="mute"):
+            async with await shmbus.aio.connect(bus=bus, name="client") as agent:
+                with pytest.raises(shmbus.RequestTimeout, match="'mute'"):
+                    await agent.request("mute", 1, timeout=0.2)
+
+    run(main())
+
+
+# ------------------------------------------------------------- receive
+
+
+def test_async_for_yields_messages_in_order_and_ends_when_closed(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="sender") as sender:
+            agent = await shmbus.aio.connect(bus=bus, name="reader")
+            sender.send_many("reader", list(range(100)))
+            got = []
+            async for msg in agent:
+                got.append(msg.payload)
+                if len(got) == 100:
+                    asyncio.get_running_loop().call_soon(asyncio.ensure_future, agent.close())
+            assert got == list(range(100))
+
+    run(main())
+
+
+def test_recv_timeout_raises_the_sync_recv_timeout_and_recv_many_gives_empty(bus):
+    async def main() -> None:
+        async with await shmbus.aio.connect(bus=bus, name="reader") as agent:
+            with pytest.raises(shmbus.RecvTimeout):
+                await agent.recv(timeout=0.05)
+            assert await agent.recv_many(10, timeout=0.05) == []
+
+    run(main())
+
+
+def test_recv_many_gives_what_is_there_up_to_the_count(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="sender") as sender:
+            async with await shmbus.aio.connect(bus=bus, name="reader") as agent:
+                sender.send_many("reader", list(range(10)))
+                got: list[Any] = []
+                while len(got) < 10:
+                    batch = await agent.recv_many(4, timeout=10)
+                    assert 1 <= len(batch) <= 4
+                    got += [m.payload for m in batch]
+                assert got == list(range(10))
+
+    run(main())
+
+
+def test_publish_and_subscribe(bus):
+    async def main() -> None:
+        async with (
+            await shmbus.aio.connect(bus=bus, name="pub") as pub,
+            await shmbus.aio.connect(bus=bus, name="sub") as sub,
+        ):
+            await sub.subscribe("ev.*")
+            await pub.publish("ev.one", 1)
+            await pub.publish_many("ev.two", [2, 3])
+            got = [await sub.recv(timeout=10) for _ in range(3)]
+            assert [(m.topic, m.payload) for m in got] == [("ev.one", 1), ("ev.two", 2),
+                                                           ("ev.two", 3)]  # fmt: skip
+            await sub.unsubscribe("ev.*")
+
+    run(main())
+
+
+# -------------------------------------------------------- cancellation
+
+
+def test_a_cancelled_recv_loses_nothing(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="sender") as sender:
+            async with await shmbus.aio.connect(bus=bus, name="reader") as agent:
+                pending = asyncio.ensure_future(agent.recv())
+                await asyncio.sleep(0.05)
+                pending.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await pending
+                sender.send("reader", "after")
+                assert (await agent.recv(timeout=10)).payload == "after"
+
+    run(main())
+
+
+def test_a_recv_cancelled_as_its_message_comes_leaves_it_for_the_next(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="sender") as sender:
+            async with await shmbus.aio.connect(bus=bus, name="reader") as agent:
+                first = asyncio.ensure_future(agent.recv())
+                second = asyncio.ensure_future(agent.recv())
+                await asyncio.sleep(0.05)
+                sender.send("reader", "only")
+                while not agent._queue and not first.done():  # delivered, first one woken
+                    await asyncio.sleep(0)
+                first.cancel()
+                assert (await asyncio.wait_for(second, 10)).payload == "only"
+
+    run(main())
+
+
+def test_a_cancelled_request_drops_its_late_response_and_recv_never_sees_it(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="slow") as slow:
+            async with await shmbus.aio.connect(bus=bus, name="client") as agent:
+                task = asyncio.ensure_future(agent.request("slow", "q", timeout=10))
+                await asyncio.sleep(0)  # the task sends
+                request = slow.recv(timeout=10)  # it came; the answer waits
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                slow.reply(request, "late")
+                slow.send("client", "next")
+                assert (await agent.recv(timeout=10)).payload == "next"
+                assert agent.late_responses == 1
+                with pytest.raises(shmbus.RecvTimeout):
+                    await agent.recv(timeout=0.1)
+
+    run(main())
+
+
+def test_a_timed_out_request_drops_its_late_response(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="slow") as slow:
+            async with await shmbus.aio.connect(bus=bus, name="client") as agent:
+                with pytest.raises(shmbus.RequestTimeout):
+                    await agent.request("slow", "q", timeout=0.1)
+                slow.reply(slow.recv(timeout=10), "late")
+                slow.send("client", "next")
+                assert (await agent.recv(timeout=10)).payload == "next"
+                assert agent.late_responses == 1
+
+    run(main())
+
+
+# ------------------------------------------------- the loop never blocks
+
+
+def test_the_loop_runs_while_recv_waits(bus):
+    async def main() -> None:
+        async with await shmbus.aio.connect(bus=bus, name="reader") as agent:
+            ticker = Ticker()
+            with pytest.raises(shmbus.RecvTimeout):
+                await agent.recv(timeout=0.3)
+            assert ticker.stop() > 0
+
+    run(main())
+
+
+def test_a_send_to_a_full_inbox_waits_off_the_loop(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="small", inbox_capacity=1 << 16) as small:
+            async with await shmbus.aio.connect(bus=bus, name="client") as agent:
+                blob = b"x" * 1000
+                for fill in (blob, b"fill"):  # to the last byte "last" would take
+                    while True:
+                        try:
+                            agent.sync.send("small", fill, backpressure="error")
+                        except shmbus.InboxFull:
+                            break
+                ticker = Ticker()
+                send = asyncio.ensure_future(agent.send("small", b"last", timeout=10))
+                while ticker.ticks < 5:  # the loop turns while the send waits
+                    await asyncio.sleep(0.005)
+                assert not send.done()
+                got = [m.payload for m in small.recv_many(1000, timeout=0)]
+                msg_id = await send
+                ticker.stop()
+                got += [m.payload for m in small.recv_many(1000, timeout=10)]
+                assert got[-1] == b"last" and set(got[:-1]) == {blob, b"fill"}
+                assert msg_id > 0
+
+    run(main())
+
+
+def test_an_unread_inbox_fills_and_senders_feel_it(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="sender", backpressure="error") as sender:
+            agent = await shmbus.aio.connect(
+                bus=bus, name="reader", inbox_capacity=1 << 16, max_unread=100
+            )
+            async with agent:
+                sent = 0
+                with pytest.raises(shmbus.InboxFull):
+                    for sent in range(100_000):  # noqa: B007  # count what fitted
+                        sender.send("reader", sent)
+                        if sent % 50 == 0:
+                            await asyncio.sleep(0.001)  # the reader's chance to read
+                assert sent < 10_000  # bounded by max_unread and the inbox, not by Python
+                got = [(await agent.recv(timeout=10)).payload for _ in range(sent)]
+                assert got == list(range(sent))
+
+    run(main())
+
+
+# ----------------------------------------------------------------- close
+
+
+def test_close_ends_a_pending_recv_with_closed_and_leaves_no_thread(bus):
+    async def main() -> None:
+        agent = await shmbus.aio.connect(bus=bus, name="reader")
+        pending = asyncio.ensure_future(agent.recv())
+        await asyncio.sleep(0.05)
+        await agent.close()
+        with pytest.raises(shmbus.Closed):
+            await pending
+        with pytest.raises(shmbus.Closed):
+            await agent.recv(timeout=1)
+        await agent.close()  # idempotent
+        assert aio_threads() == []
+
+    run(main())
+
+
+def test_messages_read_but_never_taken_go_to_the_dlq_at_close(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="sender") as sender:
+            agent = await shmbus.aio.connect(bus=bus, name="reader")
+            sender.send_many("reader", ["a", "b", "c"])
+            assert (await agent.recv(timeout=10)).payload == "a"
+            await agent.close()
+            unread = [d for d in sender.dlq() if d.message.recipient == "reader"]
+            assert sorted(d.message.payload for d in unread) == ["b", "c"]
+            assert all("unread" in d.reason or "left" in d.reason for d in unread)
+
+    run(main())
+
+
+def test_bad_arguments_are_refused_by_name(bus):
+    async def main() -> None:
+        with pytest.raises(ValueError, match="max_unread"):
+            await shmbus.aio.connect(bus=bus, name="x", max_unread=0)
+        async with await shmbus.aio.connect(bus=bus, name="x") as agent:
+            with pytest.raises(shmbus.UnknownRecipient):
+                await agent.send("nobody", 1)
+            with pytest.raises(shmbus.InvalidName):
+                await agent.subscribe("bad pattern!")
+
+    run(main())
