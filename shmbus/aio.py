@@ -171,16 +171,24 @@ class Agent:
 
         Many may wait at once. Cancelled or timed out, the request is
         abandoned: its late response is dropped, never handed to ``recv``."""
-        self._check_open()
+        if self._closed:
+            self._check_open()
         loop = self._loop
         deadline = loop.time() + timeout
         send = self._agent._send_kind
         kw.setdefault("timeout", timeout)
-        self._sending_requests += 1
-        try:
-            msg_id = await self._send(send, recipient, payload, _REQUEST, **kw)
-        finally:
-            self._sending_requests -= 1
+        policy = kw.get("backpressure") or self._agent._backpressure
+        if policy != "block":
+            msg_id = send(recipient, payload, _REQUEST, **kw)
+        else:
+            try:  # the common case, inline: room in the inbox, no wait
+                msg_id = send(recipient, payload, _REQUEST, **{**kw, "backpressure": "error"})
+            except InboxFull:  # wait for room in a thread; its answer may come first
+                self._sending_requests += 1
+                try:
+                    msg_id = await off_loop(self._left, send, recipient, payload, _REQUEST, **kw)
+                finally:
+                    self._sending_requests -= 1
         fut = self._requests[msg_id] = loop.create_future()
         early = self._early.pop(msg_id, None)
         if early is not None:
