@@ -33,15 +33,13 @@ WAKE = "shmbus.aio.wake"  # the payload of the frame that wakes a reader to stop
 
 
 class Reader(threading.Thread):
-    """Reads the agent's inbox for the loop; ``deliver(batch)`` runs on the loop."""
+    """Reads the agent's inbox for the loop; ``hand(batch)`` passes a batch over."""
 
-    def __init__(self, agent: Agent, loop: asyncio.AbstractEventLoop,
-                 deliver: Callable[[list[Message]], None],
+    def __init__(self, agent: Agent, hand: Callable[[list[Message]], None],
                  requests_waiting: Callable[[], int], max_unread: int) -> None:  # fmt: skip
         super().__init__(name=f"shmbus-aio-reader-{agent.name}", daemon=True)
         self.agent = agent
-        self.loop = loop
-        self.deliver = deliver
+        self.hand = hand
         self.requests_waiting = requests_waiting
         self.high = max_unread
         self.low = max_unread // 2
@@ -140,7 +138,7 @@ class Reader(threading.Thread):
             with self.cond:
                 self.backlog += len(batch)
             try:
-                self.loop.call_soon_threadsafe(self.deliver, batch)
+                self.hand(batch)
             except RuntimeError:  # the loop is closed: nobody will take them
                 log.error("agent %s: its event loop closed while %d messages came; they go to "
                           "the DLQ", name, len(batch))  # fmt: skip
