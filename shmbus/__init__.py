@@ -36,6 +36,15 @@ from .stats import AgentStats, BusStats, Counters, TopicStats
 
 __version__ = "0.1.0.dev0"
 
+
+def __getattr__(name: str) -> object:
+    if name == "aio":  # imported on first use: not every agent needs asyncio
+        import importlib
+
+        return importlib.import_module(".aio", __name__)
+    raise AttributeError(f"module 'shmbus' has no attribute {name!r}")
+
+
 __all__ = [
     "Agent",
     "AgentProcess",
