@@ -208,33 +208,36 @@ class Outbox:
 
     def route_to(self, name: str) -> Any:
         """The route to agent ``name``; :class:`UnknownRecipient` if there is none."""
-        self._fresh()
-        rt = self.direct.get(name)
-        if rt is not None:
+        with self._lock:  # built from one table: not refreshed under it by another thread
+            self._fresh()
+            rt = self.direct.get(name)
+            if rt is not None:
+                return rt
+            info = self.agents.get(name)
+            if info is None or self._ring(name) is None:
+                raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
+            rt, _ = self._new_route(name.encode(), info[0], b"", ffi.NULL, [name])
+            self.direct[name] = rt
             return rt
-        info = self.agents.get(name)
-        if info is None or self._ring(name) is None:
-            raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
-        rt, _ = self._new_route(name.encode(), info[0], b"", ffi.NULL, [name])
-        self.direct[name] = rt
-        return rt
 
     def route_topic(self, topic: str) -> Any:
         """The route to every subscriber of ``topic`` (a subscriber matched twice gets it once)."""
-        self._fresh()
-        rt = self.topics.get(topic)
-        if rt is not None:
+        with self._lock:
+            self._fresh()
+            rt = self.topics.get(topic)
+            if rt is not None:
+                return rt
+            validate_topic(topic)
+            if len(self.topics) >= _MAX_TOPIC_ROUTES:
+                self.topics.clear()
+                self._subscribers.clear()
+            subs = self.subs.items()
+            names = sorted({n for p, members in subs if match(p, topic) for n in members})
+            raw = topic.encode()
+            rt, names = self._new_route(b"", 0, raw, self.stats.topic(raw), names)
+            self.topics[topic] = rt
+            self._subscribers[topic] = names
             return rt
-        validate_topic(topic)
-        if len(self.topics) >= _MAX_TOPIC_ROUTES:
-            self.topics.clear()
-            self._subscribers.clear()
-        names = sorted({n for p, members in self.subs.items() if match(p, topic) for n in members})
-        raw = topic.encode()
-        rt, names = self._new_route(b"", 0, raw, self.stats.topic(raw), names)
-        self.topics[topic] = rt
-        self._subscribers[topic] = names
-        return rt
 
     def close(self) -> None:
         self.direct.clear()
