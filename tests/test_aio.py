@@ -120,12 +120,14 @@ def test_two_asyncio_agents_serve_and_request_with_async_handlers(bus):
     run(main())
 
 
-def test_request_with_no_answer_raises_request_timeout(bus):
+def test_request_with_no_answer_raises_request_timeout_and_the_loop_runs_meanwhile(bus):
     async def main() -> None:
         with shmbus.connect(bus=bus, name="mute"):
             async with await shmbus.aio.connect(bus=bus, name="client") as agent:
+                ticker = Ticker()
                 with pytest.raises(shmbus.RequestTimeout, match="'mute'"):
-                    await agent.request("mute", 1, timeout=0.2)
+                    await agent.request("mute", 1, timeout=0.3)
+                assert ticker.stop() > 0
 
     run(main())
 
@@ -360,5 +362,63 @@ def test_bad_arguments_are_refused_by_name(bus):
                 await agent.send("nobody", 1)
             with pytest.raises(shmbus.InvalidName):
                 await agent.subscribe("bad pattern!")
+
+    run(main())
+
+
+# ------------------------------------------- the reader thread and the loop
+
+
+def test_acked_sends_from_the_loop_while_the_reader_takes_their_acks(bus):
+    async def main() -> None:
+        async with (
+            await shmbus.aio.connect(bus=bus, name="a", ack_timeout=5.0) as a,
+            await shmbus.aio.connect(bus=bus, name="b") as b,
+        ):
+            got: list[Any] = []
+
+            async def receive() -> None:
+                while len(got) < 500:
+                    got.extend(m.payload for m in await b.recv_many(100, timeout=10))
+
+            receiving = asyncio.ensure_future(receive())
+            for i in range(500):  # the loop tracks, a's reader takes the ACKs meanwhile
+                await a.send("b", i, requires_ack=True)
+                if i % 50 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.wait_for(receiving, 20)
+            assert sorted(got) == list(range(500))
+            while a.sync._acks.pending:  # every one acknowledged, none lost track of
+                await asyncio.sleep(0.01)
+            assert await b.recv_many(10, timeout=0.1) == []  # handed over once
+
+    run(main())
+
+
+def _linger(bus: str, name: str) -> None:
+    import time
+
+    with shmbus.connect(bus=bus, name=name):
+        time.sleep(60)
+
+
+def test_peer_death_callbacks_run_on_the_loop(bus, children):
+    import os
+    import signal
+
+    victim = children.start(_linger, bus, "victim")
+
+    async def main() -> None:
+        async with await shmbus.aio.connect(bus=bus, name="watcher") as agent:
+            died: asyncio.Future[tuple[str, bool]] = asyncio.get_running_loop().create_future()
+            on_loop = threading.get_ident()
+
+            async def callback(name: str) -> None:  # a coroutine function is awaited
+                died.set_result((name, threading.get_ident() == on_loop))
+
+            agent.on_peer_death(callback)
+            await _wait_for_peer(agent, "victim")
+            os.kill(victim.pid, signal.SIGKILL)
+            assert await asyncio.wait_for(died, 20) == ("victim", True)
 
     run(main())
