@@ -109,7 +109,7 @@ class Reader(threading.Thread):
             while self.backlog >= self.high and not self.stopping and not self.requests_waiting():
                 self.paused = True
                 self.cond.wait(IDLE)
-                if acks.pending:  # senders wait on our ACKs; our own resends go on
+                if acks.pending:  # our own unacknowledged sends still fall due
                     acks.resend_due(time.monotonic())
             self.paused = False
             return not self.stopping
@@ -126,8 +126,8 @@ class Reader(threading.Thread):
                 got = agent.recv_many(min(BATCH, max(self.high - self.backlog, 1)), timeout=wait)
             except Closed:
                 return
-            except ShmbusError as e:  # not expected: say so, do not spin on it
-                log.error("agent %s: reading the inbox failed: %s", name, e)
+            except Exception as e:  # not expected: say so, do not spin on it, go on
+                log.error("agent %s: reading the inbox failed: %r", name, e)
                 time.sleep(0.05)
                 continue
             if not got:

@@ -58,7 +58,11 @@ async def connect(bus: str | None = None, name: str | None = None, *,
         raise ValueError(f"max_unread is a count of messages, at least 1; got {max_unread}")
     left: set[threading.Thread] = set()
     sync = await off_loop(left, _agent.connect, bus, name, **kw)  # waits for the coordinator
-    return Agent(sync, max_unread=max_unread)
+    try:
+        return Agent(sync, max_unread=max_unread)
+    except BaseException:
+        sync.close()
+        raise
 
 
 class Agent:
