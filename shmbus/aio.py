@@ -36,7 +36,7 @@ from .errors import Closed, InboxFull, RecvTimeout, RequestTimeout
 from .message import DeadLetter, Message, MessageType, RoutingRule, encode_message
 from .ring import Ring
 from .routes import validate_pattern
-from .stats import BusStats
+from .stats import FAILED, BusStats, StatsSegment
 
 __all__ = ["Agent", "connect"]
 
@@ -120,8 +120,13 @@ class Agent:
         try:
             return fn(*args, **{**kw, "backpressure": "error"})
         except InboxFull:
-            pass  # full now: wait for room as "block" says, in a thread
+            self._unfail()  # full now: wait for room as "block" says, in a thread
         return await off_loop(self._left, fn, *args, **kw)
+
+    def _unfail(self) -> None:
+        """Take back the failure the outbox counted for a try that is not the
+        send's end (the counter is unsigned: adding 2**64 - 1 subtracts one)."""
+        StatsSegment.add(self._agent._out.counters, FAILED, (1 << 64) - 1)
 
     def _room(self, names: Sequence[str] | None, batch: bool) -> bool:
         """Can a send to these inboxes not wait? One frame fits in ``max_frame``;
@@ -197,6 +202,7 @@ class Agent:
             try:  # the common case, inline: room in the inbox, no wait
                 msg_id = send(recipient, payload, _REQUEST, **{**kw, "backpressure": "error"})
             except InboxFull:  # wait for room in a thread; its answer may come first
+                self._unfail()
                 self._sending_requests += 1
                 try:
                     msg_id = await off_loop(self._left, send, recipient, payload, _REQUEST, **kw)

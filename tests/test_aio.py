@@ -285,6 +285,7 @@ def test_a_send_to_a_full_inbox_waits_off_the_loop(bus):
                             agent.sync.send("small", fill, backpressure="error")
                         except shmbus.InboxFull:
                             break
+                failed = agent.stats().agents["client"].failed
                 ticker = Ticker()
                 send = asyncio.ensure_future(agent.send("small", b"last", timeout=10))
                 while ticker.ticks < 5:  # the loop turns while the send waits
@@ -296,6 +297,7 @@ def test_a_send_to_a_full_inbox_waits_off_the_loop(bus):
                 got += [m.payload for m in small.recv_many(1000, timeout=10)]
                 assert got[-1] == b"last" and set(got[:-1]) == {blob, b"fill"}
                 assert msg_id > 0
+                assert agent.stats().agents["client"].failed == failed  # it did not fail
 
     run(main())
 
