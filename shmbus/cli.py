@@ -241,13 +241,15 @@ def run_stats(buses: list[str], as_json: bool, watch: float | None) -> int:
 
 
 def run_bench(argv: list[str]) -> int:
-    """Become bench/bench_bus.py (``--ring``: bench_ring.py) of the source checkout.
+    """Become bench/bench_bus.py (``--ring``: bench_ring.py, ``--aio``: bench_aio.py)
+    of the source checkout.
 
     The process is replaced, not wrapped: Ctrl-C and SIGTERM reach the
     benchmark itself, which stops its children and removes its buses.
     """
     bench = Path(__file__).resolve().parent.parent / "bench"
-    script = bench / ("bench_ring.py" if "--ring" in argv else "bench_bus.py")
+    which = "ring" if "--ring" in argv else "aio" if "--aio" in argv else "bus"
+    script = bench / f"bench_{which}.py"
     if not script.is_file():
         print(
             f"shmbus bench: no {script.name} in {bench}: the benchmarks ship with the "
@@ -256,11 +258,12 @@ def run_bench(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    args = [a for a in argv if a != "--ring"]
+    args = [a for a in argv if a not in ("--ring", "--aio")]
     if "-h" in args or "--help" in args:
         print(
-            "usage: shmbus bench [--ring] [ARGS ...]\n\n"
-            f"Runs {bench / 'bench_bus.py'} (with --ring: bench_ring.py) with ARGS.\n"
+            "usage: shmbus bench [--ring] [--aio] [ARGS ...]\n\n"
+            f"Runs {bench / 'bench_bus.py'} (with --ring: bench_ring.py, with --aio: "
+            "bench_aio.py) with ARGS.\n"
             f"The options of {script.name}:\n",
             flush=True,
         )
