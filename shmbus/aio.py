@@ -465,7 +465,8 @@ class Agent:
             after = await off_loop(self._left, self._reader.stop, 5.0)
             self._drain()  # what the reader handed over last
             error = Closed(f"agent {self.name!r} was closed")
-            for fut in [*self._waiters, *self._requests.values()]:
+            waiting: list[asyncio.Future[Any]] = [*self._waiters, *self._requests.values()]
+            for fut in waiting:
                 if not fut.done():
                     fut.set_exception(error)
             self._waiters.clear()
