@@ -196,25 +196,25 @@ class Agent:
         send = self._agent._send_kind
         kw.setdefault("timeout", timeout)
         policy = kw.get("backpressure") or self._agent._backpressure
+        waited = False
         if policy != "block":
             msg_id = send(recipient, payload, _REQUEST, **kw)
         else:
             try:  # the common case, inline: room in the inbox, no wait
                 msg_id = send(recipient, payload, _REQUEST, **{**kw, "backpressure": "error"})
-            except InboxFull:  # wait for room in a thread; its answer may come first
+            except InboxFull:
                 self._unfail()
-                self._sending_requests += 1
-                try:
-                    msg_id = await off_loop(self._left, send, recipient, payload, _REQUEST, **kw)
-                finally:
-                    self._sending_requests -= 1
+                msg_id = await self._send_request_off_loop(send, recipient, payload, kw)
+                waited = True
         fut = self._requests[msg_id] = loop.create_future()
-        early = self._early.pop(msg_id, None)
-        if early is not None:
-            self._reader.taken(1)
-            fut.set_result(early)
-        if not self._sending_requests and self._early:
-            self._release_early()
+        if waited:  # its answer may have come before its id was known
+            self._sending_requests -= 1
+            early = self._early.pop(msg_id, None)
+            if early is not None:
+                self._reader.taken(1)
+                fut.set_result(early)
+            if not self._sending_requests:
+                self._release_early()
         self._reader.need()
         timer = loop.call_at(deadline, _expire, fut, recipient, timeout, self.name)
         if self._bell is not None and not fut.done() and not getattr(loop, "_ready", True):
@@ -227,6 +227,52 @@ class Agent:
             raise
         finally:
             timer.cancel()
+
+    async def _send_request_off_loop(self, send: Callable[..., int], recipient: str,
+                                     payload: Any, kw: dict[str, Any]) -> int:  # fmt: skip
+        """Send a REQUEST that waits for room, in a thread. Until its id is
+        known, answers with no request to go to are held in ``_early``; on
+        success the caller registers the request, then counts it sent."""
+        loop = self._loop
+        state: dict[str, Any] = {}  # "cancelled", "id": touched on the loop only
+
+        def abandoned(msg_id: int) -> None:  # the task is gone: drop its answer
+            self._sending_requests -= 1
+            if msg_id:
+                if self._early.pop(msg_id, None) is not None:
+                    self._reader.taken(1)
+                    self.late_responses += 1
+                else:
+                    self._abandon(msg_id)
+            if not self._sending_requests:
+                self._release_early()
+
+        def sent(msg_id: int) -> None:  # on the loop, once the thread's send ended
+            state["id"] = msg_id
+            if state.get("cancelled"):
+                abandoned(msg_id)
+
+        def run() -> int:
+            msg_id = 0
+            try:
+                msg_id = send(recipient, payload, _REQUEST, **kw)
+                return msg_id
+            finally:
+                loop.call_soon_threadsafe(sent, msg_id)
+
+        self._sending_requests += 1
+        try:
+            return await off_loop(self._left, run)  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            state["cancelled"] = True
+            if "id" in state:  # the send ended already: its answer may be on the way
+                abandoned(state["id"])
+            raise
+        except BaseException:
+            self._sending_requests -= 1
+            if not self._sending_requests:
+                self._release_early()
+            raise
 
     def _spin_for_answers(self) -> None:
         """The loop has nothing else to run: wait up to the inbox's spin for

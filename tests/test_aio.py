@@ -279,12 +279,7 @@ def test_a_send_to_a_full_inbox_waits_off_the_loop(bus):
         with shmbus.connect(bus=bus, name="small", inbox_capacity=1 << 16) as small:
             async with await shmbus.aio.connect(bus=bus, name="client") as agent:
                 blob = b"x" * 1000
-                for fill in (blob, b"fill"):  # to the last byte "last" would take
-                    while True:
-                        try:
-                            agent.sync.send("small", fill, backpressure="error")
-                        except shmbus.InboxFull:
-                            break
+                _fill(agent.sync, "small")
                 failed = agent.stats().agents["client"].failed
                 ticker = Ticker()
                 send = asyncio.ensure_future(agent.send("small", b"last", timeout=10))
@@ -298,6 +293,59 @@ def test_a_send_to_a_full_inbox_waits_off_the_loop(bus):
                 assert got[-1] == b"last" and set(got[:-1]) == {blob, b"fill"}
                 assert msg_id > 0
                 assert agent.stats().agents["client"].failed == failed  # it did not fail
+
+    run(main())
+
+
+def _fill(agent: shmbus.Agent, recipient: str) -> None:
+    """Fill ``recipient``'s inbox to the last byte a small frame would take."""
+    for fill in (b"x" * 1000, b"fill"):
+        while True:
+            try:
+                agent.send(recipient, fill, backpressure="error")
+            except shmbus.InboxFull:
+                break
+
+
+def _drain(agent: shmbus.Agent) -> list[shmbus.Message]:
+    """Everything in the inbox now, up to and including the first REQUEST."""
+    got: list[shmbus.Message] = []
+    while not got or got[-1].type != MessageType.REQUEST:
+        got += agent.recv_many(1, timeout=10)
+    return got
+
+
+def test_a_request_to_a_full_inbox_waits_off_the_loop_and_gets_its_answer(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="svc", inbox_capacity=1 << 16) as svc:
+            async with await shmbus.aio.connect(bus=bus, name="client") as agent:
+                _fill(agent.sync, "svc")
+                task = asyncio.ensure_future(agent.request("svc", "q", timeout=10))
+                await asyncio.sleep(0.05)
+                assert not task.done()  # waiting for room, the loop turning
+                request = _drain(svc)[-1]
+                assert request.payload == "q"
+                svc.reply(request, "a")
+                assert (await task).payload == "a"
+
+    run(main())
+
+
+def test_a_request_cancelled_while_it_waits_for_room_drops_its_answer(bus):
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="svc", inbox_capacity=1 << 16) as svc:
+            async with await shmbus.aio.connect(bus=bus, name="client") as agent:
+                _fill(agent.sync, "svc")
+                task = asyncio.ensure_future(agent.request("svc", "q", timeout=10))
+                await asyncio.sleep(0.05)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                request = _drain(svc)[-1]  # the send went on in its thread
+                svc.reply(request, "late")
+                svc.send("client", "next")
+                assert (await agent.recv(timeout=10)).payload == "next"
+                assert agent.late_responses == 1
 
     run(main())
 
