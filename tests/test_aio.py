@@ -472,3 +472,30 @@ def test_peer_death_callbacks_run_on_the_loop(bus, children):
             assert await asyncio.wait_for(died, 20) == ("victim", True)
 
     run(main())
+
+
+def test_a_request_is_answered_while_unread_messages_hold_the_reader(bus):
+    async def main() -> None:
+        async with (
+            await shmbus.aio.connect(bus=bus, name="svc") as svc,
+            await shmbus.aio.connect(bus=bus, name="client", max_unread=10) as client,
+        ):
+            svc.route(RoutingRule(msg_type=MessageType.REQUEST), lambda m: m.payload + 1)
+            seen: list[Any] = []
+            svc.route(RoutingRule(msg_type=MessageType.DIRECT), lambda m: seen.append(m.payload))
+            serving = asyncio.ensure_future(svc.serve())
+            with shmbus.connect(bus=bus, name="flood") as flood:
+                flood.send_many("client", list(range(100)))
+                await asyncio.sleep(0.1)  # the reader stops at max_unread
+                answer = await client.request("svc", 1, timeout=10)  # it reads on for this
+                assert answer.payload == 2
+                got = [(await client.recv(timeout=10)).payload for _ in range(100)]
+                assert got == list(range(100))
+                flood.send("svc", "plain")
+                while not seen:
+                    await asyncio.sleep(0.01)
+                assert seen == ["plain"]
+            await svc.close()
+            await asyncio.wait_for(serving, 10)
+
+    run(main())
