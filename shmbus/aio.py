@@ -114,6 +114,8 @@ class Agent:
 
     async def _send(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """A direct call when the recipient has room; else the wait goes off the loop."""
+        if self._closed:
+            self._check_open()
         policy = kw.get("backpressure") or self._agent.backpressure
         if policy != "block":
             return fn(*args, **kw)
@@ -145,6 +147,8 @@ class Agent:
         """For the calls a "block" send cannot try without side effects (a
         publish dead-letters what a full subscriber refused at once; a batch
         sends part): direct when every target has room, else off the loop."""
+        if self._closed:
+            self._check_open()
         policy = kw.get("backpressure") or self._agent.backpressure
         if policy != "block" or self._room(names, batch):
             return fn(*args, **kw)

@@ -383,6 +383,10 @@ def test_close_ends_a_pending_recv_with_closed_and_leaves_no_thread(bus):
             await pending
         with pytest.raises(shmbus.Closed):
             await agent.recv(timeout=1)
+        with pytest.raises(shmbus.Closed):
+            await agent.send("reader", 1)
+        with pytest.raises(shmbus.Closed):
+            await agent.request("reader", 1)
         await agent.close()  # idempotent
         assert aio_threads() == []
 
