@@ -4,6 +4,7 @@
 #define SHMBUS_RING_RECORD_HEADER ...
 #define SHMBUS_RING_MIN_CAPACITY ...
 #define SHMBUS_RING_MAX_CAPACITY ...
+#define SHMBUS_RING_LANES ...
 
 #define SHMBUS_OK ...
 #define SHMBUS_EAGAIN ...
@@ -26,6 +27,12 @@ uint32_t shmbus_ring_limit_max_frame(uint64_t capacity);
 int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t capacity,
                        uint32_t max_frame, shmbus_ring_t **out);
 int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_t **out);
+int shmbus_ring_create_lane(const char *shm_name, const char *bell_name, uint64_t capacity,
+                            uint32_t max_frame, shmbus_ring_t **out);
+int shmbus_ring_link_lane(shmbus_ring_t *r, uint32_t lane, shmbus_ring_t *lane_ring);
+uint32_t shmbus_ring_lanes(const shmbus_ring_t *r);
+uint32_t shmbus_lane_of(uint32_t priority);
+shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane);
 /* Drops one reference, and the last unmaps.  retain adds one (for a buffer
  * handed out that must keep the mapping alive). */
 void shmbus_ring_close(shmbus_ring_t *r);

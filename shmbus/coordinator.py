@@ -111,7 +111,8 @@ class Coordinator:
         # Freed slots go to the back: a sender's late add to a departed agent's
         # counters lands in a slot nobody reuses for as long as possible.
         self._free_slots = collections.deque(range(1, lib.SHMBUS_STATS_AGENT_SLOTS))
-        self._watch: dict[str, tuple[Ring, int]] = {}  # inboxes a dead writer may block
+        # Inboxes a dead writer may block, with each lane's tail at the death.
+        self._watch: dict[str, tuple[Ring, list[int]]] = {}
         self._dying: list[tuple[_Agent, float]] = []  # closed, not yet certainly dead
         self.heartbeat_timeout = heartbeat_timeout
         self._next_beat_check = 0.0
@@ -180,8 +181,9 @@ class Coordinator:
             if agent is about:
                 continue
             try:
-                with Ring.attach(agent.inbox) as ring:
-                    if not ring.try_write(frame):
+                # The top lane: a reader behind on its backlog still hears at once.
+                with Ring.attach(agent.inbox, lanes=True) as ring:
+                    if not ring.lanes[-1].try_write(frame):
                         log.warning("inbox of %s full: not told %s of %s", agent.name, event,
                                     about.name)  # fmt: skip
             except ShmbusError as e:
@@ -210,26 +212,30 @@ class Coordinator:
 
     def _watch_after_death(self, dead: _Agent) -> None:
         """A writer that died may have left a record half-written in any
-        inbox, below that inbox's tail now: watch each until its reader has
+        inbox lane, below that lane's tail now: watch each until its reader has
         passed that tail, unblocking the reader if it stops at such a record."""
         for agent in self.agents.values():
             if agent.name in self._watch:
                 ring, _ = self._watch.pop(agent.name)
                 ring.close()
             try:
-                ring = Ring.attach(agent.inbox)
+                ring = Ring.attach(agent.inbox, lanes=True)
             except ShmbusError:
                 continue
-            self._watch[agent.name] = (ring, ring.positions[1])
+            self._watch[agent.name] = (ring, [lane.positions[1] for lane in ring.lanes])
 
     def _unblock_watched(self) -> None:
-        for name, (ring, tail_at_death) in list(self._watch.items()):
+        for name, (ring, tails_at_death) in list(self._watch.items()):
             done = name not in self.agents
             if not done:
                 try:
-                    if ring.unblock(grace=0.1):
-                        log.warning("unblocked the inbox of %s: a dead writer's record", name)
-                    done = (ring.positions[0] - tail_at_death) % (1 << 64) < 1 << 63  # passed it
+                    done = True
+                    for lane, tail_at_death in zip(ring.lanes, tails_at_death, strict=True):
+                        if lane.unblock(grace=0.1):
+                            log.warning("unblocked the inbox of %s (%s): a dead writer's record",
+                                        name, lane.name)  # fmt: skip
+                        passed = (lane.positions[0] - tail_at_death) % (1 << 64) < 1 << 63
+                        done = done and passed
                 except ShmbusError as e:
                     log.error("inbox of %s: %s", name, e)
                     done = True
@@ -358,7 +364,7 @@ class Coordinator:
     def _drain(self, agent: _Agent, reason: str) -> int:
         """Move what is left in a departed agent's inbox to the DLQ; how many."""
         try:
-            ring = Ring.attach(agent.inbox)
+            ring = Ring.attach(agent.inbox, lanes=True)  # read highest lane first
         except ShmbusError:
             return 0  # it never made one, or it is gone already
         moved = 0

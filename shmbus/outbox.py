@@ -158,7 +158,7 @@ class Outbox:
             if info is None:
                 return None
             try:
-                ring = Ring.attach(info[1])
+                ring = Ring.attach(info[1], lanes=True)
             except NotFound:
                 return None  # left between the table and now
             self.peers[name] = ring
@@ -277,14 +277,18 @@ class Outbox:
         size = HEADER_SIZE + len(self._name_b) + len(where.encode()) + data_len
         return MessageTooLarge(size, limit, f"the inbox of {where!r}")
 
-    def _fill(self, name: str) -> str:
+    def _fill(self, name: str, priority: int) -> str:
+        """How full the lane of ``priority`` in ``name``'s inbox is."""
         ring = self.peers.get(name)
         if ring is None:
             return "fill unknown"
-        return f"{ring.used} of {ring.capacity} bytes in use, {100 * ring.used // ring.capacity}%"
+        lane = ring.lane(priority)
+        where = f"priority lane {ring.lanes.index(lane)}: " if len(ring.lanes) > 1 else ""
+        return (f"{where}{lane.used} of {lane.capacity} bytes in use, "
+                f"{100 * lane.used // lane.capacity}%")  # fmt: skip
 
-    def _full(self, name: str, timeout: float | None, policy: str) -> InboxFull:
-        fill = self._fill(name)
+    def _full(self, name: str, timeout: float | None, policy: str, priority: int) -> InboxFull:
+        fill = self._fill(name, priority)
         if policy == "error":
             return InboxFull(
                 f"the inbox of {name!r} on bus {self.bus!r} is full ({fill}); "
@@ -295,9 +299,11 @@ class Outbox:
             "its reader is slow or stuck"
         )
 
-    def _drop(self, frame: bytes, name: str, n: int = 1) -> None:
-        StatsSegment.add(self.counters, DROPPED, n)
-        self._dead_letter(frame, f"inbox full: {name!r} ({self._fill(name)}); policy 'drop'")
+    def _drop(self, frame: bytes, name: str, priority: int) -> None:
+        StatsSegment.add(self.counters, DROPPED, 1)
+        self._dead_letter(
+            frame, f"inbox full: {name!r} ({self._fill(name, priority)}); policy 'drop'"
+        )
 
     # ------------------------------------------------------------- sends
 
@@ -351,11 +357,11 @@ class Outbox:
             frame = self.frame(kind, data, flags, msg_id, recipient=name, priority=priority,
                                ttl=ms, request_id=request_id,
                                correlation_id=correlation_id)  # fmt: skip
-            self._drop(frame, name)
+            self._drop(frame, name, priority)
             return int(msg_id)
         self._failed()
         if rc in _FULL:
-            raise self._full(name, timeout, policy)
+            raise self._full(name, timeout, policy, priority)
         if rc == _ETOOBIG:
             raise self._too_big(len(data), name)
         return raise_for(rc, f"send to {name!r}")  # type: ignore[no-any-return]
@@ -417,11 +423,11 @@ class Outbox:
                 if i >= written:
                     frame = self.frame(kind, data, flags[i], first + i, recipient=name,
                                        priority=priority, ttl=ms)  # fmt: skip
-                    self._drop(frame, name)
+                    self._drop(frame, name, priority)
             return list(range(first, first + n))
         self._failed(n - written)
         if rc in _FULL:
-            err = self._full(name, timeout, policy)
+            err = self._full(name, timeout, policy, priority)
             err.args = (f"{err.args[0]}; {written} of {n} messages were sent",)
             raise err
         if rc == _ETOOBIG:
