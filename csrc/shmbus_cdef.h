@@ -17,6 +17,7 @@
 #define SHMBUS_EBADSEG ...
 #define SHMBUS_ESMALL ...
 #define SHMBUS_ESTALE ...
+#define SHMBUS_ECLOSED ...
 
 typedef struct shmbus_ring shmbus_ring_t;
 
@@ -33,6 +34,8 @@ int shmbus_ring_link_lane(shmbus_ring_t *r, uint32_t lane, shmbus_ring_t *lane_r
 uint32_t shmbus_ring_lanes(const shmbus_ring_t *r);
 uint32_t shmbus_lane_of(uint32_t priority);
 shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane);
+void shmbus_ring_seal(shmbus_ring_t *r);
+int shmbus_ring_sealed(const shmbus_ring_t *r);
 /* Drops one reference, and the last unmaps.  retain adds one (for a buffer
  * handed out that must keep the mapping alive). */
 void shmbus_ring_close(shmbus_ring_t *r);

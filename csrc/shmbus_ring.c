@@ -30,7 +30,7 @@ typedef struct {
     alignas(SHMBUS_RING_LINE) _Atomic uint64_t correlation;
     alignas(SHMBUS_RING_LINE) _Atomic int64_t heartbeat;
     alignas(SHMBUS_RING_LINE) _Atomic uint32_t sleeping;
-    /* 896..1024 spare, so the data starts on a 1 KiB boundary. */
+    alignas(SHMBUS_RING_LINE) _Atomic uint32_t sealed;
     alignas(SHMBUS_RING_HEADER_SIZE) uint8_t data[];
 } ring_segment;
 
@@ -41,6 +41,7 @@ _Static_assert(offsetof(ring_segment, head) == 384, "head at 384");
 _Static_assert(offsetof(ring_segment, correlation) == 512, "correlation at 512");
 _Static_assert(offsetof(ring_segment, heartbeat) == 640, "heartbeat at 640");
 _Static_assert(offsetof(ring_segment, sleeping) == 768, "sleeping at 768");
+_Static_assert(offsetof(ring_segment, sealed) == 896, "sealed at 896");
 _Static_assert(offsetof(ring_segment, data) == SHMBUS_RING_HEADER_SIZE, "data after the header");
 _Static_assert(sizeof(_Atomic int32_t) == 4 && alignof(_Atomic int32_t) == 4,
                "record lengths are plain 32-bit words in the data area");
@@ -246,6 +247,19 @@ shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane)
     return lane ? r->lane[lane] : r;
 }
 
+void shmbus_ring_seal(shmbus_ring_t *r)
+{
+    /* X1: store the seal, then (the caller) load the tail, both seq_cst;
+     * pairs with X2 in claim_capacity_ex. */
+    for (uint32_t k = 0; k < r->lanes; k++)
+        atomic_store_explicit(&(k ? r->lane[k] : r)->seg->sealed, 1, memory_order_seq_cst);
+}
+
+int shmbus_ring_sealed(const shmbus_ring_t *r)
+{
+    return (int)atomic_load_explicit(&r->seg->sealed, memory_order_relaxed);
+}
+
 /* Lane k of a reader's ring: the ring itself for 0. */
 static inline shmbus_ring_t *lane_ring(shmbus_ring_t *r, uint32_t k) { return k ? r->lane[k] : r; }
 
@@ -333,7 +347,8 @@ uint64_t shmbus_ring_head(const shmbus_ring_t *r)
 
 uint64_t shmbus_ring_tail(const shmbus_ring_t *r)
 {
-    return atomic_load_explicit(&r->seg->tail, memory_order_acquire);
+    /* seq_cst: after shmbus_ring_seal, this is X1's load of the tail. */
+    return atomic_load_explicit(&r->seg->tail, memory_order_seq_cst);
 }
 
 int64_t shmbus_ring_heartbeat(const shmbus_ring_t *r)
@@ -518,9 +533,10 @@ static inline int64_t claim_capacity_ex(shmbus_ring_t *r, uint64_t required, boo
             padding = to_end;
         }
         /* A1: the CAS makes [tail, tail + padding + required) ours alone; on
-         * failure it reloads tail and we judge again. */
+         * failure it reloads tail and we judge again.  seq_cst on success for
+         * X2 below (on x86 the same locked instruction as relaxed). */
         if (atomic_compare_exchange_weak_explicit(&seg->tail, &tail, tail + required + padding,
-                                                  memory_order_relaxed, memory_order_relaxed))
+                                                  memory_order_seq_cst, memory_order_relaxed))
             break;
     }
     if (padding && write_padding) {
@@ -528,7 +544,17 @@ static inline int64_t claim_capacity_ex(shmbus_ring_t *r, uint64_t required, boo
         /* W2: release, pairs with C1 in read_block. */
         atomic_store_explicit(length_at(r, tail_index), (int32_t)padding, memory_order_release);
     }
-    return padding ? 0 : (int64_t)tail_index;
+    uint64_t index = padding ? 0 : tail_index;
+    /* X2: pairs with X1 in shmbus_ring_seal (both seq_cst): either the sealer's
+     * load of the tail saw our CAS, so its drain waits for this record, or we
+     * see the seal here and hand the space back as padding, never to commit. */
+    if (write_padding && atomic_load_explicit(&seg->sealed, memory_order_seq_cst)) {
+        atomic_store_explicit(type_at(r, index), SHMBUS_RING_PADDING, memory_order_relaxed);
+        atomic_store_explicit(length_at(r, index), (int32_t)required, memory_order_release);
+        ring_doorbell(r);
+        return SHMBUS_ECLOSED;
+    }
+    return (int64_t)index;
 }
 
 static int64_t claim_capacity(shmbus_ring_t *r, uint64_t required)
@@ -563,6 +589,8 @@ static int claim_wait(shmbus_ring_t *r, uint64_t required, int64_t timeout_ns, i
         }
         if (idx != SHMBUS_EAGAIN || timeout_ns == 0)
             return (int)idx;
+        if (atomic_load_explicit(&r->seg->sealed, memory_order_relaxed))
+            return SHMBUS_ECLOSED; /* no reader will ever make the room */
         if (*deadline == 0)
             *deadline = deadline_after(timeout_ns);
         /* Wake the consumer before we wait: it must run to make the room we

@@ -27,7 +27,7 @@
  *   768    +--------------------------------------------------+
  *          | sleeping flag (consumer sets, a producer clears) |
  *   896    +--------------------------------------------------+
- *          | spare                                            |
+ *          | sealed flag (set once, when the reader has gone) |
  *   1024   +--------------------------------------------------+
  *          | data: capacity bytes (a power of two)            |
  *          +--------------------------------------------------+
@@ -111,6 +111,16 @@ uint32_t shmbus_lane_of(uint32_t priority);
 /* The ring a writer uses for `lane`: the linked lane, or the highest linked
  * one below it (the ring itself when none is linked). */
 shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane);
+
+/* Seal the ring and its linked lanes: its reader has gone for good (the
+ * coordinator seals a departed agent's inbox before it drains it).  From
+ * then on every reservation fails with SHMBUS_ECLOSED, a producer waiting
+ * for room stops waiting, and a producer that reserved just as the seal
+ * came turns its space into padding.  So once the reader has consumed up
+ * to the tail it read after sealing, nothing more can ever be committed:
+ * a drain that gets that far has everything (X1/X2 below). */
+void shmbus_ring_seal(shmbus_ring_t *r);
+int shmbus_ring_sealed(const shmbus_ring_t *r);
 /* Drops one reference, and the last unmaps.  retain adds one (for a buffer
  * handed out that must keep the mapping alive). */
 void shmbus_ring_close(shmbus_ring_t *r);

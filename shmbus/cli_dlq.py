@@ -45,6 +45,7 @@ from .errors import (
     InvalidName,
     NotFound,
     RingFull,
+    RingSealed,
     ShmbusError,
     UnknownRecipient,
 )
@@ -192,7 +193,7 @@ def replay_one(agent: Agent, routes: dict[str, Any], msg: Message, timeout: floa
             inbox.lane(msg.priority).write(
                 encode_message(msg._replace(timestamp=time.time())), timeout=timeout
             )
-    except NotFound:
+    except (NotFound, RingSealed):
         return f"agent {msg.recipient!r} left the bus"
     return None
 

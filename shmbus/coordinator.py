@@ -234,8 +234,7 @@ class Coordinator:
                         if lane.unblock(grace=0.1):
                             log.warning("unblocked the inbox of %s (%s): a dead writer's record",
                                         name, lane.name)  # fmt: skip
-                        passed = (lane.positions[0] - tail_at_death) % (1 << 64) < 1 << 63
-                        done = done and passed
+                        done = _passed(lane.positions[0], tail_at_death) and done
                 except ShmbusError as e:
                     log.error("inbox of %s: %s", name, e)
                     done = True
@@ -369,6 +368,13 @@ class Coordinator:
             return 0  # it never made one, or it is gone already
         moved = 0
         with ring:
+            # Sealed first: a send that passed its routes check just before the
+            # routes moved, or that waits on this full inbox, cannot land after
+            # the drain; it fails (and the sender dead-letters or raises).
+            ring.seal()
+            tails = [lane.positions[1] for lane in ring.lanes]
+            patience = time.monotonic() + 0.2
+            unblocked = False
             while True:
                 try:
                     frames = ring.read_many(256, 0)
@@ -376,7 +382,24 @@ class Coordinator:
                     log.error("inbox of %s unreadable after %d frames: %s", agent.name, moved, e)
                     break
                 if not frames:
-                    break
+                    behind = [lane for lane, tail in zip(ring.lanes, tails, strict=True)
+                              if not _passed(lane.positions[0], tail)]  # fmt: skip
+                    if not behind:
+                        break  # everything reserved before the seal is read
+                    # A writer reserved before the seal and is a moment from its
+                    # commit, or died on the way (then its record is skipped).
+                    if time.monotonic() < patience:
+                        time.sleep(0.001)
+                    elif not unblocked:
+                        unblocked = True
+                        patience = time.monotonic() + 0.5
+                        for lane in behind:
+                            lane.unblock(grace=0.05)
+                    else:
+                        log.error("inbox of %s: a writer never finished its record; its "
+                                  "message is lost", agent.name)  # fmt: skip
+                        break
+                    continue
                 for frame in frames:
                     if len(frame) > DLQ_MAX_FRAME:
                         log.error("agent %s left a %d-byte message: too big for the DLQ",
@@ -453,6 +476,11 @@ class Coordinator:
         conn.agent = name
         return {"ok": True, "id": agent.id, "inbox": inbox, "slot": agent.slot,
                 "stats": stats_name(self.bus)}  # fmt: skip
+
+
+def _passed(head: int, tail: int) -> bool:
+    """Has a reader's free-running head reached ``tail``?"""
+    return (head - tail) % (1 << 64) < 1 << 63
 
 
 def _process_gone(pid: int) -> bool:

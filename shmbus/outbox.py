@@ -37,6 +37,7 @@ _EINTR = lib.SHMBUS_EINTR
 _ESTALE = lib.SHMBUS_ESTALE
 _EINVAL = lib.SHMBUS_EINVAL
 _ETOOBIG = lib.SHMBUS_ETOOBIG
+_ECLOSED = lib.SHMBUS_ECLOSED  # the recipient's inbox is sealed: it left or died
 _FULL = (lib.SHMBUS_EAGAIN, lib.SHMBUS_ETIMEDOUT)
 _MAX_TTL = 0xFFFFFFFF / 1000
 _MAX_TOPIC_ROUTES = 4096  # beyond this many distinct topics, start the cache over
@@ -161,8 +162,20 @@ class Outbox:
                 ring = Ring.attach(info[1], lanes=True)
             except NotFound:
                 return None  # left between the table and now
+            if ring.sealed:  # leaving: the coordinator is draining it
+                ring.close()
+                return None
             self.peers[name] = ring
         return ring
+
+    def _forget_peer(self, name: str) -> None:
+        """A send found ``name``'s inbox sealed: no route may use it again."""
+        ring = self.peers.pop(name, None)
+        self.direct.pop(name, None)
+        self.topics.clear()
+        self._subscribers.clear()
+        if ring is not None:
+            ring.close()
 
     def _new_route(
         self,
@@ -330,6 +343,8 @@ class Outbox:
         ms = ttl_ms(ttl)
         deadline = _deadline(timeout)
         rc = first_rc if first_rc in _FULL else 0
+        if first_rc == _ECLOSED:
+            self._forget_peer(name)
         while not rc:
             try:
                 rt = self.route_to(name)
@@ -349,6 +364,9 @@ class Outbox:
                 return int(rc)
             if rc == _ESTALE:
                 self.refresh()
+                rc = 0
+            elif rc == _ECLOSED:  # it left as we sent: the next look says so
+                self._forget_peer(name)
                 rc = 0
             elif rc == _EINTR:  # a signal: its handler ran on return; go on
                 rc = 0
@@ -426,6 +444,17 @@ class Outbox:
                     self._drop(frame, name, priority)
             return list(range(first, first + n))
         self._failed(n - written)
+        if rc == _ECLOSED:
+            self._forget_peer(name)
+            for i, data in enumerate(_split(blob, lens)):
+                if i >= written:
+                    frame = self.frame(kind, data, flags[i], first + i, recipient=name,
+                                       priority=priority, ttl=ms)  # fmt: skip
+                    self._dead_letter(frame, f"recipient left: {name!r} closed its inbox")
+            raise UnknownRecipient(
+                f"agent {name!r} left bus {self.bus!r} during the send: {written} of {n} "
+                "messages were sent, the rest are in the DLQ"
+            )
         if rc in _FULL:
             err = self._full(name, timeout, policy, priority)
             err.args = (f"{err.args[0]}; {written} of {n} messages were sent",)
@@ -484,7 +513,9 @@ class Outbox:
                 continue
             written = lib.shmbus_route_written(rt, target)
             self._failed(n - written)
-            why = {_ETOOBIG: "too large for the inbox"}.get(
+            if err == _ECLOSED:
+                self._forget_peer(name)
+            why = {_ETOOBIG: "too large for the inbox", _ECLOSED: "recipient left"}.get(
                 err, "inbox full" if err in _FULL else f"error {err}"
             )
             for i in range(written, n):

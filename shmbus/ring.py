@@ -626,6 +626,17 @@ class Ring:
         self._open_views += 1
         return _View(self, self._view(ptr[0], length[0]))
 
+    def seal(self) -> None:
+        """Seal the ring and its lanes for good: its reader has gone. Every
+        write from now on raises :class:`RingSealed` (a writer waiting for room
+        stops waiting); read on until :attr:`positions` says the head reached
+        the tail it gives after this call, and nothing more can come."""
+        lib.shmbus_ring_seal(self._handle())
+
+    @property
+    def sealed(self) -> bool:
+        return bool(lib.shmbus_ring_sealed(self._handle()))
+
     @property
     def positions(self) -> tuple[int, int]:
         """(head, tail): free-running byte positions read up to and reserved up to."""
