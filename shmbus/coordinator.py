@@ -49,6 +49,10 @@ from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, StatsSegment
 
 log = logging.getLogger("shmbus.coordinator")
 
+# Frames a departed agent's inbox may hold that carry no one's message (the
+# type byte is at offset 3 of the header): they are not dead letters.
+_NOT_MESSAGES = frozenset((MessageType.ACK, MessageType.CONTROL, MessageType.HEARTBEAT))
+
 
 @dataclass
 class _Conn:
@@ -401,6 +405,8 @@ class Coordinator:
                         break
                     continue
                 for frame in frames:
+                    if len(frame) > 3 and frame[3] in _NOT_MESSAGES:
+                        continue  # the bus's own traffic to it: nobody's message
                     if len(frame) > DLQ_MAX_FRAME:
                         log.error("agent %s left a %d-byte message: too big for the DLQ",
                                   agent.name, len(frame))  # fmt: skip
