@@ -48,7 +48,7 @@ from .message import (
     pack_payload,
 )
 from .outbox import Outbox, check_policy, pack_many
-from .ring import Ring, _ns
+from .ring import LANES, Ring, _ns
 from .routes import Table, match, validate_pattern
 from .stats import BYTES_RECEIVED, RECEIVED, BusStats, StatsSegment, inbox_fill
 
@@ -176,7 +176,7 @@ class Agent:
         try:
             reply = self._call("register", name=name, pid=os.getpid(), transport="shm")
             self.id: int = reply["id"]
-            self.inbox = Ring.create(reply["inbox"], inbox_capacity)
+            self.inbox = Ring.create(reply["inbox"], inbox_capacity, lanes=LANES)
             self._table = Table.attach(routes_name(bus))
             self._stats = StatsSegment.attach(reply.get("stats", stats_name(bus)))
             counters = self._stats.agent(reply.get("slot", 0))

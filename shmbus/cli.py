@@ -153,8 +153,8 @@ def run_ls() -> int:
             (routes or {}).get("agents", {}).items()
         ):
             try:
-                with Ring.attach(inbox) as ring:
-                    fill = f"{ring.used}/{ring.capacity} bytes"
+                with Ring.attach(inbox, lanes=True) as ring:
+                    fill = "{}/{} bytes".format(*ring.fill)
             except ShmbusError:
                 fill = "inbox gone"
             print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} {transport:4s} inbox {fill}")

@@ -49,6 +49,10 @@ from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, StatsSegment
 
 log = logging.getLogger("shmbus.coordinator")
 
+# Frames a departed agent's inbox may hold that carry no one's message (the
+# type byte is at offset 3 of the header): they are not dead letters.
+_NOT_MESSAGES = frozenset((MessageType.ACK, MessageType.CONTROL, MessageType.HEARTBEAT))
+
 
 @dataclass
 class _Conn:
@@ -111,7 +115,8 @@ class Coordinator:
         # Freed slots go to the back: a sender's late add to a departed agent's
         # counters lands in a slot nobody reuses for as long as possible.
         self._free_slots = collections.deque(range(1, lib.SHMBUS_STATS_AGENT_SLOTS))
-        self._watch: dict[str, tuple[Ring, int]] = {}  # inboxes a dead writer may block
+        # Inboxes a dead writer may block, with each lane's tail at the death.
+        self._watch: dict[str, tuple[Ring, list[int]]] = {}
         self._dying: list[tuple[_Agent, float]] = []  # closed, not yet certainly dead
         self.heartbeat_timeout = heartbeat_timeout
         self._next_beat_check = 0.0
@@ -180,8 +185,9 @@ class Coordinator:
             if agent is about:
                 continue
             try:
-                with Ring.attach(agent.inbox) as ring:
-                    if not ring.try_write(frame):
+                # The top lane: a reader behind on its backlog still hears at once.
+                with Ring.attach(agent.inbox, lanes=True) as ring:
+                    if not ring.lanes[-1].try_write(frame):
                         log.warning("inbox of %s full: not told %s of %s", agent.name, event,
                                     about.name)  # fmt: skip
             except ShmbusError as e:
@@ -210,26 +216,29 @@ class Coordinator:
 
     def _watch_after_death(self, dead: _Agent) -> None:
         """A writer that died may have left a record half-written in any
-        inbox, below that inbox's tail now: watch each until its reader has
+        inbox lane, below that lane's tail now: watch each until its reader has
         passed that tail, unblocking the reader if it stops at such a record."""
         for agent in self.agents.values():
             if agent.name in self._watch:
                 ring, _ = self._watch.pop(agent.name)
                 ring.close()
             try:
-                ring = Ring.attach(agent.inbox)
+                ring = Ring.attach(agent.inbox, lanes=True)
             except ShmbusError:
                 continue
-            self._watch[agent.name] = (ring, ring.positions[1])
+            self._watch[agent.name] = (ring, [lane.positions[1] for lane in ring.lanes])
 
     def _unblock_watched(self) -> None:
-        for name, (ring, tail_at_death) in list(self._watch.items()):
+        for name, (ring, tails_at_death) in list(self._watch.items()):
             done = name not in self.agents
             if not done:
                 try:
-                    if ring.unblock(grace=0.1):
-                        log.warning("unblocked the inbox of %s: a dead writer's record", name)
-                    done = (ring.positions[0] - tail_at_death) % (1 << 64) < 1 << 63  # passed it
+                    done = True
+                    for lane, tail_at_death in zip(ring.lanes, tails_at_death, strict=True):
+                        if lane.unblock(grace=0.1):
+                            log.warning("unblocked the inbox of %s (%s): a dead writer's record",
+                                        name, lane.name)  # fmt: skip
+                        done = _passed(lane.positions[0], tail_at_death) and done
                 except ShmbusError as e:
                     log.error("inbox of %s: %s", name, e)
                     done = True
@@ -358,11 +367,18 @@ class Coordinator:
     def _drain(self, agent: _Agent, reason: str) -> int:
         """Move what is left in a departed agent's inbox to the DLQ; how many."""
         try:
-            ring = Ring.attach(agent.inbox)
+            ring = Ring.attach(agent.inbox, lanes=True)  # read highest lane first
         except ShmbusError:
             return 0  # it never made one, or it is gone already
         moved = 0
         with ring:
+            # Sealed first: a send that passed its routes check just before the
+            # routes moved, or that waits on this full inbox, cannot land after
+            # the drain; it fails (and the sender dead-letters or raises).
+            ring.seal()
+            tails = [lane.positions[1] for lane in ring.lanes]
+            patience = time.monotonic() + 0.2
+            unblocked = False
             while True:
                 try:
                     frames = ring.read_many(256, 0)
@@ -370,8 +386,27 @@ class Coordinator:
                     log.error("inbox of %s unreadable after %d frames: %s", agent.name, moved, e)
                     break
                 if not frames:
-                    break
+                    behind = [lane for lane, tail in zip(ring.lanes, tails, strict=True)
+                              if not _passed(lane.positions[0], tail)]  # fmt: skip
+                    if not behind:
+                        break  # everything reserved before the seal is read
+                    # A writer reserved before the seal and is a moment from its
+                    # commit, or died on the way (then its record is skipped).
+                    if time.monotonic() < patience:
+                        time.sleep(0.001)
+                    elif not unblocked:
+                        unblocked = True
+                        patience = time.monotonic() + 0.5
+                        for lane in behind:
+                            lane.unblock(grace=0.05)
+                    else:
+                        log.error("inbox of %s: a writer never finished its record; its "
+                                  "message is lost", agent.name)  # fmt: skip
+                        break
+                    continue
                 for frame in frames:
+                    if len(frame) > 3 and frame[3] in _NOT_MESSAGES:
+                        continue  # the bus's own traffic to it: nobody's message
                     if len(frame) > DLQ_MAX_FRAME:
                         log.error("agent %s left a %d-byte message: too big for the DLQ",
                                   agent.name, len(frame))  # fmt: skip
@@ -447,6 +482,11 @@ class Coordinator:
         conn.agent = name
         return {"ok": True, "id": agent.id, "inbox": inbox, "slot": agent.slot,
                 "stats": stats_name(self.bus)}  # fmt: skip
+
+
+def _passed(head: int, tail: int) -> bool:
+    """Has a reader's free-running head reached ``tail``?"""
+    return (head - tail) % (1 << 64) < 1 << 63
 
 
 def _process_gone(pid: int) -> bool:

@@ -38,6 +38,7 @@ _EINTR = lib.SHMBUS_EINTR
 _ESTALE = lib.SHMBUS_ESTALE
 _EINVAL = lib.SHMBUS_EINVAL
 _ETOOBIG = lib.SHMBUS_ETOOBIG
+_ECLOSED = lib.SHMBUS_ECLOSED  # the recipient's inbox is sealed: it left or died
 _FULL = (lib.SHMBUS_EAGAIN, lib.SHMBUS_ETIMEDOUT)
 _MAX_TTL = 0xFFFFFFFF / 1000
 _MAX_TOPIC_ROUTES = 4096  # beyond this many distinct topics, start the cache over
@@ -169,11 +170,24 @@ class Outbox:
                 if info is None:
                     return None
                 try:
-                    ring = Ring.attach(info[1])
+                    ring = Ring.attach(info[1], lanes=True)
                 except NotFound:
                     return None  # left between the table and now
+                if ring.sealed:  # leaving: the coordinator is draining it
+                    ring.close()
+                    return None
                 self.peers[name] = ring
         return ring
+
+    def _forget_peer(self, name: str) -> None:
+        """A send found ``name``'s inbox sealed: no route may use it again."""
+        with self._lock:
+            ring = self.peers.pop(name, None)
+            self.direct.pop(name, None)
+            self.topics.clear()
+            self._subscribers.clear()
+        if ring is not None:
+            ring.close()
 
     def _new_route(
         self,
@@ -291,14 +305,18 @@ class Outbox:
         size = HEADER_SIZE + len(self._name_b) + len(where.encode()) + data_len
         return MessageTooLarge(size, limit, f"the inbox of {where!r}")
 
-    def _fill(self, name: str) -> str:
+    def _fill(self, name: str, priority: int) -> str:
+        """How full the lane of ``priority`` in ``name``'s inbox is."""
         ring = self.peers.get(name)
         if ring is None:
             return "fill unknown"
-        return f"{ring.used} of {ring.capacity} bytes in use, {100 * ring.used // ring.capacity}%"
+        lane = ring.lane(priority)
+        where = f"priority lane {ring.lanes.index(lane)}: " if len(ring.lanes) > 1 else ""
+        return (f"{where}{lane.used} of {lane.capacity} bytes in use, "
+                f"{100 * lane.used // lane.capacity}%")  # fmt: skip
 
-    def _full(self, name: str, timeout: float | None, policy: str) -> InboxFull:
-        fill = self._fill(name)
+    def _full(self, name: str, timeout: float | None, policy: str, priority: int) -> InboxFull:
+        fill = self._fill(name, priority)
         if policy == "error":
             return InboxFull(
                 f"the inbox of {name!r} on bus {self.bus!r} is full ({fill}); "
@@ -309,9 +327,11 @@ class Outbox:
             "its reader is slow or stuck"
         )
 
-    def _drop(self, frame: bytes, name: str, n: int = 1) -> None:
-        StatsSegment.add(self.counters, DROPPED, n)
-        self._dead_letter(frame, f"inbox full: {name!r} ({self._fill(name)}); policy 'drop'")
+    def _drop(self, frame: bytes, name: str, priority: int) -> None:
+        StatsSegment.add(self.counters, DROPPED, 1)
+        self._dead_letter(
+            frame, f"inbox full: {name!r} ({self._fill(name, priority)}); policy 'drop'"
+        )
 
     # ------------------------------------------------------------- sends
 
@@ -338,6 +358,8 @@ class Outbox:
         ms = ttl_ms(ttl)
         deadline = _deadline(timeout)
         rc = first_rc if first_rc in _FULL else 0
+        if first_rc == _ECLOSED:
+            self._forget_peer(name)
         while not rc:
             try:
                 rt = self.route_to(name)
@@ -358,6 +380,9 @@ class Outbox:
             if rc == _ESTALE:
                 self.refresh()
                 rc = 0
+            elif rc == _ECLOSED:  # it left as we sent: the next look says so
+                self._forget_peer(name)
+                rc = 0
             elif rc == _EINTR:  # a signal: its handler ran on return; go on
                 rc = 0
         if rc in _FULL and policy == "drop":
@@ -365,11 +390,11 @@ class Outbox:
             frame = self.frame(kind, data, flags, msg_id, recipient=name, priority=priority,
                                ttl=ms, request_id=request_id,
                                correlation_id=correlation_id)  # fmt: skip
-            self._drop(frame, name)
+            self._drop(frame, name, priority)
             return int(msg_id)
         self._failed()
         if rc in _FULL:
-            raise self._full(name, timeout, policy)
+            raise self._full(name, timeout, policy, priority)
         if rc == _ETOOBIG:
             raise self._too_big(len(data), name)
         return raise_for(rc, f"send to {name!r}")  # type: ignore[no-any-return]
@@ -431,11 +456,22 @@ class Outbox:
                 if i >= written:
                     frame = self.frame(kind, data, flags[i], first + i, recipient=name,
                                        priority=priority, ttl=ms)  # fmt: skip
-                    self._drop(frame, name)
+                    self._drop(frame, name, priority)
             return list(range(first, first + n))
         self._failed(n - written)
+        if rc == _ECLOSED:
+            self._forget_peer(name)
+            for i, data in enumerate(_split(blob, lens)):
+                if i >= written:
+                    frame = self.frame(kind, data, flags[i], first + i, recipient=name,
+                                       priority=priority, ttl=ms)  # fmt: skip
+                    self._dead_letter(frame, f"recipient left: {name!r} closed its inbox")
+            raise UnknownRecipient(
+                f"agent {name!r} left bus {self.bus!r} during the send: {written} of {n} "
+                "messages were sent, the rest are in the DLQ"
+            )
         if rc in _FULL:
-            err = self._full(name, timeout, policy)
+            err = self._full(name, timeout, policy, priority)
             err.args = (f"{err.args[0]}; {written} of {n} messages were sent",)
             raise err
         if rc == _ETOOBIG:
@@ -492,7 +528,9 @@ class Outbox:
                 continue
             written = lib.shmbus_route_written(rt, target)
             self._failed(n - written)
-            why = {_ETOOBIG: "too large for the inbox"}.get(
+            if err == _ECLOSED:
+                self._forget_peer(name)
+            why = {_ETOOBIG: "too large for the inbox", _ECLOSED: "recipient left"}.get(
                 err, "inbox full" if err in _FULL else f"error {err}"
             )
             for i in range(written, n):

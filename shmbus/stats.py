@@ -223,10 +223,10 @@ def inbox_fill(agents: dict[str, list[Any]], open_rings: dict[str, Ring] | None 
         ring = (open_rings or {}).get(name)
         try:
             if ring is not None:
-                fill[name] = (ring.used, ring.capacity)
+                fill[name] = ring.fill
             else:
-                with Ring.attach(info[1]) as peer:
-                    fill[name] = (peer.used, peer.capacity)
+                with Ring.attach(info[1], lanes=True) as peer:
+                    fill[name] = peer.fill
         except ShmbusError:
             pass  # gone since the table was read
     return fill
