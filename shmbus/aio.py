@@ -32,7 +32,7 @@ from typing import Any
 
 from . import agent as _agent
 from ._aio_thread import MAX_UNREAD, Reader, join_left, off_loop
-from .errors import Closed, InboxFull, RecvTimeout, RequestTimeout
+from .errors import Closed, InboxFull, RecvTimeout, RequestTimeout, ShmbusError
 from .message import DeadLetter, Message, MessageType, RoutingRule, encode_message
 from .ring import Ring
 from .routes import validate_pattern
@@ -458,13 +458,22 @@ class Agent:
                 log.warning("agent %s: handler %r failed: %r", self.name, handler, e)
                 sync._dead_letter(encode_message(msg), f"handler failed: {type(e).__name__}: {e}")
                 if msg.type == MessageType.REQUEST:
-                    sync._answer_error(msg, e)
+                    await self._answer_error(msg, e)
                 continue
             if result is not None and msg.type == MessageType.REQUEST:
                 await self.reply(msg, result)
         if not ran:
             sync._dead_letter(encode_message(msg), "no route: no rule matched")
         return ran
+
+    async def _answer_error(self, msg: Message, error: Exception) -> None:
+        """Tell a requester its request failed, as the sync agent does, off the loop if need be."""
+        answer = {"error": type(error).__name__, "message": str(error)[:1000]}
+        try:
+            await self._send(self._agent._send_kind, msg.sender, answer, int(MessageType.ERROR),
+                             msg.id, msg.correlation_id)  # fmt: skip
+        except ShmbusError as e:  # the requester left: the DLQ entry is what remains
+            log.info("agent %s could not answer %s with an error: %s", self.name, msg.sender, e)
 
     async def serve(self, timeout: float | None = None) -> None:
         """Dispatch to the routed handlers, one message at a time, until the
