@@ -152,6 +152,8 @@ def run_ls() -> int:
         for name, (agent_id, inbox, pid, _, transport, *_) in sorted(
             (routes or {}).get("agents", {}).items()
         ):
+            if name.startswith("."):  # the coordinator's own (.history): not an agent
+                continue
             try:
                 with Ring.attach(inbox) as ring:
                     fill = f"{ring.used}/{ring.capacity} bytes"
@@ -159,7 +161,11 @@ def run_ls() -> int:
                 fill = "inbox gone"
             print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} {transport:4s} inbox {fill}")
         for pattern, names in sorted((routes or {}).get("subs", {}).items()):
-            print(f"  sub {pattern} -> {', '.join(names)}")
+            names = [n for n in names if not n.startswith(".")]
+            if names:
+                print(f"  sub {pattern} -> {', '.join(names)}")
+        for pattern, n in sorted((routes or {}).get("history", {}).items()):
+            print(f"  history {pattern}: the last {n} messages kept")
     return 0
 
 
