@@ -35,6 +35,7 @@ from .errors import (
     RequestTimeout,
     ShmbusError,
 )
+from .history import check_keep
 from .message import (
     FLAG_ACK,
     FLAG_RAW,
@@ -47,7 +48,6 @@ from .message import (
     encode_message,
     pack_payload,
 )
-from .history import check_keep
 from .outbox import Outbox, check_policy, pack_many
 from .ring import Ring, _ns
 from .routes import Table, match, validate_pattern

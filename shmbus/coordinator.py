@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dlq-size", type=int, default=10_000, metavar="N",
                         help="dead letters kept (the oldest go first; default 10000)")  # fmt: skip
     parser.add_argument("--history", action="append", default=[], metavar="PATTERN=N",
-                        help="keep the last N messages published on PATTERN (repeatable)")  # fmt: skip
+                        help="keep the last N messages published on PATTERN (repeatable)",
+                        )  # fmt: skip
     args = parser.parse_args(argv)
     history = {}
     for spec in args.history:

@@ -177,7 +177,8 @@ class History:
             if len(self._by_topic) >= 4096:
                 self._by_topic.clear()  # many distinct topics: start over rather than grow
             route = self._by_topic[raw] = (
-                topic, [k for p, k in self._kept.items() if match(p, topic)]
+                topic,
+                [k for p, k in self._kept.items() if match(p, topic)],
             )
         if route[1]:
             self._seq += 1
@@ -257,4 +258,3 @@ class History:
         if not self._thread.is_alive():
             self.ring.close()
         self.ring.unlink()
-

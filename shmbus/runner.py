@@ -151,9 +151,10 @@ class Runner:
         raise SystemExit(128 + signum)
 
     def _start_coordinator(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "shmbus.coordinator", "--bus", self.bus]
+        argv += [f"--history={p}={n}" for p, n in self.history.items()]
         return subprocess.Popen(
-            [sys.executable, "-m", "shmbus.coordinator", "--bus", self.bus,
-             *(f"--history={p}={n}" for p, n in self.history.items())],  # fmt: skip
+            argv,
             start_new_session=True,  # a Ctrl-C reaches it through us, in order
         )
 
