@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli_dlq, cli_send, dlq, runfile
+from . import cli_dlq, cli_send, cli_tail, dlq, runfile
 from . import coordinator as _coordinator
 from .control import (
     bus_is_live,
@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("publish", help="publish one message on a topic")
     p.add_argument("topic", metavar="TOPIC")
     cli_send.add_arguments(p, request=False)
+    cli_tail.add_parser(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "coordinator":
         return _coordinator.main(rest)
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli_send.run_publish(args)
     if args.command == "dlq":
         return cli_dlq.run(args)
+    if args.command == "tail":
+        return cli_tail.run(args)
     return run_cleanup(args.buses, args.purge_dlq)
 
 
