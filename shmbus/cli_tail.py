@@ -1,13 +1,13 @@
 """``shmbus tail PATTERN``: print the messages published on PATTERN as they pass.
 
 The command joins the bus as an agent of its own (``tail-<pid>``), subscribes
-to PATTERN, says so on stderr (``tailing PATTERN on bus BUS``, after the history
-if asked for), and prints one
-line per message: time, topic, sender, id and payload (``--json``: one JSON
-object per line). ``--history`` first prints what the coordinator kept of
-PATTERN (``shmbus coordinator --history PATTERN=N``). It ends on Ctrl-C,
-SIGTERM or after ``--count`` messages, and leaves the bus: what it did not
-print is dropped, not dead-lettered.
+to PATTERN and prints one line per message: time, topic, sender, id and
+payload (``--json``: one JSON object per line). ``--history`` first prints
+what the coordinator kept of PATTERN (``shmbus coordinator --history
+PATTERN=N``), each message once. Then it says ``tailing PATTERN on bus BUS``
+on stderr: what follows is live. It ends on Ctrl-C, SIGTERM or after
+``--count`` messages, and leaves the bus: what it did not print is dropped,
+not dead-lettered.
 """
 
 from __future__ import annotations
