@@ -75,14 +75,9 @@ class _Kept:
         self.items: collections.deque[tuple[int, str, bytes]] = collections.deque()
         self.bytes = 0
 
-    def add(self, item: tuple[int, str, bytes]) -> None:
-        items = self.items
-        if len(items) >= self.n:
-            self.bytes -= len(items.popleft()[2])
-        items.append(item)
-        self.bytes += len(item[2])
+    def trim(self) -> None:
         while self.bytes > MAX_BYTES:
-            self.bytes -= len(items.popleft()[2])
+            self.bytes -= len(self.items.popleft()[2])
 
     def resize(self, n: int) -> None:
         self.n = n
@@ -148,43 +143,60 @@ class History:
                 self._stop.wait(1.0)
                 continue
             with self._done:
-                for frame in frames:
-                    self._store(frame)
+                self._keep(frames)
                 self._read_to = head
                 self._done.notify_all()
             if 0 < len(frames) < _BATCH:
                 self._stop.wait(_NAP)
 
-    def _store(self, frame: bytes) -> None:
-        size = len(frame)
-        try:
-            magic, version, kind, slen, rlen, tlen, plen = _PEEK.unpack_from(frame)
-        except struct.error:
-            magic = 0
-        at = HEADER_SIZE + slen + rlen if magic else 0
-        if (magic != MAGIC or version != VERSION or kind != _PUBLISH or size > MAX_KEPT_FRAME
-                or at + tlen + plen != size):  # fmt: skip
-            self.skipped += 1
-            return
-        raw = frame[at : at + tlen]
-        route = self._by_topic.get(raw)
-        if route is None:
+    def _keep(self, frames: list[bytes]) -> None:
+        """Keep each frame under every pattern its topic matches (the hot loop:
+        one header unpack and one dict hit per frame)."""
+        by_topic = self._by_topic
+        peek = _PEEK.unpack_from
+        seq = self._seq
+        for frame in frames:
+            size = len(frame)
             try:
-                topic = raw.decode()
-            except UnicodeDecodeError:
+                magic, version, kind, slen, rlen, tlen, plen = peek(frame)
+            except struct.error:
                 self.skipped += 1
-                return
-            if len(self._by_topic) >= 4096:
-                self._by_topic.clear()  # many distinct topics: start over rather than grow
-            route = self._by_topic[raw] = (
-                topic,
-                [k for p, k in self._kept.items() if match(p, topic)],
-            )
-        if route[1]:
-            self._seq += 1
-            item = (self._seq, route[0], frame)
-            for kept in route[1]:
-                kept.add(item)
+                continue
+            at = HEADER_SIZE + slen + rlen
+            if (magic != MAGIC or version != VERSION or kind != _PUBLISH or size > MAX_KEPT_FRAME
+                    or at + tlen + plen != size):  # fmt: skip
+                self.skipped += 1
+                continue
+            raw = frame[at : at + tlen]
+            route = by_topic.get(raw)
+            if route is None:
+                route = self._route(raw)
+            if route[1]:
+                seq += 1
+                item = (seq, route[0], frame)
+                for kept in route[1]:
+                    items = kept.items
+                    if len(items) >= kept.n:
+                        kept.bytes -= len(items.popleft()[2])
+                    items.append(item)
+                    kept.bytes += size
+                    if kept.bytes > MAX_BYTES:
+                        kept.trim()
+        self._seq = seq
+
+    def _route(self, raw: bytes) -> tuple[str, list[_Kept]]:
+        """The topic's name and the patterns it falls under, cached."""
+        try:
+            topic = raw.decode()
+        except UnicodeDecodeError:
+            topic = ""  # no pattern matches it: not kept
+        if len(self._by_topic) >= 4096:
+            self._by_topic.clear()  # many distinct topics: start over rather than grow
+        route = self._by_topic[raw] = (
+            topic,
+            [k for p, k in self._kept.items() if topic and match(p, topic)],
+        )
+        return route
 
     def caught_up(self, timeout: float = 0.5) -> bool:
         """Wait until what was in the inbox now is kept (a publish that
