@@ -327,7 +327,7 @@ class Coordinator:
         if self.history is not None:
             # A subscriber like the others (id 0, no stats slot) for publishers;
             # agents hide it, and refuse to send to it.
-            agents[HISTORY] = [0, self.history.inbox, os.getpid(), 0, "shm"]
+            agents[HISTORY] = [0, self.history.inbox, os.getpid(), self.history.slot, "shm"]
             routes["history"] = self.history.patterns()
         routes["subs"] = {p: sorted(names) for p, names in self.subs.items() if names}
         self.table.write(routes)
@@ -337,7 +337,12 @@ class Coordinator:
         if self.history is None:
             if not n:
                 return
-            self.history = History(f"{self.bus}.history")
+            # A stats slot, so what publishers copy to it and what it reads
+            # add up in the totals like any subscriber's (snapshots hide it).
+            slot = self._free_slots.popleft() if self._free_slots else 0
+            if slot:
+                self.stats.open_agent(slot, 0, os.getpid(), HISTORY)
+            self.history = History(f"{self.bus}.history", self.stats.agent(slot), slot)
         self.history.keep(pattern, n)
         if n:
             self.subs.setdefault(pattern, set()).add(HISTORY)

@@ -21,10 +21,12 @@ import threading
 import time
 from typing import Any
 
+from ._native import ffi, lib
 from .errors import Closed, InvalidArgument, ShmbusError
 from .message import HEADER_SIZE, MAGIC, VERSION, MessageType
 from .ring import Ring
 from .routes import match, validate_pattern
+from .stats import BYTES_RECEIVED, RECEIVED
 
 __all__ = ["HISTORY", "MAX_KEEP", "OPS", "History", "check_keep"]
 
@@ -88,11 +90,18 @@ class _Kept:
 class History:
     """The history inbox, its reader thread and what it kept."""
 
-    def __init__(self, inbox: str) -> None:
+    def __init__(self, inbox: str, counters: Any = None, slot: int = 0) -> None:
+        """``counters``: the stats slot ``slot``'s, for what it reads (None: not counted)."""
         Ring.unlink_name(inbox)  # a killed coordinator's
         self.inbox = inbox
+        self.slot = slot
         self.ring = Ring.create(inbox, CAPACITY, max_frame=CAPACITY // 2 - 64)
         self.ring.spin_ns = 0  # it waits on the doorbell at once: no core spent
+        self._counted = bool(counters)
+        if counters:
+            lib.shmbus_ring_count_reads(
+                self.ring._handle(), counters + RECEIVED, counters + BYTES_RECEIVED
+            )
         self._probe = Ring.attach(inbox)  # positions, from the coordinator's thread
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
@@ -268,5 +277,7 @@ class History:
         self._thread.join(5)
         self._probe.close()
         if not self._thread.is_alive():
+            if self._counted:  # the stats mapping may go first
+                lib.shmbus_ring_count_reads(self.ring._handle(), ffi.NULL, ffi.NULL)
             self.ring.close()
         self.ring.unlink()

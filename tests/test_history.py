@@ -127,7 +127,10 @@ def test_the_history_inbox_is_no_agent(hbus):
     with shmbus.connect(bus=hbus, name="a") as a:
         a.publish("events.x", 1)
         assert a.peers() == ["a"]
-        assert set(a.stats().agents) == {"a"}
+        assert a.history("events.x")  # read by the history: counted as received
+        stats = a.stats()
+        assert set(stats.agents) == {"a"}
+        assert stats.totals.sent == stats.totals.received == 1
         with pytest.raises(shmbus.UnknownRecipient):
             a.send(HISTORY, "hello")
         with pytest.raises(shmbus.InvalidName):
