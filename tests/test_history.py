@@ -101,6 +101,14 @@ def test_keep_history_at_run_time_resize_and_stop(bus, children):
         assert "logs.*" not in admin._out.subs
 
 
+def test_a_runner_starts_its_coordinator_with_the_history_asked_for(names, runtime):
+    with shmbus.Runner(bus=names("bus"), history={"events.*": 2, "x": 1}) as runner:
+        agent = runner.connect("a")
+        for i in range(3):
+            agent.publish("events.a", i)
+        assert [m.payload for m in agent.history("events.*")] == [1, 2]
+
+
 def test_bad_patterns_and_counts_are_refused_with_clear_errors(hbus, runtime, names):
     with shmbus.connect(bus=hbus, name="admin") as admin:
         for pattern, n in [("a..b", 1), ("a.>.b", 1), ("", 1), (3, 1)]:
