@@ -122,6 +122,8 @@ class Coordinator:
         self.history: History | None = None  # made when a pattern is first kept
         for pattern, n in history.items():
             self._keep_history(pattern, n)
+        if self.history is None:
+            Ring.unlink_name(f"{bus}.history")  # a killed predecessor's, unused now
         self._dlq_stats()
         self._publish()
         # Bound and listening under a side name, then renamed into place: a

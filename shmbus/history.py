@@ -92,10 +92,15 @@ class History:
 
     def __init__(self, inbox: str, counters: Any = None, slot: int = 0) -> None:
         """``counters``: the stats slot ``slot``'s, for what it reads (None: not counted)."""
-        Ring.unlink_name(inbox)  # a killed coordinator's
         self.inbox = inbox
         self.slot = slot
-        self.ring = Ring.create(inbox, CAPACITY, max_frame=CAPACITY // 2 - 64)
+        try:
+            # A killed coordinator's (we hold the bus's lock: it is dead):
+            # taken over, since its agents' routes may still lead there.
+            self.ring = Ring.attach(inbox)
+        except ShmbusError:
+            Ring.unlink_name(inbox)  # none, or not a ring we can use
+            self.ring = Ring.create(inbox, CAPACITY, max_frame=CAPACITY // 2 - 64)
         self.ring.spin_ns = 0  # it waits on the doorbell at once: no core spent
         self._counted = bool(counters)
         if counters:
@@ -108,7 +113,7 @@ class History:
         self._kept: dict[str, _Kept] = {}
         self._by_topic: dict[bytes, tuple[str, list[_Kept]]] = {}
         self._seq = 0
-        self._read_to = 0  # the ring's head once what was before it is kept
+        self._read_to = self.ring.positions[0]  # the head, once what was before it is kept
         self.skipped = 0  # frames too large to keep, or not a publish
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shmbus-history", daemon=True)
@@ -152,7 +157,10 @@ class History:
                 self._stop.wait(1.0)
                 continue
             with self._done:
-                self._keep(frames)
+                try:
+                    self._keep(frames)
+                except Exception:  # a bug here must not stop the reader: publishers would wait
+                    log.exception("history: %d frames not kept", len(frames))
                 self._read_to = head
                 self._done.notify_all()
             if 0 < len(frames) < _BATCH:

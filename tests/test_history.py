@@ -202,18 +202,27 @@ def test_history_moves_past_a_record_a_dead_writer_left(hbus, children):
 
 def test_a_restarted_coordinator_keeps_its_command_line_patterns(names, children, runtime):
     bus = names("bus")
-    first = start_coordinator(children, bus, "--history", "events.*=2")
-    _publish_elsewhere(children, bus, [("events.a", 1)])
-    first.kill()  # its history inbox is left behind in /dev/shm
-    first.wait(10)
-    second = start_coordinator(children, bus, "--history", "events.*=2")
+    first = start_coordinator(children, bus, "--history", "events.*=3")
+    old = shmbus.connect(bus=bus, name="old")
     try:
-        _publish_elsewhere(children, bus, [("events.a", 2), ("events.a", 3), ("events.a", 4)])
-        with shmbus.connect(bus=bus, name="late") as late:
-            assert [m.payload for m in late.history("events.*")] == [3, 4]  # memory: 1 is lost
+        old.publish("events.a", 1)
+        assert old.history("events.*")
+        first.kill()  # its history inbox is left behind in /dev/shm
+        first.wait(10)
+        second = start_coordinator(children, bus, "--history", "events.*=3")
+        try:
+            # The old agent's routes still lead to the old inbox: the new
+            # coordinator took it over.
+            old.publish("events.a", 2)
+            _publish_elsewhere(children, bus, [("events.a", 3)])
+            with shmbus.connect(bus=bus, name="late") as late:
+                # In memory: 1 went with the first coordinator.
+                assert [m.payload for m in late.history("events.*")] == [2, 3]
+        finally:
+            second.terminate()
+            second.wait(10)
     finally:
-        second.terminate()
-        second.wait(10)
+        old.close()  # its coordinator is gone: it leaves by itself
 
 
 # ------------------------------------------------------------------ tail
