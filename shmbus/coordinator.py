@@ -327,8 +327,8 @@ class Coordinator:
         }
         routes = {"agents": agents}
         if self.history is not None:
-            # A subscriber like the others (id 0, no stats slot) for publishers;
-            # agents hide it, and refuse to send to it.
+            # A subscriber like the others for publishers (id 0: no direct
+            # sends); agents hide it, and refuse to send to it.
             agents[HISTORY] = [0, self.history.inbox, os.getpid(), self.history.slot, "shm"]
             routes["history"] = self.history.patterns()
         routes["subs"] = {p: sorted(names) for p, names in self.subs.items() if names}
