@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
     except ShmbusError as e:
         print(f"shmbus tail: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # `shmbus tail ... | head`
-        sys.stderr.close()  # nothing more to say; keep Python from complaining at exit
+    except BrokenPipeError:  # `shmbus tail ... | head`: the reader is gone, so are we
+        # Python flushes stdout at exit, into the same broken pipe: not there.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         signal.signal(signal.SIGTERM, old)
     return 0
