@@ -239,7 +239,7 @@ class History:
             if kept is not None:
                 items = list(kept.items)
             else:
-                merged = heapq.merge(*(list(k.items) for k in self._kept.values()))
+                merged = heapq.merge(*(list(k.items) for k in self._kept.values()), key=_seq_of)
                 items = []
                 last = 0
                 hits: dict[str, bool] = {}
@@ -289,3 +289,7 @@ class History:
                 lib.shmbus_ring_count_reads(self.ring._handle(), ffi.NULL, ffi.NULL)
             self.ring.close()
         self.ring.unlink()
+
+
+def _seq_of(item: tuple[int, str, bytes]) -> int:
+    return item[0]
