@@ -120,8 +120,7 @@ class Coordinator:
         self.heartbeat_timeout = heartbeat_timeout
         self._next_beat_check = 0.0
         self.history: History | None = None  # made when a pattern is first kept
-        for pattern, n in history.items():
-            self._keep_history(pattern, n)
+        self._keep_history(history)
         if self.history is None:
             Ring.unlink_name(f"{bus}.history")  # a killed predecessor's, unused now
         self._dlq_stats()
@@ -334,10 +333,10 @@ class Coordinator:
         routes["subs"] = {p: sorted(names) for p, names in self.subs.items() if names}
         self.table.write(routes)
 
-    def _keep_history(self, pattern: str, n: int) -> None:
-        """Keep the last ``n`` messages published on ``pattern`` (0: stop)."""
+    def _keep_history(self, patterns: dict[str, int]) -> None:
+        """Keep the last N messages published on each pattern (0: stop)."""
         if self.history is None:
-            if not n:
+            if not any(patterns.values()):
                 return
             # A stats slot, so what publishers copy to it and what it reads
             # add up in the totals like any subscriber's (snapshots hide it).
@@ -345,11 +344,12 @@ class Coordinator:
             if slot:
                 self.stats.open_agent(slot, 0, os.getpid(), HISTORY)
             self.history = History(f"{self.bus}.history", self.stats.agent(slot), slot)
-        self.history.keep(pattern, n)
-        if n:
-            self.subs.setdefault(pattern, set()).add(HISTORY)
-        else:
-            self.subs.get(pattern, set()).discard(HISTORY)
+        self.history.keep(patterns)
+        for pattern, n in patterns.items():
+            if n:
+                self.subs.setdefault(pattern, set()).add(HISTORY)
+            else:
+                self.subs.get(pattern, set()).discard(HISTORY)
         self._publish()
 
     def _drop(self, conn: _Conn, *, publish: bool = True) -> None:
@@ -447,7 +447,7 @@ class Coordinator:
             return reply
         if op in HISTORY_OPS:
             if op == "keep_history":
-                self._keep_history(*check_keep(msg["pattern"], msg["n"]))
+                self._keep_history(dict([check_keep(msg["pattern"], msg["n"])]))
                 return {"ok": True, "version": self.table.version}
             if self.history is None:
                 return {"ok": True, "frames": [], "next": None, "end": 0}

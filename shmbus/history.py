@@ -116,8 +116,9 @@ class History:
         self._read_to = self.ring.positions[0]  # the head, once what was before it is kept
         self.skipped = 0  # frames too large to keep, or not a publish
         self._stop = threading.Event()
+        # Started by the first keep(): a taken-over inbox may hold frames
+        # already, which must not be read before there is a pattern to keep.
         self._thread = threading.Thread(target=self._run, name="shmbus-history", daemon=True)
-        self._thread.start()
 
     # ---------------------------------------------------------- settings
 
@@ -125,22 +126,26 @@ class History:
         with self._lock:
             return {p: k.n for p, k in self._kept.items()}
 
-    def keep(self, pattern: str, n: int) -> None:
-        """Keep the last ``n`` messages of ``pattern`` (0: stop, forgetting them)."""
+    def keep(self, patterns: dict[str, int]) -> None:
+        """Keep the last N messages of each pattern (0: stop, forgetting them)."""
         with self._lock:
-            kept = self._kept.get(pattern)
-            if n == 0:
-                self._kept.pop(pattern, None)
-            elif kept is not None:
-                kept.resize(n)
-            elif len(self._kept) >= MAX_PATTERNS:
+            new = [p for p, n in patterns.items() if n and p not in self._kept]
+            if len(set(self._kept) | set(new)) > MAX_PATTERNS:
                 raise InvalidArgument(
-                    f"history is kept for {MAX_PATTERNS} patterns already; stop one first "
+                    f"history is kept for at most {MAX_PATTERNS} patterns; stop one first "
                     "(keep 0 messages of it)"
                 )
-            else:
-                self._kept[pattern] = _Kept(pattern, n)
+            for pattern, n in patterns.items():
+                kept = self._kept.get(pattern)
+                if n == 0:
+                    self._kept.pop(pattern, None)
+                elif kept is not None:
+                    kept.resize(n)
+                else:
+                    self._kept[pattern] = _Kept(pattern, n)
             self._by_topic.clear()
+        if self._kept and self._thread.ident is None and not self._stop.is_set():
+            self._thread.start()
 
     # ------------------------------------------------------------ reader
 
@@ -282,7 +287,8 @@ class History:
     def close(self) -> None:
         """Stop the reader and remove the inbox (its frames are dropped: history only)."""
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.ident is not None:
+            self._thread.join(5)
         self._probe.close()
         if not self._thread.is_alive():
             if self._counted:  # the stats mapping may go first
