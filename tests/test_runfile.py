@@ -51,7 +51,8 @@ def write(path: Path, text: str) -> Path:
 
 def wait_for_files(paths: list[Path], proc: subprocess.Popen[str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while not all(p.exists() for p in paths):
+    # Written, not just there: write_text creates the file before it writes it.
+    while not all(p.exists() and p.stat().st_size for p in paths):
         assert proc.poll() is None, f"shmbus run exited early: {proc.communicate()}"
         assert time.monotonic() < deadline, f"agents did not start: {paths}"
         time.sleep(0.05)
