@@ -523,9 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.history:
         pattern, _, n = spec.rpartition("=")
         try:
+            if not n.isdigit():
+                raise ValueError(f"give PATTERN=N, N a number from 1 to {MAX_KEEP}")
             history.update([check_keep(pattern, int(n), stop=False)])
-        except ValueError as e:  # InvalidName, InvalidArgument, or N not a number
-            parser.error(f"--history {spec!r}: PATTERN=N, N from 1 to {MAX_KEEP}: {e}")
+        except ValueError as e:  # and InvalidName, InvalidArgument
+            parser.error(f"--history {spec!r}: {e}")
     if not args.heartbeat_timeout > 0:
         parser.error(f"--heartbeat-timeout must be positive, got {args.heartbeat_timeout}")
     if args.dlq_size < 1:
