@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli_dlq, cli_send, dlq, runfile
+from . import cli_dlq, cli_send, cli_tail, dlq, runfile
 from . import coordinator as _coordinator
 from .control import (
     bus_is_live,
@@ -152,6 +152,8 @@ def run_ls() -> int:
         for name, (agent_id, inbox, pid, _, transport, *_) in sorted(
             (routes or {}).get("agents", {}).items()
         ):
+            if name.startswith("."):  # the coordinator's own (.history): not an agent
+                continue
             try:
                 with Ring.attach(inbox, lanes=True) as ring:
                     fill = "{}/{} bytes".format(*ring.fill)
@@ -159,7 +161,11 @@ def run_ls() -> int:
                 fill = "inbox gone"
             print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} {transport:4s} inbox {fill}")
         for pattern, names in sorted((routes or {}).get("subs", {}).items()):
-            print(f"  sub {pattern} -> {', '.join(names)}")
+            names = [n for n in names if not n.startswith(".")]
+            if names:
+                print(f"  sub {pattern} -> {', '.join(names)}")
+        for pattern, n in sorted((routes or {}).get("history", {}).items()):
+            print(f"  history {pattern}: the last {n} messages kept")
     return 0
 
 
@@ -312,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("publish", help="publish one message on a topic")
     p.add_argument("topic", metavar="TOPIC")
     cli_send.add_arguments(p, request=False)
+    cli_tail.add_parser(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "coordinator":
         return _coordinator.main(rest)
@@ -333,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli_send.run_publish(args)
     if args.command == "dlq":
         return cli_dlq.run(args)
+    if args.command == "tail":
+        return cli_tail.run(args)
     return run_cleanup(args.buses, args.purge_dlq)
 
 

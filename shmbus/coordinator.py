@@ -42,6 +42,8 @@ from .dlq import MAX_FRAME as DLQ_MAX_FRAME
 from .dlq import OPS as DLQ_OPS
 from .dlq import DeadLetterQueue
 from .errors import CoordinatorRunning, ShmbusError
+from .history import HISTORY, MAX_KEEP, History, check_keep
+from .history import OPS as HISTORY_OPS
 from .message import MessageType, encode_frame
 from .ring import Ring
 from .routes import Table, validate_pattern
@@ -77,8 +79,10 @@ class _Agent:
 class Coordinator:
     """One bus's control plane. ``serve()`` runs it until ``stop()``."""
 
-    def __init__(self, bus: str, *, dlq_size: int = 10_000, heartbeat_timeout: float = 5.0) -> None:
+    def __init__(self, bus: str, *, dlq_size: int = 10_000, heartbeat_timeout: float = 5.0,
+                 history: dict[str, int] | None = None) -> None:  # fmt: skip
         self.bus = validate_bus_or_agent(bus, "bus")
+        history = dict(check_keep(p, n, stop=False) for p, n in (history or {}).items())
         make_runtime_dir(bus)
         self._lock_fd = os.open(lock_path(bus), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -120,6 +124,10 @@ class Coordinator:
         self._dying: list[tuple[_Agent, float]] = []  # closed, not yet certainly dead
         self.heartbeat_timeout = heartbeat_timeout
         self._next_beat_check = 0.0
+        self.history: History | None = None  # made when a pattern is first kept
+        self._keep_history(history)
+        if self.history is None:
+            Ring.unlink_name(f"{bus}.history")  # a killed predecessor's, unused now
         self._dlq_stats()
         self._publish()
         # Bound and listening under a side name, then renamed into place: a
@@ -218,19 +226,22 @@ class Coordinator:
         """A writer that died may have left a record half-written in any
         inbox lane, below that lane's tail now: watch each until its reader has
         passed that tail, unblocking the reader if it stops at such a record."""
-        for agent in self.agents.values():
-            if agent.name in self._watch:
-                ring, _ = self._watch.pop(agent.name)
+        inboxes = [(a.name, a.inbox) for a in self.agents.values()]
+        if self.history is not None:  # publishers write to it too
+            inboxes.append((HISTORY, self.history.inbox))
+        for name, inbox in inboxes:
+            if name in self._watch:
+                ring, _ = self._watch.pop(name)
                 ring.close()
             try:
-                ring = Ring.attach(agent.inbox, lanes=True)
+                ring = Ring.attach(inbox, lanes=True)
             except ShmbusError:
                 continue
-            self._watch[agent.name] = (ring, [lane.positions[1] for lane in ring.lanes])
+            self._watch[name] = (ring, [lane.positions[1] for lane in ring.lanes])
 
     def _unblock_watched(self) -> None:
         for name, (ring, tails_at_death) in list(self._watch.items()):
-            done = name not in self.agents
+            done = name not in self.agents and name != HISTORY
             if not done:
                 try:
                     done = True
@@ -256,6 +267,8 @@ class Coordinator:
         for ring, _ in self._watch.values():
             ring.close()
         self._watch.clear()
+        if self.history is not None:
+            self.history.close()
         self._sel.close()
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
@@ -315,16 +328,38 @@ class Coordinator:
     # ------------------------------------------------------------ state
 
     def _publish(self) -> None:
-        self.table.write(
-            {
-                "agents": {
-                    a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
-                    for a in self.agents.values()
-                    if a.active
-                },
-                "subs": {p: sorted(names) for p, names in self.subs.items() if names},
-            }
-        )
+        agents = {
+            a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
+            for a in self.agents.values()
+            if a.active
+        }
+        routes = {"agents": agents}
+        if self.history is not None:
+            # A subscriber like the others for publishers (id 0: no direct
+            # sends); agents hide it, and refuse to send to it.
+            agents[HISTORY] = [0, self.history.inbox, os.getpid(), self.history.slot, "shm"]
+            routes["history"] = self.history.patterns()
+        routes["subs"] = {p: sorted(names) for p, names in self.subs.items() if names}
+        self.table.write(routes)
+
+    def _keep_history(self, patterns: dict[str, int]) -> None:
+        """Keep the last N messages published on each pattern (0: stop)."""
+        if self.history is None:
+            if not any(patterns.values()):
+                return
+            # A stats slot, so what publishers copy to it and what it reads
+            # add up in the totals like any subscriber's (snapshots hide it).
+            slot = self._free_slots.popleft() if self._free_slots else 0
+            if slot:
+                self.stats.open_agent(slot, 0, os.getpid(), HISTORY)
+            self.history = History(f"{self.bus}.history", self.stats.agent(slot), slot)
+        self.history.keep(patterns)
+        for pattern, n in patterns.items():
+            if n:
+                self.subs.setdefault(pattern, set()).add(HISTORY)
+            else:
+                self.subs.get(pattern, set()).discard(HISTORY)
+        self._publish()
 
     def _drop(self, conn: _Conn, *, publish: bool = True) -> None:
         """A connection ended: if it was an agent's, the agent is gone."""
@@ -445,6 +480,13 @@ class Coordinator:
             if op == "dlq_add" and conn.agent is not None and self.agents[conn.agent].slot:
                 self.stats.add(self.stats.agent(self.agents[conn.agent].slot), DEAD_LETTERED)
             return reply
+        if op in HISTORY_OPS:
+            if op == "keep_history":
+                self._keep_history(dict([check_keep(msg["pattern"], msg["n"])]))
+                return {"ok": True, "version": self.table.version}
+            if self.history is None:
+                return {"ok": True, "frames": [], "next": None, "end": 0}
+            return self.history.page(msg)
         if op in ("ping", "unregister"):
             return {"ok": True}
         return {"ok": False, "error": "BadRequest", "message": f"unknown op {op!r}"}
@@ -513,7 +555,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="an agent silent this long is hung; its peers are told")  # fmt: skip
     parser.add_argument("--dlq-size", type=int, default=10_000, metavar="N",
                         help="dead letters kept (the oldest go first; default 10000)")  # fmt: skip
+    parser.add_argument("--history", action="append", default=[], metavar="PATTERN=N",
+                        help="keep the last N messages published on PATTERN (repeatable)",
+                        )  # fmt: skip
     args = parser.parse_args(argv)
+    history = {}
+    for spec in args.history:
+        pattern, _, n = spec.rpartition("=")
+        try:
+            if not n.isdigit():
+                raise ValueError(f"give PATTERN=N, N a number from 1 to {MAX_KEEP}")
+            history.update([check_keep(pattern, int(n), stop=False)])
+        except ValueError as e:  # and InvalidName, InvalidArgument
+            parser.error(f"--history {spec!r}: {e}")
     if not args.heartbeat_timeout > 0:
         parser.error(f"--heartbeat-timeout must be positive, got {args.heartbeat_timeout}")
     if args.dlq_size < 1:
@@ -521,8 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     try:
         coordinator = Coordinator(
-            args.bus, dlq_size=args.dlq_size, heartbeat_timeout=args.heartbeat_timeout
-        )
+            args.bus, dlq_size=args.dlq_size, heartbeat_timeout=args.heartbeat_timeout,
+            history=history,
+        )  # fmt: skip
     except CoordinatorRunning as e:
         print(f"shmbus coordinator: {e}", file=sys.stderr)
         return 2

@@ -227,7 +227,7 @@ class Outbox:
             rt = self.direct.get(name)
             if rt is not None:
                 return rt
-            info = self.agents.get(name)
+            info = None if name.startswith(".") else self.agents.get(name)  # .history: the bus's
             if info is None or self._ring(name) is None:
                 raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
             rt, _ = self._new_route(name.encode(), info[0], b"", ffi.NULL, [name])

@@ -179,6 +179,8 @@ class StatsSegment(Segment):
             name = bytes(raw[base + 28 : base + 28 + name_len]).decode(errors="replace")
             own = row[_OWN : _OWN + len(_COUNTER_FIELDS)]
             totals += np.array(own, dtype=object)
+            if name.startswith("."):
+                continue  # the coordinator's own inbox (.history): counted, not an agent
             delivered = int(row[_OTHERS])
             received = int(own[RECEIVED])
             used, capacity = (inboxes or {}).get(name, (0, 0))
