@@ -501,7 +501,30 @@ class Agent:
 
         self._loop.call_soon_threadsafe(run)
 
-    # ------------------------------------------------------ stats, DLQ
+    # ---------------------------------------------- stats, DLQ, history
+
+    def peers(self) -> list[str]:
+        """The agents on the bus now (shared memory: no wait)."""
+        return self._agent.peers()
+
+    async def wait_acked(self, timeout: float | None = None) -> bool:
+        """Until every message sent with ``requires_ack`` is acknowledged or
+        dead-lettered (the reader thread takes the ACKs and resends); False
+        if some are still out after ``timeout``."""
+        deadline = None if timeout is None else self._loop.time() + timeout
+        while self._agent._acks.pending:
+            if deadline is not None and self._loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    async def keep_history(self, pattern: str, n: int) -> None:
+        """:meth:`shmbus.Agent.keep_history`."""
+        await off_loop(self._left, self._agent.keep_history, pattern, n)
+
+    async def history(self, pattern: str, n: int | None = None) -> list[Message]:
+        """:meth:`shmbus.Agent.history`."""
+        return await off_loop(self._left, self._agent.history, pattern, n)  # type: ignore[no-any-return]
 
     def stats(self) -> BusStats:
         """Every counter of the bus now (shared memory: no wait)."""

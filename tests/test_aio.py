@@ -442,8 +442,7 @@ def test_acked_sends_from_the_loop_while_the_reader_takes_their_acks(bus):
                     await asyncio.sleep(0)
             await asyncio.wait_for(receiving, 20)
             assert sorted(got) == list(range(500))
-            while a.sync._acks.pending:  # every one acknowledged, none lost track of
-                await asyncio.sleep(0.01)
+            assert await a.wait_acked(timeout=20)  # every one acknowledged, none lost track of
             assert await b.recv_many(10, timeout=0.1) == []  # handed over once
 
     run(main())
@@ -501,5 +500,20 @@ def test_a_request_is_answered_while_unread_messages_hold_the_reader(bus):
                 assert seen == ["plain"]
             await svc.close()
             await asyncio.wait_for(serving, 10)
+
+    run(main())
+
+
+def test_history_and_peers_mirror_the_sync_agent(bus):
+    async def main() -> None:
+        async with (
+            await shmbus.aio.connect(bus=bus, name="pub") as pub,
+            await shmbus.aio.connect(bus=bus, name="late") as late,
+        ):
+            assert pub.peers() == ["late", "pub"]
+            await pub.keep_history("hist.*", 2)
+            for i in range(3):
+                await pub.publish("hist.x", i)
+            assert [m.payload for m in await late.history("hist.*")] == [1, 2]
 
     run(main())
