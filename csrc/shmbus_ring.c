@@ -30,7 +30,7 @@ typedef struct {
     alignas(SHMBUS_RING_LINE) _Atomic uint64_t correlation;
     alignas(SHMBUS_RING_LINE) _Atomic int64_t heartbeat;
     alignas(SHMBUS_RING_LINE) _Atomic uint32_t sleeping;
-    /* 896..1024 spare, so the data starts on a 1 KiB boundary. */
+    alignas(SHMBUS_RING_LINE) _Atomic uint32_t sealed;
     alignas(SHMBUS_RING_HEADER_SIZE) uint8_t data[];
 } ring_segment;
 
@@ -41,6 +41,7 @@ _Static_assert(offsetof(ring_segment, head) == 384, "head at 384");
 _Static_assert(offsetof(ring_segment, correlation) == 512, "correlation at 512");
 _Static_assert(offsetof(ring_segment, heartbeat) == 640, "heartbeat at 640");
 _Static_assert(offsetof(ring_segment, sleeping) == 768, "sleeping at 768");
+_Static_assert(offsetof(ring_segment, sealed) == 896, "sealed at 896");
 _Static_assert(offsetof(ring_segment, data) == SHMBUS_RING_HEADER_SIZE, "data after the header");
 _Static_assert(sizeof(_Atomic int32_t) == 4 && alignof(_Atomic int32_t) == 4,
                "record lengths are plain 32-bit words in the data area");
@@ -65,6 +66,12 @@ struct shmbus_ring {
      * them), so no view outlives the munmap however long it is kept. */
     _Atomic int refs;
     _Atomic uint64_t *count_frames, *count_bytes; /* see shmbus_ring_count_reads */
+    /* Lanes 1.. of this inbox (lane[0] unused: it is this ring), linked in
+     * order, so lanes - 1 are set; the peek of a record on a lane remembers
+     * which ring it came from. */
+    struct shmbus_ring *lane[SHMBUS_RING_LANES];
+    uint32_t lanes;
+    struct shmbus_ring *peeked_ring;
 };
 
 #define ALIGN_UP(x) (((x) + (SHMBUS_RING_ALIGNMENT - 1)) & ~(uint64_t)(SHMBUS_RING_ALIGNMENT - 1))
@@ -153,12 +160,13 @@ static shmbus_ring_t *new_view(ring_segment *seg, uint64_t map_size, uint64_t ca
     r->map_size = map_size;
     r->bell = bell;
     r->peeked = -1;
+    r->lanes = 1;
     atomic_init(&r->refs, 1);
     return r;
 }
 
-int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t capacity,
-                       uint32_t max_frame, shmbus_ring_t **out)
+static int create_ring(const char *shm_name, const char *bell_name, uint64_t capacity,
+                       uint32_t max_frame, bool own_bell, shmbus_ring_t **out)
 {
     if (!capacity_ok(capacity) || max_frame == 0 || max_frame > shmbus_ring_limit_max_frame(capacity))
         return SHMBUS_EINVAL;
@@ -168,19 +176,25 @@ int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t cap
     if (rc != SHMBUS_OK)
         return rc;
     ring_segment *seg = base;
-    /* We own the segment name exclusively, so a bell of that name is a
-     * leftover of a killed ring: replace it. */
-    sem_t *bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
-    if (bell == SEM_FAILED && errno == EEXIST) {
-        sem_unlink(bell_name);
+    sem_t *bell;
+    if (own_bell) {
+        /* We own the segment name exclusively, so a bell of that name is a
+         * leftover of a killed ring: replace it. */
         bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
+        if (bell == SEM_FAILED && errno == EEXIST) {
+            sem_unlink(bell_name);
+            bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
+        }
+    } else {
+        bell = sem_open(bell_name, 0); /* lane 0's, which must exist */
     }
     shmbus_ring_t *r = bell == SEM_FAILED ? NULL : new_view(seg, size, capacity, max_frame, bell);
     if (!r) {
         int saved = bell == SEM_FAILED ? errno : ENOMEM;
         if (bell != SEM_FAILED) {
             sem_close(bell);
-            sem_unlink(bell_name);
+            if (own_bell)
+                sem_unlink(bell_name);
         }
         shmbus_seg_unmap(seg, size);
         shmbus_seg_unlink(shm_name);
@@ -198,6 +212,56 @@ int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t cap
     *out = r;
     return SHMBUS_OK;
 }
+
+int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t capacity,
+                       uint32_t max_frame, shmbus_ring_t **out)
+{
+    return create_ring(shm_name, bell_name, capacity, max_frame, true, out);
+}
+
+int shmbus_ring_create_lane(const char *shm_name, const char *bell_name, uint64_t capacity,
+                            uint32_t max_frame, shmbus_ring_t **out)
+{
+    return create_ring(shm_name, bell_name, capacity, max_frame, false, out);
+}
+
+int shmbus_ring_link_lane(shmbus_ring_t *r, uint32_t lane, shmbus_ring_t *lane_ring)
+{
+    if (!r || !lane_ring || lane_ring == r || lane != r->lanes || lane >= SHMBUS_RING_LANES ||
+        lane_ring->lanes != 1)
+        return SHMBUS_EINVAL;
+    shmbus_ring_retain(lane_ring);
+    r->lane[lane] = lane_ring;
+    r->lanes = lane + 1;
+    return SHMBUS_OK;
+}
+
+uint32_t shmbus_ring_lanes(const shmbus_ring_t *r) { return r->lanes; }
+
+uint32_t shmbus_lane_of(uint32_t priority) { return priority >= 67 ? 2 : priority >= 34 ? 1 : 0; }
+
+shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane)
+{
+    if (lane >= r->lanes)
+        lane = r->lanes - 1;
+    return lane ? r->lane[lane] : r;
+}
+
+void shmbus_ring_seal(shmbus_ring_t *r)
+{
+    /* X1: store the seal, then (the caller) load the tail, both seq_cst;
+     * pairs with X2 in claim_capacity_ex. */
+    for (uint32_t k = 0; k < r->lanes; k++)
+        atomic_store_explicit(&(k ? r->lane[k] : r)->seg->sealed, 1, memory_order_seq_cst);
+}
+
+int shmbus_ring_sealed(const shmbus_ring_t *r)
+{
+    return (int)atomic_load_explicit(&r->seg->sealed, memory_order_relaxed);
+}
+
+/* Lane k of a reader's ring: the ring itself for 0. */
+static inline shmbus_ring_t *lane_ring(shmbus_ring_t *r, uint32_t k) { return k ? r->lane[k] : r; }
 
 int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_t **out)
 {
@@ -247,6 +311,8 @@ void shmbus_ring_close(shmbus_ring_t *r)
     /* acq_rel: every use by a holder happens before the unmap by the last. */
     if (atomic_fetch_sub_explicit(&r->refs, 1, memory_order_acq_rel) != 1)
         return;
+    for (uint32_t k = 1; k < r->lanes; k++)
+        shmbus_ring_close(r->lane[k]);
     sem_close(r->bell);
     shmbus_seg_unmap(r->seg, r->map_size);
     free(r);
@@ -281,7 +347,8 @@ uint64_t shmbus_ring_head(const shmbus_ring_t *r)
 
 uint64_t shmbus_ring_tail(const shmbus_ring_t *r)
 {
-    return atomic_load_explicit(&r->seg->tail, memory_order_acquire);
+    /* seq_cst: after shmbus_ring_seal, this is X1's load of the tail. */
+    return atomic_load_explicit(&r->seg->tail, memory_order_seq_cst);
 }
 
 int64_t shmbus_ring_heartbeat(const shmbus_ring_t *r)
@@ -314,7 +381,23 @@ static inline bool has_data(const shmbus_ring_t *r)
     return atomic_load_explicit(length_at(r, index), memory_order_relaxed) > 0;
 }
 
-/* Spin until spin_ns has passed, then sleep on the bell until deadline. */
+static inline bool any_data(shmbus_ring_t *r)
+{
+    for (uint32_t k = r->lanes; k-- > 0;)
+        if (has_data(lane_ring(r, k)))
+            return true;
+    return false;
+}
+
+/* Every lane's flag: a producer on any lane must see it (S1/D1 per lane). */
+static inline void set_sleeping(shmbus_ring_t *r, uint32_t value)
+{
+    for (uint32_t k = 0; k < r->lanes; k++)
+        atomic_store_explicit(&lane_ring(r, k)->seg->sleeping, value, memory_order_relaxed);
+}
+
+/* Spin until spin_ns has passed, then sleep on the bell until deadline.
+ * The lanes share the bell, so one wait covers them all. */
 static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
 {
     int64_t now = now_ns();
@@ -326,7 +409,7 @@ static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
      * running for the whole spin; with a CPU to ourselves, a yield returns at
      * once. */
     for (unsigned i = 0;; i++) {
-        if (has_data(r))
+        if (any_data(r))
             return SHMBUS_OK;
         if ((i & 63) == 0) {
             if (now_ns() >= spin_until)
@@ -337,15 +420,15 @@ static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
     }
     for (;;) {
         beat(r);
-        atomic_store_explicit(&r->seg->sleeping, 1, memory_order_relaxed);
+        set_sleeping(r, 1);
         atomic_thread_fence(memory_order_seq_cst); /* S1: pairs with D1 in ring_doorbell */
-        if (has_data(r)) {
-            atomic_store_explicit(&r->seg->sleeping, 0, memory_order_relaxed);
+        if (any_data(r)) {
+            set_sleeping(r, 0);
             return SHMBUS_OK;
         }
         int64_t now2 = now_ns();
         if (now2 >= deadline) {
-            atomic_store_explicit(&r->seg->sleeping, 0, memory_order_relaxed);
+            set_sleeping(r, 0);
             return SHMBUS_ETIMEDOUT;
         }
         int rc;
@@ -363,7 +446,7 @@ static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
             }
             rc = sem_clockwait(r->bell, CLOCK_MONOTONIC, &ts);
         }
-        atomic_store_explicit(&r->seg->sleeping, 0, memory_order_relaxed);
+        set_sleeping(r, 0);
         if (rc != 0 && errno == EINTR)
             return SHMBUS_EINTR;
         /* Woken, timed out or a stale post: loop and look again. */
@@ -450,9 +533,10 @@ static inline int64_t claim_capacity_ex(shmbus_ring_t *r, uint64_t required, boo
             padding = to_end;
         }
         /* A1: the CAS makes [tail, tail + padding + required) ours alone; on
-         * failure it reloads tail and we judge again. */
+         * failure it reloads tail and we judge again.  seq_cst on success for
+         * X2 below (on x86 the same locked instruction as relaxed). */
         if (atomic_compare_exchange_weak_explicit(&seg->tail, &tail, tail + required + padding,
-                                                  memory_order_relaxed, memory_order_relaxed))
+                                                  memory_order_seq_cst, memory_order_relaxed))
             break;
     }
     if (padding && write_padding) {
@@ -460,7 +544,17 @@ static inline int64_t claim_capacity_ex(shmbus_ring_t *r, uint64_t required, boo
         /* W2: release, pairs with C1 in read_block. */
         atomic_store_explicit(length_at(r, tail_index), (int32_t)padding, memory_order_release);
     }
-    return padding ? 0 : (int64_t)tail_index;
+    uint64_t index = padding ? 0 : tail_index;
+    /* X2: pairs with X1 in shmbus_ring_seal (both seq_cst): either the sealer's
+     * load of the tail saw our CAS, so its drain waits for this record, or we
+     * see the seal here and hand the space back as padding, never to commit. */
+    if (write_padding && atomic_load_explicit(&seg->sealed, memory_order_seq_cst)) {
+        atomic_store_explicit(type_at(r, index), SHMBUS_RING_PADDING, memory_order_relaxed);
+        atomic_store_explicit(length_at(r, index), (int32_t)required, memory_order_release);
+        ring_doorbell(r);
+        return SHMBUS_ECLOSED;
+    }
+    return (int64_t)index;
 }
 
 static int64_t claim_capacity(shmbus_ring_t *r, uint64_t required)
@@ -495,6 +589,8 @@ static int claim_wait(shmbus_ring_t *r, uint64_t required, int64_t timeout_ns, i
         }
         if (idx != SHMBUS_EAGAIN || timeout_ns == 0)
             return (int)idx;
+        if (atomic_load_explicit(&r->seg->sealed, memory_order_relaxed))
+            return SHMBUS_ECLOSED; /* no reader will ever make the room */
         if (*deadline == 0)
             *deadline = deadline_after(timeout_ns);
         /* Wake the consumer before we wait: it must run to make the room we
@@ -699,6 +795,27 @@ static int read_block(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_t *l
     return (int)n;
 }
 
+/* What one ring (one lane) has now: how many records, or a negative code. */
+static int read_ring(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_t *lens,
+                     uint32_t max_count, uint64_t *used)
+{
+    uint32_t n = 0;
+    /* At most two blocks: up to the end of the buffer, then from 0. */
+    for (int pass = 0; pass < 2 && n < max_count; pass++) {
+        bool at_end = false;
+        int got = read_block(r, out, out_cap, lens + n, max_count - n, used, &at_end);
+        if (got < 0) {
+            if (n)
+                break; /* hand over what we have; the error comes next call */
+            return got;
+        }
+        n += (uint32_t)got;
+        if (!at_end)
+            break;
+    }
+    return (int)n;
+}
+
 int shmbus_ring_read_many(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_t *lens,
                           uint32_t max_count, int64_t timeout_ns, int64_t spin_ns,
                           uint32_t *count, uint64_t *bytes)
@@ -712,26 +829,23 @@ int shmbus_ring_read_many(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_
     beat(r);
     int64_t deadline = timeout_ns == 0 ? 0 : deadline_after(timeout_ns);
     for (;;) {
-        uint32_t n = 0;
         uint64_t used = 0;
-        /* At most two blocks: up to the end of the buffer, then from 0. */
-        for (int pass = 0; pass < 2 && n < max_count; pass++) {
-            bool at_end = false;
-            int got = read_block(r, out, out_cap, lens + n, max_count - n, &used, &at_end);
-            if (got < 0) {
-                if (n)
-                    break; /* hand over what we have; the error comes next call */
-                return got;
-            }
-            n += (uint32_t)got;
-            if (!at_end)
-                break;
+        int n = 0;
+        /* The highest lane with a record, and only that one: a block never
+         * mixes lanes, so the order handed over is the order of priority.  A
+         * look at an upper lane's head costs a load; lane 0 is read outright. */
+        for (uint32_t k = r->lanes; k-- > 0 && n == 0;) {
+            shmbus_ring_t *l = lane_ring(r, k);
+            if (k == 0 || has_data(l))
+                n = read_ring(l, out, out_cap, lens, max_count, &used);
         }
+        if (n < 0)
+            return n;
         if (n) {
-            *count = n;
+            *count = (uint32_t)n;
             *bytes = used;
-            count_reads(r, n, used);
-            return (int)n;
+            count_reads(r, (uint64_t)n, used);
+            return n;
         }
         if (timeout_ns == 0)
             return SHMBUS_EAGAIN;
@@ -750,6 +864,33 @@ int64_t shmbus_ring_read_one(shmbus_ring_t *r, char *out, uint64_t out_cap, int6
     return rc > 0 ? (int64_t)len : rc;
 }
 
+/* The record at one ring's head, consuming any padding before it:
+ * SHMBUS_OK with its index, SHMBUS_EAGAIN when there is none. */
+static int peek_ring(shmbus_ring_t *l, int64_t *index_out, char **payload, uint32_t *len_out)
+{
+    for (;;) {
+        uint64_t head = atomic_load_explicit(&l->seg->head, memory_order_relaxed);
+        if (head & (SHMBUS_RING_ALIGNMENT - 1))
+            return SHMBUS_ECORRUPT;
+        uint64_t index = head & l->mask;
+        int32_t len = atomic_load_explicit(length_at(l, index), memory_order_acquire); /* C1 */
+        if (len <= 0)
+            return SHMBUS_EAGAIN;
+        int32_t type = atomic_load_explicit(type_at(l, index), memory_order_relaxed);
+        int64_t aligned = check_record(l, head, index, len, type, &l->tail_seen);
+        if (aligned < 0)
+            return (int)aligned;
+        if (type == SHMBUS_RING_PADDING) {
+            consume(l, head, index, (uint64_t)aligned);
+            continue;
+        }
+        *index_out = (int64_t)index;
+        *payload = (char *)l->data + index + SHMBUS_RING_RECORD_HEADER;
+        *len_out = (uint32_t)len - SHMBUS_RING_RECORD_HEADER;
+        return SHMBUS_OK;
+    }
+}
+
 int shmbus_ring_peek(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns, char **payload,
                      uint32_t *len_out)
 {
@@ -760,24 +901,17 @@ int shmbus_ring_peek(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns, char
     beat(r);
     int64_t deadline = timeout_ns == 0 ? 0 : deadline_after(timeout_ns);
     for (;;) {
-        uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_relaxed);
-        if (head & (SHMBUS_RING_ALIGNMENT - 1))
-            return SHMBUS_ECORRUPT;
-        uint64_t index = head & r->mask;
-        int32_t len = atomic_load_explicit(length_at(r, index), memory_order_acquire); /* C1 */
-        if (len > 0) {
-            int32_t type = atomic_load_explicit(type_at(r, index), memory_order_relaxed);
-            int64_t aligned = check_record(r, head, index, len, type, &r->tail_seen);
-            if (aligned < 0)
-                return (int)aligned;
-            if (type == SHMBUS_RING_PADDING) {
-                consume(r, head, index, (uint64_t)aligned);
-                continue;
+        for (uint32_t k = r->lanes; k-- > 0;) {
+            shmbus_ring_t *l = lane_ring(r, k);
+            int64_t index = -1;
+            int rc = peek_ring(l, &index, payload, len_out);
+            if (rc == SHMBUS_OK) {
+                r->peeked = index;
+                r->peeked_ring = l;
+                return SHMBUS_OK;
             }
-            r->peeked = (int64_t)index;
-            *payload = (char *)r->data + index + SHMBUS_RING_RECORD_HEADER;
-            *len_out = (uint32_t)len - SHMBUS_RING_RECORD_HEADER;
-            return SHMBUS_OK;
+            if (rc != SHMBUS_EAGAIN)
+                return rc;
         }
         if (timeout_ns == 0)
             return SHMBUS_EAGAIN;
@@ -794,13 +928,14 @@ int shmbus_ring_release(shmbus_ring_t *r)
     if (r->peeked < 0)
         return SHMBUS_EINVAL;
     uint64_t index = (uint64_t)r->peeked;
+    shmbus_ring_t *l = r->peeked_ring;
     r->peeked = -1;
-    uint64_t head = atomic_load_explicit(&r->seg->head, memory_order_relaxed);
-    int32_t len = atomic_load_explicit(length_at(r, index), memory_order_relaxed);
+    uint64_t head = atomic_load_explicit(&l->seg->head, memory_order_relaxed);
+    int32_t len = atomic_load_explicit(length_at(l, index), memory_order_relaxed);
     uint64_t aligned = ALIGN_UP((uint64_t)(len > 0 ? len : 0));
-    if ((head & r->mask) != index || len < SHMBUS_RING_RECORD_HEADER || aligned > r->capacity - index)
+    if ((head & l->mask) != index || len < SHMBUS_RING_RECORD_HEADER || aligned > l->capacity - index)
         return SHMBUS_ECORRUPT; /* overwritten while it was out */
-    consume(r, head, index, aligned);
+    consume(l, head, index, aligned);
     count_reads(r, 1, (uint64_t)len - SHMBUS_RING_RECORD_HEADER);
     return SHMBUS_OK;
 }

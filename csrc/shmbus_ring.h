@@ -27,7 +27,7 @@
  *   768    +--------------------------------------------------+
  *          | sleeping flag (consumer sets, a producer clears) |
  *   896    +--------------------------------------------------+
- *          | spare                                            |
+ *          | sealed flag (set once, when the reader has gone) |
  *   1024   +--------------------------------------------------+
  *          | data: capacity bytes (a power of two)            |
  *          +--------------------------------------------------+
@@ -55,6 +55,16 @@
  * Every length and position read from shared memory is checked before it is
  * used: a corrupt segment yields SHMBUS_ECORRUPT, never a read outside the
  * mapping or an endless loop.
+ *
+ * Lanes (priorities).  An inbox is up to SHMBUS_RING_LANES rings: lane 0 is
+ * the ring itself, lanes 1.. are rings of their own segments that share its
+ * doorbell (shmbus_ring_create_lane) and are linked to it in the reader's
+ * and the writers' processes (shmbus_ring_link_lane).  The reader's calls on
+ * the linked ring take the highest lane that has a record first, FIFO within
+ * a lane; a reader going to sleep raises the sleeping flag of every lane, so
+ * a producer on any lane rings the one bell.  Writers pick the lane of a
+ * priority with shmbus_ring_lane(ring, shmbus_lane_of(priority)).  A ring
+ * with no lanes linked behaves exactly as before.
  */
 #ifndef SHMBUS_RING_H
 #define SHMBUS_RING_H
@@ -74,6 +84,7 @@
 #define SHMBUS_RING_PADDING (-1)
 #define SHMBUS_RING_MIN_CAPACITY 4096
 #define SHMBUS_RING_MAX_CAPACITY (1ULL << 30)
+#define SHMBUS_RING_LANES 3
 
 /* Timeouts are in nanoseconds: 0 = do not wait, negative = wait forever.
  * The consumer heartbeat is CLOCK_MONOTONIC_COARSE nanoseconds. */
@@ -87,6 +98,29 @@ uint32_t shmbus_ring_limit_max_frame(uint64_t capacity);
 int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t capacity,
                        uint32_t max_frame, shmbus_ring_t **out);
 int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_t **out);
+/* A lane: a ring whose doorbell is the existing bell of its inbox's lane 0
+ * (attach a lane with shmbus_ring_attach and that same bell name). */
+int shmbus_ring_create_lane(const char *shm_name, const char *bell_name, uint64_t capacity,
+                            uint32_t max_frame, shmbus_ring_t **out);
+/* Link `lane_ring` as lane `lane` of `r` (lanes go in order: 1, then 2);
+ * `r` holds a reference on it until it is closed. */
+int shmbus_ring_link_lane(shmbus_ring_t *r, uint32_t lane, shmbus_ring_t *lane_ring);
+uint32_t shmbus_ring_lanes(const shmbus_ring_t *r);
+/* Priority 0-33 -> lane 0, 34-66 -> lane 1, 67-100 -> lane 2. */
+uint32_t shmbus_lane_of(uint32_t priority);
+/* The ring a writer uses for `lane`: the linked lane, or the highest linked
+ * one below it (the ring itself when none is linked). */
+shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane);
+
+/* Seal the ring and its linked lanes: its reader has gone for good (the
+ * coordinator seals a departed agent's inbox before it drains it).  From
+ * then on every reservation fails with SHMBUS_ECLOSED, a producer waiting
+ * for room stops waiting, and a producer that reserved just as the seal
+ * came turns its space into padding.  So once the reader has consumed up
+ * to the tail it read after sealing, nothing more can ever be committed:
+ * a drain that gets that far has everything (X1/X2 below). */
+void shmbus_ring_seal(shmbus_ring_t *r);
+int shmbus_ring_sealed(const shmbus_ring_t *r);
 /* Drops one reference, and the last unmaps.  retain adds one (for a buffer
  * handed out that must keep the mapping alive). */
 void shmbus_ring_close(shmbus_ring_t *r);

@@ -23,6 +23,7 @@
 #define SHMBUS_EBADSEG (-8)  /* not the kind of segment expected, or another layout version */
 #define SHMBUS_ESMALL (-9)   /* the caller's buffer cannot hold the next item */
 #define SHMBUS_ESTALE (-10)  /* the routes moved since this route was built: rebuild it */
+#define SHMBUS_ECLOSED (-11) /* the ring is sealed: its reader has gone for good */
 
 /* Create `name` (a POSIX name, "/..."), `size` bytes, zeroed, and map it. On
  * failure nothing is left behind and errno tells why (SHMBUS_ESYS). */

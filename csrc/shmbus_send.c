@@ -46,6 +46,7 @@ struct shmbus_route {
     uint32_t *frame_lens;
     uint32_t lens_cap;
     uint32_t last_count;
+    uint32_t last_lane; /* the last send's priority lane, for resume */
     /* cffi lets go of the GIL: two threads sending through one route must
      * not share (or realloc under each other) the scratch. */
     pthread_mutex_t lock;
@@ -215,7 +216,7 @@ static int deliver(shmbus_route_t *rt, uint32_t t, int64_t timeout_ns)
     const char *from = rt->scratch;
     for (uint32_t i = 0; i < done; i++)
         from += rt->frame_lens[i];
-    int rc = shmbus_ring_write_many(rt->rings[t], from, rt->frame_lens + done,
+    int rc = shmbus_ring_write_many(shmbus_ring_lane(rt->rings[t], rt->last_lane), from, rt->frame_lens + done,
                                     rt->last_count - done, timeout_ns, &written);
     uint64_t bytes = 0;
     for (uint32_t i = done; i < done + written; i++)
@@ -306,9 +307,10 @@ static int64_t send_in_place(shmbus_route_t *rt, uint32_t kind, uint32_t flags, 
 {
     int64_t index;
     char *at;
+    shmbus_ring_t *ring = shmbus_ring_lane(rt->rings[0], shmbus_lane_of(priority));
     rt->last_count = 0; /* nothing to resume: a failed direct send wrote nothing */
     rt->written[0] = 0;
-    rt->errors[0] = shmbus_ring_claim(rt->rings[0], (uint32_t)frame_len, timeout_ns, &index, &at);
+    rt->errors[0] = shmbus_ring_claim(ring, (uint32_t)frame_len, timeout_ns, &index, &at);
     int rc = rt->errors[0];
     if (rc != SHMBUS_OK)
         return rc;
@@ -317,7 +319,7 @@ static int64_t send_in_place(shmbus_route_t *rt, uint32_t kind, uint32_t flags, 
     memcpy(put_header(rt, at, kind, flags, priority, ttl_ms, len, id, wall_ns(), request_id,
                       correlation_id, attempts),
            payload, len);
-    rt->errors[0] = rc = shmbus_ring_commit(rt->rings[0], index);
+    rt->errors[0] = rc = shmbus_ring_commit(ring, index);
     if (rc != SHMBUS_OK)
         return rc; /* lost to unblock(): the reader has skipped it */
     rt->written[0] = 1;
@@ -353,6 +355,7 @@ static int64_t send_one(shmbus_route_t *rt, uint32_t kind, uint32_t flags, uint3
     uint64_t id = take_ids(rt->me, 1);
     rt->last_id = id;
     rt->last_count = 1;
+    rt->last_lane = shmbus_lane_of(priority);
     rt->frame_lens[0] = (uint32_t)frame_len;
     memcpy(put_header(rt, rt->scratch, kind, flags, priority, ttl_ms, len, id, wall_ns(),
                       request_id, correlation_id, attempts),
@@ -405,6 +408,7 @@ int64_t shmbus_send_many(shmbus_route_t *rt, uint32_t kind, uint32_t priority, u
     int64_t now = wall_ns();
     rt->last_id = first;
     rt->last_count = count;
+    rt->last_lane = shmbus_lane_of(priority);
     char *out = rt->scratch;
     for (uint32_t i = 0; i < count; i++) {
         char *p = put_header(rt, out, kind, flags[i], priority, ttl_ms, lens[i], first + i, now, 0,

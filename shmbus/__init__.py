@@ -26,6 +26,7 @@ from .errors import (
     RejoinRefused,
     RequestTimeout,
     RingFull,
+    RingSealed,
     ShmbusError,
     ShmbusTimeout,
     UnknownRecipient,
@@ -36,6 +37,15 @@ from .runner import AgentProcess, Runner
 from .stats import AgentStats, BusStats, Counters, TopicStats
 
 __version__ = "0.1.0.dev0"
+
+
+def __getattr__(name: str) -> object:
+    if name == "aio":  # imported on first use: not every agent needs asyncio
+        import importlib
+
+        return importlib.import_module(".aio", __name__)
+    raise AttributeError(f"module 'shmbus' has no attribute {name!r}")
+
 
 __all__ = [
     "Agent",
@@ -72,6 +82,7 @@ __all__ = [
     "RejoinRefused",
     "Ring",
     "RingFull",
+    "RingSealed",
     "ShmbusError",
     "ShmbusTimeout",
     "SystemFailure",

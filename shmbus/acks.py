@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import threading
 import time
 from typing import Any
 
@@ -47,6 +48,11 @@ class Acks:
         self.pending: dict[int, list[Any]] = {}
         self.next_due = math.inf
         self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # The sender's side may be used by two threads, one sending (track)
+        # while one receives (acked, resend_due): next_due and the resends
+        # must not be decided on a stale view. The receiver's side is the
+        # receiving thread's alone.
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------ sender
 
@@ -54,19 +60,28 @@ class Acks:
               priority: int, ttl_ms: int, request_id: int, correlation_id: int,
               now: float) -> None:  # fmt: skip
         due = now + self.timeout
-        self.pending[msg_id] = [recipient, kind, data, flags, priority, ttl_ms, request_id,
-                                correlation_id, 1, due, time.time_ns()]  # fmt: skip
-        if due < self.next_due:
-            self.next_due = due
+        entry = [recipient, kind, data, flags, priority, ttl_ms, request_id, correlation_id,
+                 1, due, time.time_ns()]  # fmt: skip
+        with self._lock:
+            self.pending[msg_id] = entry
+            if due < self.next_due:
+                self.next_due = due
 
     def acked(self, msg_id: int) -> None:
-        self.pending.pop(msg_id, None)
-        if not self.pending:
-            self.next_due = math.inf
+        with self._lock:
+            self.pending.pop(msg_id, None)
+            if not self.pending:
+                self.next_due = math.inf
 
     def resend_due(self, now: float) -> None:
         """Send again what waited past its timeout; dead-letter what ran out of attempts."""
         if now < self.next_due:
+            return
+        with self._lock:
+            self._resend_due(now)
+
+    def _resend_due(self, now: float) -> None:
+        if now < self.next_due:  # another thread did this round
             return
         self.out._fresh()  # once for the round: a recipient may have left
         next_due = math.inf

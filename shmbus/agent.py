@@ -36,6 +36,7 @@ from .errors import (
     RequestTimeout,
     ShmbusError,
 )
+from .history import check_keep
 from .message import (
     FLAG_ACK,
     FLAG_RAW,
@@ -49,7 +50,7 @@ from .message import (
     pack_payload,
 )
 from .outbox import Outbox, check_policy, pack_many
-from .ring import Ring, _ns
+from .ring import LANES, Ring, _ns
 from .routes import Table, match, validate_pattern
 from .stats import BYTES_RECEIVED, RECEIVED, BusStats, StatsSegment, inbox_fill
 
@@ -198,7 +199,7 @@ class Agent:
             reply = self._call("register", name=name, pid=os.getpid(), transport="shm")
             self.id: int = reply["id"]
             self._slot: int = reply.get("slot", 0)
-            self.inbox = Ring.create(reply["inbox"], inbox_capacity)
+            self.inbox = Ring.create(reply["inbox"], inbox_capacity, lanes=LANES)
             self._table = Table.attach(routes_name(bus))
             self._stats = StatsSegment.attach(reply.get("stats", stats_name(bus)))
             counters = self._stats.agent(reply.get("slot", 0))
@@ -482,6 +483,36 @@ class Agent:
         pattern = validate_pattern(pattern)
         self._call("unsubscribe", pattern=pattern)
         self._subscriptions.discard(pattern)
+
+    # --------------------------------------------------------- history
+
+    def keep_history(self, pattern: str, n: int) -> None:
+        """Have the coordinator keep the last ``n`` messages published on
+        ``pattern`` from now on (0: stop, and forget them), for every agent
+        of the bus; see :meth:`history`. Kept in the coordinator's memory: a
+        restarted coordinator keeps only its ``--history`` patterns, empty."""
+        check_keep(pattern, n)
+        self._call("keep_history", pattern=pattern, n=n)
+
+    def history(self, pattern: str, n: int | None = None) -> list[Message]:
+        """The kept messages whose topic matches ``pattern`` (a kept pattern,
+        or any topic or pattern), oldest first; the last ``n`` of them (None:
+        all). Everything published before this call is in it, as far as it
+        is kept; ``[]`` when nothing is."""
+        validate_pattern(pattern)
+        if n is not None:
+            check_keep(pattern, n, stop=False)
+        out = []
+        reply = self._call("history", pattern=pattern, n=n)
+        while True:
+            for frame in reply["frames"]:
+                try:
+                    out.append(decode_frame(frame))
+                except CorruptFrame as e:
+                    log.warning("agent %s: a kept frame does not decode: %s", self.name, e)
+            if reply.get("next") is None:
+                return out
+            reply = self._call("history", pattern=pattern, start=reply["next"], end=reply["end"])
 
     # --------------------------------------------------------- receive
 
@@ -878,7 +909,7 @@ class Agent:
     def peers(self) -> list[str]:
         """The agents on the bus now (this one included), from the routes table."""
         self._out._fresh()
-        return sorted(self._out.agents)
+        return sorted(n for n in self._out.agents if not n.startswith("."))  # .history: the bus's
 
     def stats(self) -> BusStats:
         """Every counter of the bus now, read from shared memory (no coordinator call)."""

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli_dlq, cli_send, dlq, runfile
+from . import cli_dlq, cli_send, cli_tail, dlq, runfile
 from . import coordinator as _coordinator
 from .control import (
     bus_is_live,
@@ -152,14 +152,20 @@ def run_ls() -> int:
         for name, (agent_id, inbox, pid, _, transport, *_) in sorted(
             (routes or {}).get("agents", {}).items()
         ):
+            if name.startswith("."):  # the coordinator's own (.history): not an agent
+                continue
             try:
-                with Ring.attach(inbox) as ring:
-                    fill = f"{ring.used}/{ring.capacity} bytes"
+                with Ring.attach(inbox, lanes=True) as ring:
+                    fill = "{}/{} bytes".format(*ring.fill)
             except ShmbusError:
                 fill = "inbox gone"
             print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} {transport:4s} inbox {fill}")
         for pattern, names in sorted((routes or {}).get("subs", {}).items()):
-            print(f"  sub {pattern} -> {', '.join(names)}")
+            names = [n for n in names if not n.startswith(".")]
+            if names:
+                print(f"  sub {pattern} -> {', '.join(names)}")
+        for pattern, n in sorted((routes or {}).get("history", {}).items()):
+            print(f"  history {pattern}: the last {n} messages kept")
     return 0
 
 
@@ -241,13 +247,15 @@ def run_stats(buses: list[str], as_json: bool, watch: float | None) -> int:
 
 
 def run_bench(argv: list[str]) -> int:
-    """Become bench/bench_bus.py (``--ring``: bench_ring.py) of the source checkout.
+    """Become bench/bench_bus.py (``--ring``: bench_ring.py, ``--aio``: bench_aio.py)
+    of the source checkout.
 
     The process is replaced, not wrapped: Ctrl-C and SIGTERM reach the
     benchmark itself, which stops its children and removes its buses.
     """
     bench = Path(__file__).resolve().parent.parent / "bench"
-    script = bench / ("bench_ring.py" if "--ring" in argv else "bench_bus.py")
+    which = "ring" if "--ring" in argv else "aio" if "--aio" in argv else "bus"
+    script = bench / f"bench_{which}.py"
     if not script.is_file():
         print(
             f"shmbus bench: no {script.name} in {bench}: the benchmarks ship with the "
@@ -256,11 +264,12 @@ def run_bench(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    args = [a for a in argv if a != "--ring"]
+    args = [a for a in argv if a not in ("--ring", "--aio")]
     if "-h" in args or "--help" in args:
         print(
-            "usage: shmbus bench [--ring] [ARGS ...]\n\n"
-            f"Runs {bench / 'bench_bus.py'} (with --ring: bench_ring.py) with ARGS.\n"
+            "usage: shmbus bench [--ring] [--aio] [ARGS ...]\n\n"
+            f"Runs {bench / 'bench_bus.py'} (with --ring: bench_ring.py, with --aio: "
+            "bench_aio.py) with ARGS.\n"
             f"The options of {script.name}:\n",
             flush=True,
         )
@@ -309,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("publish", help="publish one message on a topic")
     p.add_argument("topic", metavar="TOPIC")
     cli_send.add_arguments(p, request=False)
+    cli_tail.add_parser(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "coordinator":
         return _coordinator.main(rest)
@@ -330,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli_send.run_publish(args)
     if args.command == "dlq":
         return cli_dlq.run(args)
+    if args.command == "tail":
+        return cli_tail.run(args)
     return run_cleanup(args.buses, args.purge_dlq)
 
 

@@ -45,6 +45,7 @@ from .errors import (
     InvalidName,
     NotFound,
     RingFull,
+    RingSealed,
     ShmbusError,
     UnknownRecipient,
 )
@@ -188,9 +189,11 @@ def replay_one(agent: Agent, routes: dict[str, Any], msg: Message, timeout: floa
         )
         return None
     try:
-        with Ring.attach(agents[msg.recipient][1]) as inbox:
-            inbox.write(encode_message(msg._replace(timestamp=time.time())), timeout=timeout)
-    except NotFound:
+        with Ring.attach(agents[msg.recipient][1], lanes=True) as inbox:
+            inbox.lane(msg.priority).write(
+                encode_message(msg._replace(timestamp=time.time())), timeout=timeout
+            )
+    except (NotFound, RingSealed):
         return f"agent {msg.recipient!r} left the bus"
     return None
 

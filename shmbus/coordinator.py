@@ -40,6 +40,8 @@ from .dlq import MAX_FRAME as DLQ_MAX_FRAME
 from .dlq import OPS as DLQ_OPS
 from .dlq import DeadLetterQueue
 from .errors import CoordinatorRunning, ShmbusError
+from .history import HISTORY, MAX_KEEP, History, check_keep
+from .history import OPS as HISTORY_OPS
 from .message import MessageType, encode_frame
 from .ring import Ring
 from .routes import validate_pattern
@@ -47,6 +49,10 @@ from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL
 from .takeover import process_gone as _process_gone
 
 log = logging.getLogger("shmbus.coordinator")
+
+# Frames a departed agent's inbox may hold that carry no one's message (the
+# type byte is at offset 3 of the header): they are not dead letters.
+_NOT_MESSAGES = frozenset((MessageType.ACK, MessageType.CONTROL, MessageType.HEARTBEAT))
 
 
 @dataclass
@@ -72,8 +78,10 @@ class _Agent:
 class Coordinator:
     """One bus's control plane. ``serve()`` runs it until ``stop()``."""
 
-    def __init__(self, bus: str, *, dlq_size: int = 10_000, heartbeat_timeout: float = 5.0) -> None:
+    def __init__(self, bus: str, *, dlq_size: int = 10_000, heartbeat_timeout: float = 5.0,
+                 history: dict[str, int] | None = None) -> None:  # fmt: skip
         self.bus = validate_bus_or_agent(bus, "bus")
+        history = dict(check_keep(p, n, stop=False) for p, n in (history or {}).items())
         make_runtime_dir(bus)
         self._lock_fd = os.open(lock_path(bus), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -105,12 +113,14 @@ class Coordinator:
         self._next_id = 1
         self._stopping = False
         self._sel = selectors.DefaultSelector()
-        self._watch: dict[str, tuple[Ring, int]] = {}  # inboxes a dead writer may block
+        # Inboxes a dead writer may block, with each lane's tail at the death.
+        self._watch: dict[str, tuple[Ring, list[int]]] = {}
         self._dying: list[tuple[_Agent, float]] = []  # closed, not yet certainly dead
         self._strays: dict[int, int] = {}  # stats slot -> pid: in use, by no agent we know
         self.heartbeat_timeout = heartbeat_timeout
         self._next_beat_check = 0.0
         self._next_orphan_check = 0.0
+        self.history: History | None = None  # made when a pattern is first kept
         # A killed coordinator of this bus left its routes and stats behind,
         # and its agents live on with them mapped: take them over. We hold
         # the lock, so nobody else owns them.
@@ -119,6 +129,9 @@ class Coordinator:
         except BaseException:
             os.close(self._lock_fd)
             raise
+        self._keep_history(history)
+        if self.history is None:
+            Ring.unlink_name(f"{bus}.history")  # a killed predecessor's, unused now
         self._dlq_stats()
         self._publish()
         # Bound and listening under a side name, then renamed into place: a
@@ -196,8 +209,9 @@ class Coordinator:
             if agent is about:
                 continue
             try:
-                with Ring.attach(agent.inbox) as ring:
-                    if not ring.try_write(frame):
+                # The top lane: a reader behind on its backlog still hears at once.
+                with Ring.attach(agent.inbox, lanes=True) as ring:
+                    if not ring.lanes[-1].try_write(frame):
                         log.warning("inbox of %s full: not told %s of %s", agent.name, event,
                                     about.name)  # fmt: skip
             except ShmbusError as e:
@@ -226,26 +240,32 @@ class Coordinator:
 
     def _watch_after_death(self, dead: _Agent) -> None:
         """A writer that died may have left a record half-written in any
-        inbox, below that inbox's tail now: watch each until its reader has
+        inbox lane, below that lane's tail now: watch each until its reader has
         passed that tail, unblocking the reader if it stops at such a record."""
-        for agent in self.agents.values():
-            if agent.name in self._watch:
-                ring, _ = self._watch.pop(agent.name)
+        inboxes = [(a.name, a.inbox) for a in self.agents.values()]
+        if self.history is not None:  # publishers write to it too
+            inboxes.append((HISTORY, self.history.inbox))
+        for name, inbox in inboxes:
+            if name in self._watch:
+                ring, _ = self._watch.pop(name)
                 ring.close()
             try:
-                ring = Ring.attach(agent.inbox)
+                ring = Ring.attach(inbox, lanes=True)
             except ShmbusError:
                 continue
-            self._watch[agent.name] = (ring, ring.positions[1])
+            self._watch[name] = (ring, [lane.positions[1] for lane in ring.lanes])
 
     def _unblock_watched(self) -> None:
-        for name, (ring, tail_at_death) in list(self._watch.items()):
-            done = name not in self.agents
+        for name, (ring, tails_at_death) in list(self._watch.items()):
+            done = name not in self.agents and name != HISTORY
             if not done:
                 try:
-                    if ring.unblock(grace=0.1):
-                        log.warning("unblocked the inbox of %s: a dead writer's record", name)
-                    done = (ring.positions[0] - tail_at_death) % (1 << 64) < 1 << 63  # passed it
+                    done = True
+                    for lane, tail_at_death in zip(ring.lanes, tails_at_death, strict=True):
+                        if lane.unblock(grace=0.1):
+                            log.warning("unblocked the inbox of %s (%s): a dead writer's record",
+                                        name, lane.name)  # fmt: skip
+                        done = _passed(lane.positions[0], tail_at_death) and done
                 except ShmbusError as e:
                     log.error("inbox of %s: %s", name, e)
                     done = True
@@ -266,6 +286,8 @@ class Coordinator:
         for ring, _ in self._watch.values():
             ring.close()
         self._watch.clear()
+        if self.history is not None:
+            self.history.close()
         self._sel.close()
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
@@ -325,18 +347,39 @@ class Coordinator:
     # ------------------------------------------------------------ state
 
     def _publish(self) -> None:
-        self.table.write(
-            {
-                "agents": {
-                    a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
-                    for a in self.agents.values()
-                    if a.active
-                },
-                "subs": {p: sorted(names) for p, names in self.subs.items() if names},
-                # For a coordinator that takes over: ids are never reused.
-                "next_id": self._next_id,
-            }
-        )
+        agents = {
+            a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
+            for a in self.agents.values()
+            if a.active
+        }
+        routes = {"agents": agents}
+        if self.history is not None:
+            # A subscriber like the others for publishers (id 0: no direct
+            # sends); agents hide it, and refuse to send to it.
+            agents[HISTORY] = [0, self.history.inbox, os.getpid(), self.history.slot, "shm"]
+            routes["history"] = self.history.patterns()
+        routes["subs"] = {p: sorted(names) for p, names in self.subs.items() if names}
+        routes["next_id"] = self._next_id  # for a coordinator that takes over: never reused
+        self.table.write(routes)
+
+    def _keep_history(self, patterns: dict[str, int]) -> None:
+        """Keep the last N messages published on each pattern (0: stop)."""
+        if self.history is None:
+            if not any(patterns.values()):
+                return
+            # A stats slot, so what publishers copy to it and what it reads
+            # add up in the totals like any subscriber's (snapshots hide it).
+            slot = self._free_slots.popleft() if self._free_slots else 0
+            if slot:
+                self.stats.open_agent(slot, 0, os.getpid(), HISTORY)
+            self.history = History(f"{self.bus}.history", self.stats.agent(slot), slot)
+        self.history.keep(patterns)
+        for pattern, n in patterns.items():
+            if n:
+                self.subs.setdefault(pattern, set()).add(HISTORY)
+            else:
+                self.subs.get(pattern, set()).discard(HISTORY)
+        self._publish()
 
     def _drop(self, conn: _Conn, *, publish: bool = True) -> None:
         """A connection ended: if it was an agent's, the agent is gone."""
@@ -388,11 +431,18 @@ class Coordinator:
     def _drain(self, agent: _Agent, reason: str) -> int:
         """Move what is left in a departed agent's inbox to the DLQ; how many."""
         try:
-            ring = Ring.attach(agent.inbox)
+            ring = Ring.attach(agent.inbox, lanes=True)  # read highest lane first
         except ShmbusError:
             return 0  # it never made one, or it is gone already
         moved = 0
         with ring:
+            # Sealed first: a send that passed its routes check just before the
+            # routes moved, or that waits on this full inbox, cannot land after
+            # the drain; it fails (and the sender dead-letters or raises).
+            ring.seal()
+            tails = [lane.positions[1] for lane in ring.lanes]
+            patience = time.monotonic() + 0.2
+            unblocked = False
             while True:
                 try:
                     frames = ring.read_many(256, 0)
@@ -400,8 +450,27 @@ class Coordinator:
                     log.error("inbox of %s unreadable after %d frames: %s", agent.name, moved, e)
                     break
                 if not frames:
-                    break
+                    behind = [lane for lane, tail in zip(ring.lanes, tails, strict=True)
+                              if not _passed(lane.positions[0], tail)]  # fmt: skip
+                    if not behind:
+                        break  # everything reserved before the seal is read
+                    # A writer reserved before the seal and is a moment from its
+                    # commit, or died on the way (then its record is skipped).
+                    if time.monotonic() < patience:
+                        time.sleep(0.001)
+                    elif not unblocked:
+                        unblocked = True
+                        patience = time.monotonic() + 0.5
+                        for lane in behind:
+                            lane.unblock(grace=0.05)
+                    else:
+                        log.error("inbox of %s: a writer never finished its record; its "
+                                  "message is lost", agent.name)  # fmt: skip
+                        break
+                    continue
                 for frame in frames:
+                    if len(frame) > 3 and frame[3] in _NOT_MESSAGES:
+                        continue  # the bus's own traffic to it: nobody's message
                     if len(frame) > DLQ_MAX_FRAME:
                         log.error("agent %s left a %d-byte message: too big for the DLQ",
                                   agent.name, len(frame))  # fmt: skip
@@ -442,6 +511,13 @@ class Coordinator:
             if op == "dlq_add" and conn.agent is not None and self.agents[conn.agent].slot:
                 self.stats.add(self.stats.agent(self.agents[conn.agent].slot), DEAD_LETTERED)
             return reply
+        if op in HISTORY_OPS:
+            if op == "keep_history":
+                self._keep_history(dict([check_keep(msg["pattern"], msg["n"])]))
+                return {"ok": True, "version": self.table.version}
+            if self.history is None:
+                return {"ok": True, "frames": [], "next": None, "end": 0}
+            return self.history.page(msg)
         if op in ("ping", "unregister"):
             return {"ok": True}
         return {"ok": False, "error": "BadRequest", "message": f"unknown op {op!r}"}
@@ -484,6 +560,11 @@ class Coordinator:
                 "stats": stats_name(self.bus)}  # fmt: skip
 
 
+def _passed(head: int, tail: int) -> bool:
+    """Has a reader's free-running head reached ``tail``?"""
+    return (head - tail) % (1 << 64) < 1 << 63
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shmbus coordinator", description=__doc__)
     parser.add_argument("--bus", default=os.environ.get("SHMBUS_BUS", "default"))
@@ -492,7 +573,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="an agent silent this long is hung; its peers are told")  # fmt: skip
     parser.add_argument("--dlq-size", type=int, default=10_000, metavar="N",
                         help="dead letters kept (the oldest go first; default 10000)")  # fmt: skip
+    parser.add_argument("--history", action="append", default=[], metavar="PATTERN=N",
+                        help="keep the last N messages published on PATTERN (repeatable)",
+                        )  # fmt: skip
     args = parser.parse_args(argv)
+    history = {}
+    for spec in args.history:
+        pattern, _, n = spec.rpartition("=")
+        try:
+            if not n.isdigit():
+                raise ValueError(f"give PATTERN=N, N a number from 1 to {MAX_KEEP}")
+            history.update([check_keep(pattern, int(n), stop=False)])
+        except ValueError as e:  # and InvalidName, InvalidArgument
+            parser.error(f"--history {spec!r}: {e}")
     if not args.heartbeat_timeout > 0:
         parser.error(f"--heartbeat-timeout must be positive, got {args.heartbeat_timeout}")
     if args.dlq_size < 1:
@@ -500,8 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     try:
         coordinator = Coordinator(
-            args.bus, dlq_size=args.dlq_size, heartbeat_timeout=args.heartbeat_timeout
-        )
+            args.bus, dlq_size=args.dlq_size, heartbeat_timeout=args.heartbeat_timeout,
+            history=history,
+        )  # fmt: skip
     except CoordinatorRunning as e:
         print(f"shmbus coordinator: {e}", file=sys.stderr)
         return 2

@@ -77,6 +77,11 @@ class ClaimLost(ShmbusError, ValueError):
     """A claimed record was unblocked or overwritten before it was committed: not sent."""
 
 
+class RingSealed(ShmbusError):
+    """The ring is sealed: its reader left for good (an agent that left or
+    died), so nothing more can be written to it. Not written."""
+
+
 class ShmbusTimeout(ShmbusError, TimeoutError):
     """Base of the timeouts: a wait ended before anything came."""
 
@@ -161,6 +166,8 @@ def raise_for(rc: int, what: str, *, err: int = 0, detail: str = "") -> NoReturn
         raise InvalidArgument(
             f"{what}: not allowed now{suffix} (a read_view still open, or a bad argument)"
         )
+    if rc == lib.SHMBUS_ECLOSED:
+        raise RingSealed(f"{what}: sealed, its reader has gone for good{suffix}; not written")
     if rc == lib.SHMBUS_EAGAIN:
         raise ShmbusError(f"{what}: still busy after retrying{suffix}; a writer may have died")
     raise ShmbusError(f"{what}: failed with code {rc}{suffix}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import operator
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ _EINTR = lib.SHMBUS_EINTR
 _ESTALE = lib.SHMBUS_ESTALE
 _EINVAL = lib.SHMBUS_EINVAL
 _ETOOBIG = lib.SHMBUS_ETOOBIG
+_ECLOSED = lib.SHMBUS_ECLOSED  # the recipient's inbox is sealed: it left or died
 _FULL = (lib.SHMBUS_EAGAIN, lib.SHMBUS_ETIMEDOUT)
 _MAX_TTL = 0xFFFFFFFF / 1000
 _MAX_TOPIC_ROUTES = 4096  # beyond this many distinct topics, start the cache over
@@ -128,41 +130,64 @@ class Outbox:
         self.agents: dict[str, list[Any]] = {}
         self.subs: dict[str, list[str]] = {}
         self.version = -1
+        # A receiving thread (resends, ACKs, a peer's death) and a sending
+        # one may both find the table moved: one of them rebuilds the caches.
+        self._lock = threading.RLock()
         self.refresh()
 
     # ----------------------------------------------------------- routes
 
     def refresh(self) -> None:
         """Read the routes table again; every route is rebuilt on its next use."""
-        version, routes = self.table.read()
-        routes = routes or {"agents": {}, "subs": {}}
-        agents = routes["agents"]
-        for peer in [p for p in self.peers if agents.get(p) != self.agents.get(p)]:
-            self.peers.pop(peer).close()  # gone, or back with a new inbox
-        self.agents = agents
-        self.subs = routes["subs"]
-        # Cleared in place: the agent's fast paths hold these very dicts.
-        self.direct.clear()
-        self.topics.clear()
-        self._subscribers.clear()
-        self.version = version
+        with self._lock:
+            version, routes = self.table.read()
+            routes = routes or {"agents": {}, "subs": {}}
+            agents = routes["agents"]
+            for peer in [p for p in self.peers if agents.get(p) != self.agents.get(p)]:
+                self.peers.pop(peer).close()  # gone, or back with a new inbox
+            self.agents = agents
+            self.subs = routes["subs"]
+            # Cleared in place: the agent's fast paths hold these very dicts.
+            self.direct.clear()
+            self.topics.clear()
+            self._subscribers.clear()
+            self.version = version
 
     def _fresh(self) -> None:
         if self.table.version != self.version:
-            self.refresh()
+            with self._lock:
+                if self.table.version != self.version:  # not done by another thread meanwhile
+                    self.refresh()
 
     def _ring(self, name: str) -> Ring | None:
         ring = self.peers.get(name)
         if ring is None:
-            info = self.agents.get(name)
-            if info is None:
-                return None
-            try:
-                ring = Ring.attach(info[1])
-            except NotFound:
-                return None  # left between the table and now
-            self.peers[name] = ring
+            with self._lock:
+                ring = self.peers.get(name)
+                if ring is not None:
+                    return ring
+                info = self.agents.get(name)
+                if info is None:
+                    return None
+                try:
+                    ring = Ring.attach(info[1], lanes=True)
+                except NotFound:
+                    return None  # left between the table and now
+                if ring.sealed:  # leaving: the coordinator is draining it
+                    ring.close()
+                    return None
+                self.peers[name] = ring
         return ring
+
+    def _forget_peer(self, name: str) -> None:
+        """A send found ``name``'s inbox sealed: no route may use it again."""
+        with self._lock:
+            ring = self.peers.pop(name, None)
+            self.direct.pop(name, None)
+            self.topics.clear()
+            self._subscribers.clear()
+        if ring is not None:
+            ring.close()
 
     def _new_route(
         self,
@@ -197,33 +222,36 @@ class Outbox:
 
     def route_to(self, name: str) -> Any:
         """The route to agent ``name``; :class:`UnknownRecipient` if there is none."""
-        self._fresh()
-        rt = self.direct.get(name)
-        if rt is not None:
+        with self._lock:  # built from one table: not refreshed under it by another thread
+            self._fresh()
+            rt = self.direct.get(name)
+            if rt is not None:
+                return rt
+            info = None if name.startswith(".") else self.agents.get(name)  # .history: the bus's
+            if info is None or self._ring(name) is None:
+                raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
+            rt, _ = self._new_route(name.encode(), info[0], b"", ffi.NULL, [name])
+            self.direct[name] = rt
             return rt
-        info = self.agents.get(name)
-        if info is None or self._ring(name) is None:
-            raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
-        rt, _ = self._new_route(name.encode(), info[0], b"", ffi.NULL, [name])
-        self.direct[name] = rt
-        return rt
 
     def route_topic(self, topic: str) -> Any:
         """The route to every subscriber of ``topic`` (a subscriber matched twice gets it once)."""
-        self._fresh()
-        rt = self.topics.get(topic)
-        if rt is not None:
+        with self._lock:
+            self._fresh()
+            rt = self.topics.get(topic)
+            if rt is not None:
+                return rt
+            validate_topic(topic)
+            if len(self.topics) >= _MAX_TOPIC_ROUTES:
+                self.topics.clear()
+                self._subscribers.clear()
+            subs = self.subs.items()
+            names = sorted({n for p, members in subs if match(p, topic) for n in members})
+            raw = topic.encode()
+            rt, names = self._new_route(b"", 0, raw, self.stats.topic(raw), names)
+            self.topics[topic] = rt
+            self._subscribers[topic] = names
             return rt
-        validate_topic(topic)
-        if len(self.topics) >= _MAX_TOPIC_ROUTES:
-            self.topics.clear()
-            self._subscribers.clear()
-        names = sorted({n for p, members in self.subs.items() if match(p, topic) for n in members})
-        raw = topic.encode()
-        rt, names = self._new_route(b"", 0, raw, self.stats.topic(raw), names)
-        self.topics[topic] = rt
-        self._subscribers[topic] = names
-        return rt
 
     def close(self) -> None:
         self.direct.clear()
@@ -277,14 +305,18 @@ class Outbox:
         size = HEADER_SIZE + len(self._name_b) + len(where.encode()) + data_len
         return MessageTooLarge(size, limit, f"the inbox of {where!r}")
 
-    def _fill(self, name: str) -> str:
+    def _fill(self, name: str, priority: int) -> str:
+        """How full the lane of ``priority`` in ``name``'s inbox is."""
         ring = self.peers.get(name)
         if ring is None:
             return "fill unknown"
-        return f"{ring.used} of {ring.capacity} bytes in use, {100 * ring.used // ring.capacity}%"
+        lane = ring.lane(priority)
+        where = f"priority lane {ring.lanes.index(lane)}: " if len(ring.lanes) > 1 else ""
+        return (f"{where}{lane.used} of {lane.capacity} bytes in use, "
+                f"{100 * lane.used // lane.capacity}%")  # fmt: skip
 
-    def _full(self, name: str, timeout: float | None, policy: str) -> InboxFull:
-        fill = self._fill(name)
+    def _full(self, name: str, timeout: float | None, policy: str, priority: int) -> InboxFull:
+        fill = self._fill(name, priority)
         if policy == "error":
             return InboxFull(
                 f"the inbox of {name!r} on bus {self.bus!r} is full ({fill}); "
@@ -295,9 +327,11 @@ class Outbox:
             "its reader is slow or stuck"
         )
 
-    def _drop(self, frame: bytes, name: str, n: int = 1) -> None:
-        StatsSegment.add(self.counters, DROPPED, n)
-        self._dead_letter(frame, f"inbox full: {name!r} ({self._fill(name)}); policy 'drop'")
+    def _drop(self, frame: bytes, name: str, priority: int) -> None:
+        StatsSegment.add(self.counters, DROPPED, 1)
+        self._dead_letter(
+            frame, f"inbox full: {name!r} ({self._fill(name, priority)}); policy 'drop'"
+        )
 
     # ------------------------------------------------------------- sends
 
@@ -324,6 +358,8 @@ class Outbox:
         ms = ttl_ms(ttl)
         deadline = _deadline(timeout)
         rc = first_rc if first_rc in _FULL else 0
+        if first_rc == _ECLOSED:
+            self._forget_peer(name)
         while not rc:
             try:
                 rt = self.route_to(name)
@@ -344,6 +380,9 @@ class Outbox:
             if rc == _ESTALE:
                 self.refresh()
                 rc = 0
+            elif rc == _ECLOSED:  # it left as we sent: the next look says so
+                self._forget_peer(name)
+                rc = 0
             elif rc == _EINTR:  # a signal: its handler ran on return; go on
                 rc = 0
         if rc in _FULL and policy == "drop":
@@ -351,11 +390,11 @@ class Outbox:
             frame = self.frame(kind, data, flags, msg_id, recipient=name, priority=priority,
                                ttl=ms, request_id=request_id,
                                correlation_id=correlation_id)  # fmt: skip
-            self._drop(frame, name)
+            self._drop(frame, name, priority)
             return int(msg_id)
         self._failed()
         if rc in _FULL:
-            raise self._full(name, timeout, policy)
+            raise self._full(name, timeout, policy, priority)
         if rc == _ETOOBIG:
             raise self._too_big(len(data), name)
         return raise_for(rc, f"send to {name!r}")  # type: ignore[no-any-return]
@@ -417,11 +456,22 @@ class Outbox:
                 if i >= written:
                     frame = self.frame(kind, data, flags[i], first + i, recipient=name,
                                        priority=priority, ttl=ms)  # fmt: skip
-                    self._drop(frame, name)
+                    self._drop(frame, name, priority)
             return list(range(first, first + n))
         self._failed(n - written)
+        if rc == _ECLOSED:
+            self._forget_peer(name)
+            for i, data in enumerate(_split(blob, lens)):
+                if i >= written:
+                    frame = self.frame(kind, data, flags[i], first + i, recipient=name,
+                                       priority=priority, ttl=ms)  # fmt: skip
+                    self._dead_letter(frame, f"recipient left: {name!r} closed its inbox")
+            raise UnknownRecipient(
+                f"agent {name!r} left bus {self.bus!r} during the send: {written} of {n} "
+                "messages were sent, the rest are in the DLQ"
+            )
         if rc in _FULL:
-            err = self._full(name, timeout, policy)
+            err = self._full(name, timeout, policy, priority)
             err.args = (f"{err.args[0]}; {written} of {n} messages were sent",)
             raise err
         if rc == _ETOOBIG:
@@ -478,7 +528,9 @@ class Outbox:
                 continue
             written = lib.shmbus_route_written(rt, target)
             self._failed(n - written)
-            why = {_ETOOBIG: "too large for the inbox"}.get(
+            if err == _ECLOSED:
+                self._forget_peer(name)
+            why = {_ETOOBIG: "too large for the inbox", _ECLOSED: "recipient left"}.get(
                 err, "inbox full" if err in _FULL else f"error {err}"
             )
             for i in range(written, n):

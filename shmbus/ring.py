@@ -3,6 +3,11 @@
 One shared-memory segment holds the ring; a named POSIX semaphore beside it is
 the doorbell a sleeping consumer waits on. Many processes may write, one reads.
 Nothing above this module touches ``ffi``.
+
+A ring made with ``lanes=3`` is an inbox with priority lanes: rings ``NAME``
+(lane 0), ``NAME.lane1`` and ``NAME.lane2`` sharing NAME's doorbell. Its reader
+takes the highest lane that has a frame first, FIFO within a lane; a writer
+picks its lane with :meth:`Ring.lane` (see :func:`lane_of` for the mapping).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from .errors import (
     raise_for,
 )
 
-__all__ = ["Ring", "segment_names", "validate_name"]
+__all__ = ["LANES", "Ring", "lane_name", "lane_of", "segment_names", "validate_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\Z")
 PREFIX = "shmbus."
@@ -44,6 +49,11 @@ _SCRATCH = 256 * 1024
 #: How long a reader spins before it sleeps on the doorbell, by default. Long
 #: enough to catch a reply in a ping-pong, short enough not to burn a core.
 DEFAULT_SPIN_NS = 50_000
+
+#: Priority lanes an inbox can have; priority 0-33 is lane 0, 34-66 lane 1,
+#: 67-100 lane 2 (shmbus_lane_of in csrc/shmbus_ring.c).
+LANES: int = lib.SHMBUS_RING_LANES
+lane_of = lib.shmbus_lane_of
 
 _read_many = lib.shmbus_ring_read_many
 _read_one = lib.shmbus_ring_read_one
@@ -68,6 +78,11 @@ def segment_names(name: str) -> tuple[str, str]:
     """The POSIX names of a ring's segment and of its doorbell semaphore."""
     validate_name(name)
     return f"/{PREFIX}{name}", f"/{PREFIX}{name}.bell"
+
+
+def lane_name(name: str, lane: int) -> str:
+    """The ring name of lane ``lane`` (1 or more) of the inbox ``name``."""
+    return f"{name}.lane{lane}"
 
 
 #: Timeouts longer than this (about 31 years) mean "wait forever": the C side
@@ -151,6 +166,8 @@ class Ring:
         self.name = name
         self.shm_name, self.bell_name = segment_names(name)
         self.owner = owner
+        #: This ring's lanes, lane 0 (itself) first; see the module's doc.
+        self.lanes: list[Ring] = [self]
         self.capacity: int = lib.shmbus_ring_capacity(handle)
         self.max_frame: int = lib.shmbus_ring_max_frame(handle)
         #: Nanoseconds a reader spins before it sleeps; 0 sleeps at once.
@@ -181,14 +198,20 @@ class Ring:
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    def create(cls, name: str, capacity: int = 1 << 20, *, max_frame: int | None = None) -> Ring:
+    def create(
+        cls, name: str, capacity: int = 1 << 20, *, max_frame: int | None = None, lanes: int = 1
+    ) -> Ring:
         """Create a ring of ``capacity`` data bytes (a power of two, 4 KiB to 1 GiB).
 
         ``max_frame`` (bytes of payload) defaults to an eighth of the capacity and
         may be raised to about half of it. The segment and semaphore are mode 0600.
-        Raises :class:`AlreadyExists` when the name is taken.
+        ``lanes`` (1 to LANES) makes priority lanes, each a ring of ``capacity``
+        (memory is only used as frames pass). Raises :class:`AlreadyExists` when
+        the name is taken.
         """
         shm, bell = segment_names(name)
+        if type(lanes) is not int or not 1 <= lanes <= LANES:
+            raise InvalidArgument(f"lanes must be an int from 1 to {LANES}, got {lanes!r}")
         lo, hi = lib.SHMBUS_RING_MIN_CAPACITY, lib.SHMBUS_RING_MAX_CAPACITY
         if (
             not isinstance(capacity, int)
@@ -211,23 +234,64 @@ class Ring:
         rc = lib.shmbus_ring_create(shm.encode(), bell.encode(), capacity, max_frame, out)
         if rc != _OK:
             raise_for(rc, f"create ring {name!r}", err=ffi.errno)
-        return cls(ffi.gc(out[0], lib.shmbus_ring_close), name, owner=True)
+        ring = cls(ffi.gc(out[0], lib.shmbus_ring_close), name, owner=True)
+        try:
+            for k in range(1, lanes):
+                lane_shm = segment_names(lane_name(name, k))[0]
+                rc = lib.shmbus_ring_create_lane(
+                    lane_shm.encode(), bell.encode(), capacity, max_frame, out
+                )
+                if rc != _OK:
+                    raise_for(rc, f"create lane {k} of ring {name!r}", err=ffi.errno)
+                ring._link(k, cls(ffi.gc(out[0], lib.shmbus_ring_close), lane_name(name, k),
+                                  owner=False))  # fmt: skip
+        except BaseException:
+            ring.close()
+            cls.unlink_name(name)
+            raise
+        return ring
+
+    def _link(self, k: int, lane: Ring) -> None:
+        rc = lib.shmbus_ring_link_lane(self._handle(), k, lane._handle())
+        if rc != _OK:
+            lane.close()
+            self._fail(rc, f"link lane {k} to")
+        self.lanes.append(lane)
 
     @classmethod
-    def attach(cls, name: str) -> Ring:
-        """Map an existing ring. Raises :class:`NotFound` or :class:`BadSegment`."""
+    def attach(cls, name: str, *, lanes: bool = False) -> Ring:
+        """Map an existing ring, and with ``lanes`` the lanes it has.
+
+        Raises :class:`NotFound` or :class:`BadSegment`.
+        """
         shm, bell = segment_names(name)
         out = ffi.new("shmbus_ring_t **")
         rc = lib.shmbus_ring_attach(shm.encode(), bell.encode(), out)
         if rc != _OK:
             raise_for(rc, f"attach ring {name!r}", err=ffi.errno)
-        return cls(ffi.gc(out[0], lib.shmbus_ring_close), name, owner=False)
+        ring = cls(ffi.gc(out[0], lib.shmbus_ring_close), name, owner=False)
+        for k in range(1, LANES if lanes else 1):
+            lane_shm = segment_names(lane_name(name, k))[0]
+            rc = lib.shmbus_ring_attach(lane_shm.encode(), bell.encode(), out)
+            if rc != _OK:
+                break  # no such lane: the inbox has fewer (its writers use the highest)
+            ring._link(k, cls(ffi.gc(out[0], lib.shmbus_ring_close), lane_name(name, k),
+                              owner=False))  # fmt: skip
+        return ring
 
     @staticmethod
     def unlink_name(name: str) -> bool:
-        """Remove a ring's segment and semaphore by name; False if there was none."""
+        """Remove a ring's segment and semaphore by name, and its lanes' if any;
+        False if there was no ring."""
         shm, bell = segment_names(name)
+        for k in range(1, LANES):
+            lib.shmbus_ring_unlink(segment_names(lane_name(name, k))[0].encode(), bell.encode())
         return lib.shmbus_ring_unlink(shm.encode(), bell.encode()) == _OK
+
+    def lane(self, priority: int) -> Ring:
+        """The ring a frame of ``priority`` (0-100) goes to: its lane, or the
+        highest lane below it that this inbox has."""
+        return self.lanes[min(lane_of(priority), len(self.lanes) - 1)]
 
     def close(self) -> None:
         """Unmap the ring from this process. Idempotent."""
@@ -240,6 +304,8 @@ class Ring:
             )
         handle, self._r = self._r, _NULL
         ffi.release(handle)  # runs shmbus_ring_close now, not at collection
+        for lane in self.lanes[1:]:
+            lane.close()
 
     def unlink(self) -> None:
         """Remove the segment's name (mapped processes keep their mapping). Idempotent."""
@@ -276,8 +342,14 @@ class Ring:
 
     @property
     def used(self) -> int:
-        """Bytes reserved by writers and not yet consumed (the fill level)."""
-        return lib.shmbus_ring_used(self._handle())
+        """Bytes reserved by writers and not yet consumed (the fill level) of this
+        ring; :attr:`fill` counts the lanes too."""
+        return lib.shmbus_ring_used(self._handle())  # type: ignore[no-any-return]
+
+    @property
+    def fill(self) -> tuple[int, int]:
+        """(used, capacity) bytes of the inbox: every lane it has."""
+        return sum(lane.used for lane in self.lanes), self.capacity * len(self.lanes)
 
     @property
     def heartbeat(self) -> int:
@@ -553,6 +625,17 @@ class Ring:
             self._fail(rc, "read from")
         self._open_views += 1
         return _View(self, self._view(ptr[0], length[0]))
+
+    def seal(self) -> None:
+        """Seal the ring and its lanes for good: its reader has gone. Every
+        write from now on raises :class:`RingSealed` (a writer waiting for room
+        stops waiting); read on until :attr:`positions` says the head reached
+        the tail it gives after this call, and nothing more can come."""
+        lib.shmbus_ring_seal(self._handle())
+
+    @property
+    def sealed(self) -> bool:
+        return bool(lib.shmbus_ring_sealed(self._handle()))
 
     @property
     def positions(self) -> tuple[int, int]:

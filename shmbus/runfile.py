@@ -16,6 +16,9 @@
     env = { LEVEL = "debug" }          # optional, either kind
     cwd = "tools"                      # optional, either kind
 
+    [history]                          # optional: the coordinator keeps the last N
+    "events.*" = 100                   # messages of each pattern (Agent.history)
+
 Everything is checked before anything starts -- keys, names, duplicates,
 replicas, every target imported, every command found -- and every problem is
 reported at once, as an :class:`~shmbus.errors.InvalidRunFile`. Relative
@@ -37,6 +40,7 @@ from typing import Any, TextIO
 
 from .control import validate_bus_or_agent
 from .errors import InvalidName, InvalidRunFile, ShmbusError
+from .history import check_keep
 from .runner import Runner
 
 if sys.version_info >= (3, 11):
@@ -46,7 +50,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = ["AgentSpec", "RunPlan", "load", "resolve_target", "run", "main"]
 
-TOP_KEYS = ("bus", "agents")
+TOP_KEYS = ("bus", "agents", "history")
 AGENT_KEYS = ("name", "target", "args", "command", "replicas", "env", "cwd")
 POLL = 0.05  # seconds between looks at the agents; an exit is reported this late at most
 
@@ -71,6 +75,7 @@ class RunPlan:
     base: str  # the file's directory, absolute: where targets are imported from
     bus: str
     agents: list[AgentSpec]
+    history: dict[str, int] = field(default_factory=dict)  # pattern -> messages kept
 
 
 # ------------------------------------------------------------------ load
@@ -128,10 +133,24 @@ def load(path: str | os.PathLike[str], bus: str | None = None) -> RunPlan:
             else:
                 owner[spec.name] = label
                 agents.append(spec)
+    history = _check_history(doc.get("history", {}), problems)
     if problems:
         raise InvalidRunFile(path, problems)
     assert bus is not None
-    return RunPlan(path, base, bus, agents)
+    return RunPlan(path, base, bus, agents, history)
+
+
+def _check_history(table: object, problems: list[str]) -> dict[str, int]:
+    if not isinstance(table, dict):
+        problems.append('history must be a table of "PATTERN" = N')
+        return {}
+    history = {}
+    for pattern, n in table.items():
+        try:
+            history.update([check_keep(pattern, n, stop=False)])
+        except ValueError as e:  # InvalidName, InvalidArgument
+            problems.append(f"history: {e}")
+    return history
 
 
 def _label(table: object, i: int) -> str:
@@ -304,7 +323,7 @@ def run(plan: RunPlan, *, seconds: float | None = None, out: TextIO | None = Non
     def say(text: str) -> None:
         print(f"shmbus run: {text}", file=out, flush=True)
 
-    runner = Runner(bus=plan.bus)
+    runner = Runner(bus=plan.bus, history=plan.history)
     exited: dict[str, int | None] = {}
     failed = False
     try:

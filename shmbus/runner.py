@@ -25,6 +25,7 @@ from typing import Any
 from .agent import Agent, connect
 from .control import lock_path, remove_bus_shm, socket_path, validate_bus_or_agent
 from .errors import CoordinatorUnavailable, ShmbusError
+from .history import check_keep
 
 __all__ = ["AgentProcess", "Runner"]
 
@@ -120,9 +121,13 @@ class _CoordinatorProcess(AgentProcess):
 class Runner:
     """Starts a bus's coordinator and agents, and cleans all of it up on exit."""
 
-    def __init__(self, bus: str = "default", *, start_timeout: float = 10.0) -> None:
+    def __init__(self, bus: str = "default", *, start_timeout: float = 10.0,
+                 history: dict[str, int] | None = None) -> None:  # fmt: skip
+        """``history``: patterns whose last N messages the coordinator keeps
+        (``{"events.*": 100}``; see Agent.history)."""
         self.bus = validate_bus_or_agent(bus, "bus")
         self.start_timeout = start_timeout
+        self.history = dict(check_keep(p, n, stop=False) for p, n in (history or {}).items())
         self._ctx = mp.get_context("spawn")
         self._agents: dict[str, AgentProcess] = {}
         self._local: list[Agent] = []
@@ -160,8 +165,10 @@ class Runner:
         raise SystemExit(128 + signum)
 
     def _start_coordinator(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "shmbus.coordinator", "--bus", self.bus]
+        argv += [f"--history={p}={n}" for p, n in self.history.items()]
         return subprocess.Popen(
-            [sys.executable, "-m", "shmbus.coordinator", "--bus", self.bus],
+            argv,
             start_new_session=True,  # a Ctrl-C reaches it through us, in order
         )
 

@@ -189,6 +189,8 @@ class StatsSegment(Segment):
             name = bytes(raw[base + 28 : base + 28 + name_len]).decode(errors="replace")
             own = row[_OWN : _OWN + len(_COUNTER_FIELDS)]
             totals += np.array(own, dtype=object)
+            if name.startswith("."):
+                continue  # the coordinator's own inbox (.history): counted, not an agent
             delivered = int(row[_OTHERS])
             received = int(own[RECEIVED])
             used, capacity = (inboxes or {}).get(name, (0, 0))
@@ -233,10 +235,10 @@ def inbox_fill(agents: dict[str, list[Any]], open_rings: dict[str, Ring] | None 
         ring = (open_rings or {}).get(name)
         try:
             if ring is not None:
-                fill[name] = (ring.used, ring.capacity)
+                fill[name] = ring.fill
             else:
-                with Ring.attach(info[1]) as peer:
-                    fill[name] = (peer.used, peer.capacity)
+                with Ring.attach(info[1], lanes=True) as peer:
+                    fill[name] = peer.fill
         except ShmbusError:
             pass  # gone since the table was read
     return fill

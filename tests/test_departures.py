@@ -133,3 +133,28 @@ def test_a_stopped_agent_is_reported_hung_and_then_resumed(names, runtime, child
     finally:
         coordinator.terminate()
         coordinator.wait(10)
+
+
+def _acked_holder(bus: str, name: str) -> None:
+    with shmbus.connect(bus=bus, name=name) as agent:
+        agent.send("driver", "ready", requires_ack=True)
+        time.sleep(60)  # killed here: what comes to its inbox stays unread
+
+
+def test_a_dead_agents_acks_and_notices_are_not_dead_letters(bus, children):
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        holder = children.start(_acked_holder, bus, "holder")
+        assert driver.recv(timeout=20).payload == "ready"  # its ACK goes to the holder
+        first = children.start(_acked_holder, bus, "first")
+        assert driver.recv(timeout=20).payload == "ready"
+        with pytest.raises(shmbus.RecvTimeout):
+            driver.recv(timeout=0.2)  # the ACKs go out before a wait
+        os.kill(first.pid, signal.SIGKILL)  # the holder is told: a CONTROL notice
+        wait_for(lambda: "first" not in driver.peers())
+        ids = driver.send_many("holder", [1, 2, 3])
+        os.kill(holder.pid, signal.SIGKILL)
+        wait_for(lambda: "holder" not in driver.peers())
+        wait_for(lambda: len(driver.dlq()) >= 3)
+        time.sleep(0.2)
+        assert [d.message.id for d in driver.dlq()] == ids  # no ACK, no notice
+        assert driver.stats().agents["driver"].sent == 5  # two ACKs, three messages

@@ -51,7 +51,8 @@ def write(path: Path, text: str) -> Path:
 
 def wait_for_files(paths: list[Path], proc: subprocess.Popen[str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while not all(p.exists() for p in paths):
+    # Written, not just there: write_text creates the file before it writes it.
+    while not all(p.exists() and p.stat().st_size for p in paths):
         assert proc.poll() is None, f"shmbus run exited early: {proc.communicate()}"
         assert time.monotonic() < deadline, f"agents did not start: {paths}"
         time.sleep(0.05)
@@ -288,10 +289,13 @@ def test_load_gives_one_spec_per_replica_with_paths_from_the_file(tmp_path):
         name = "tool"
         command = ["sh", "-c", "true"]
         cwd = "sub"
+        [history]
+        "events.*" = 5
         """,
     )
     plan = load(toml, bus="override")
     assert plan.bus == "override" and plan.base == str(tmp_path)
+    assert plan.history == {"events.*": 5}
     assert plan.agents == [
         AgentSpec("w-1", str(tmp_path), target=f"{module}:work", args=(1, "x", {"k": [2]}),
                   env={"LEVEL": "debug"}),
@@ -357,6 +361,12 @@ CASES = {
                         "env must be a table of strings"),
     "cwd missing": ('bus = "b"\n[[agents]]\nname = "a"\ncwd = "nowhere"\n' + TARGET,
                     "cwd 'nowhere' is not a directory"),
+    "history not a table": ('bus = "b"\nhistory = 3\n[[agents]]\nname = "a"\n' + TARGET,
+                            "history must be a table"),
+    "history bad pattern": ('bus = "b"\n[history]\n"a..b" = 3\n[[agents]]\nname = "a"\n'
+                            + TARGET, "history: invalid pattern 'a..b'"),
+    "history bad count": ('bus = "b"\n[history]\n"a.*" = 0\n[[agents]]\nname = "a"\n'
+                          + TARGET, "history: history of 'a.*': keep 1 to 100000"),
 }  # fmt: skip
 
 

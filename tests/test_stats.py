@@ -13,6 +13,7 @@ import pytest
 
 import shmbus
 from shmbus import MessageType
+from shmbus.ring import LANES
 
 
 def _worker(bus: str, name: str, count: int) -> None:
@@ -66,7 +67,7 @@ def test_counters_are_exact_across_processes_and_survive_departures(bus, childre
             assert (d.sent, d.received, d.pending) == (1, 501, 0)  # 'ready' + 500
             assert (li.received, li.delivered, li.pending) == (3, 3, 0)
             assert w1.pid != os.getpid() and d.pid == os.getpid()
-            assert d.bytes_received > 500 * 64 and d.inbox_capacity == 1 << 22
+            assert d.bytes_received > 500 * 64 and d.inbox_capacity == LANES << 22  # every lane
             topic = s.topics["jobs.done"]
             assert (topic.published, topic.delivered) == (3, 3)
             assert s.totals.sent == s.totals.received == 505
@@ -89,7 +90,7 @@ def test_pending_and_inbox_fill_of_a_reader_that_does_not_read(bus, children):
         s = driver.stats()
         slow = s.agents["slow"]
         assert slow.pending == 40 and slow.delivered == 41
-        assert 0 < slow.inbox_used <= slow.inbox_capacity == 1 << 16
+        assert 0 < slow.inbox_used <= slow.inbox_capacity == LANES << 16
 
 
 def test_a_full_subscriber_does_not_starve_the_others_and_nothing_vanishes(bus, children):

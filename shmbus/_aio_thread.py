@@ -1,0 +1,199 @@
+"""The threads behind :mod:`shmbus.aio`: the inbox reader, and calls that may block.
+
+The inbox's doorbell is a POSIX semaphore, which an event loop cannot select
+on. So each asyncio agent has one reader thread that waits in the synchronous
+agent's receive path (the ring's short spin, then the semaphore: no busy
+core), and hands what it read to the loop in batches, one wake-up of the loop
+for many messages. It stops reading while the loop holds ``max_unread``
+messages and no request waits, so the inbox fills and senders feel the
+backpressure instead of Python buffering without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .agent import Agent
+from .errors import Closed, ShmbusError
+from .message import Message, MessageType, encode_message
+
+log = logging.getLogger("shmbus.aio")
+
+#: Unread messages the loop may hold, by default, before the reader stops
+#: reading; it goes on once half of them are taken.
+MAX_UNREAD = 4096
+BATCH = 64  # messages per read, and per wake-up of the loop, at most
+IDLE = 0.5  # seconds a read waits at most: resends fall due, a lost wake-up is found
+WAKE = "shmbus.aio.wake"  # the payload of the frame that wakes a reader to stop
+
+
+class Reader(threading.Thread):
+    """Reads the agent's inbox for the loop; ``hand(batch)`` passes a batch over."""
+
+    def __init__(self, agent: Agent, hand: Callable[[list[Message]], None],
+                 requests_waiting: Callable[[], int], max_unread: int) -> None:  # fmt: skip
+        super().__init__(name=f"shmbus-aio-reader-{agent.name}", daemon=True)
+        self.agent = agent
+        self.hand = hand
+        self.requests_waiting = requests_waiting
+        self.high = max_unread
+        self.low = max_unread // 2
+        self.cond = threading.Condition()
+        self.backlog = 0  # handed to the loop, not yet taken by recv (under cond)
+        self.paused = False
+        self.stopping = False
+        self.wake_seen = False
+        self._wake = encode_message(
+            Message(type=MessageType.CONTROL, sender=agent.name, recipient=agent.name, payload=WAKE)
+        )
+
+    # ------------------------------------------------------ loop's side
+
+    def taken(self, n: int) -> None:
+        """The loop took ``n`` messages: the reader may go on once few are left."""
+        with self.cond:
+            self.backlog -= n
+            if self.paused and self.backlog <= self.low:
+                self.cond.notify()
+
+    def need(self) -> None:
+        """A request waits for its response: read, however full the loop is."""
+        if self.paused:
+            with self.cond:
+                self.cond.notify()
+
+    def stop(self, timeout: float) -> list[Message]:
+        """Have the thread end (blocking up to ``timeout``: run it off the loop).
+        Returns what was read after it, looking for the wake-up frame left
+        behind when the thread was not waiting on the inbox."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        try:  # wake it now rather than at the end of its wait
+            woken = self.agent.inbox.try_write(self._wake)
+        except ShmbusError:
+            woken = False  # a full inbox wakes it anyway; else IDLE bounds the wait
+        self.join(timeout)
+        after: list[Message] = []
+        if not woken or self.is_alive():
+            return after
+        while not self.wake_seen:  # the reader is gone: this thread reads now
+            got = self.agent.recv_many(BATCH, timeout=0)
+            if not got:
+                break
+            after += self._strip(got)
+        return after
+
+    def _strip(self, got: list[Message]) -> list[Message]:
+        """``got`` without the wake-up frame (noted as seen)."""
+        name = self.agent.name
+        out = []
+        for m in got:
+            if m.type is MessageType.CONTROL and m.sender == name and m.payload == WAKE:
+                self.wake_seen = True
+            else:
+                out.append(m)
+        return out
+
+    # ---------------------------------------------------- thread's side
+
+    def _wait_for_room(self) -> bool:
+        """Wait while the loop holds enough unread; False when told to stop."""
+        acks = self.agent._acks
+        with self.cond:
+            while self.backlog >= self.high and not self.stopping and not self.requests_waiting():
+                self.paused = True
+                self.cond.wait(IDLE)
+                if acks.pending:  # our own unacknowledged sends still fall due
+                    acks.resend_due(time.monotonic())
+            self.paused = False
+            return not self.stopping
+
+    def run(self) -> None:
+        agent = self.agent
+        acks = agent._acks
+        name = agent.name
+        while self._wait_for_room():
+            wait = IDLE
+            if acks.pending:  # wake for the next resend
+                wait = min(wait, max(acks.next_due - time.monotonic(), 0.0))
+            try:
+                got = agent.recv_many(min(BATCH, max(self.high - self.backlog, 1)), timeout=wait)
+            except Closed:
+                return
+            except Exception as e:  # not expected: say so, do not spin on it, go on
+                log.error("agent %s: reading the inbox failed: %r", name, e)
+                time.sleep(0.05)
+                continue
+            if not got:
+                continue
+            batch = self._strip(got)
+            if not batch:
+                continue
+            with self.cond:
+                self.backlog += len(batch)
+            try:
+                self.hand(batch)
+            except RuntimeError:  # the loop is closed: nobody will take them
+                log.error("agent %s: its event loop closed while %d messages came; they go to "
+                          "the DLQ", name, len(batch))  # fmt: skip
+                for msg in batch:
+                    agent._dead_letter(encode_message(msg), "unread: its event loop closed")
+                return
+
+
+async def off_loop(left: set[threading.Thread], fn: Callable[..., Any], *args: Any,
+                   **kw: Any) -> Any:  # fmt: skip
+    """``fn(*args, **kw)`` in a thread of its own, awaited: for calls that may
+    block (a full inbox under "block", the coordinator). A thread per call,
+    not a pool: these calls are rare. A cancelled task leaves the call to
+    finish on its own (bounded by its timeout); its thread goes in ``left``."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            result = fn(*args, **kw)
+        except BaseException as e:  # handed to the awaiting task
+            ok, value = False, e
+        else:
+            ok, value = True, result
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:  # the loop closed meanwhile: nobody awaits it
+            pass
+
+    thread = threading.Thread(target=run, name=f"shmbus-aio-{fn.__name__}", daemon=True)
+    thread.start()
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        left.add(thread)
+        raise
+    finally:
+        if fut.done() and not fut.cancelled():
+            thread.join()  # it has handed its result over: its last step
+
+
+async def join_left(left: set[threading.Thread], timeout: float) -> None:
+    """Let the calls cancelled tasks left running finish, up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for t in [t for t in left if not t.is_alive()]:
+            left.discard(t)
+        if not left or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(0.01)
