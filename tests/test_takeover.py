@@ -288,3 +288,19 @@ def test_what_the_table_holds_is_checked_and_the_coordinators_own_inbox_skipped(
     ):
         with pytest.raises(ValueError):
             _parse("b", bad)
+
+
+def test_a_bus_that_keeps_history_is_taken_over_too(names, children, runtime):
+    bus = names("bus")
+    first = start_coordinator(children, bus, "--history", "h.*=10")
+    with shmbus.connect(bus=bus, name="a") as a:
+        a.publish("h.1", "kept")
+        wait_for(lambda: [m.payload for m in a.history("h.*")] == ["kept"], what="history")
+        kill(first)
+        new = take_over(children, bus, "--history", "h.*=10")
+        a.subscribe("t")  # rejoined: the history's inbox in the table is not an agent
+        assert a.peers() == ["a"]
+        a.publish("h.2", "again")
+        wait_for(lambda: "again" in [m.payload for m in a.history("h.*")], what="history")
+    stop(new)
+    assert bus_entries(bus) == []
