@@ -276,8 +276,16 @@ class Coordinator:
     def stop(self) -> None:
         self._stopping = True
 
-    def close(self) -> None:
-        """Close every connection and remove the bus's socket, table and lock."""
+    def close(self, *, hand_over: bool = False) -> None:
+        """Close every connection and remove the bus's socket, table and lock.
+
+        With ``hand_over`` and agents still on the bus, leave the bus to the
+        next coordinator instead (``shmbus coordinator`` on SIGHUP, and
+        ``runner.coordinator.restart()``): the routes, stats, inboxes and
+        history stay; the agents keep talking and rejoin the successor."""
+        if hand_over and self.agents:
+            self._hand_over()
+            return
         for agent in list(self.agents.values()):
             if agent.conn is None:
                 self._forget_agent(agent, publish=False)
@@ -302,6 +310,28 @@ class Coordinator:
         os.close(self._lock_fd)
         with contextlib.suppress(OSError):  # left alone if anything else is in it
             runtime_dir(self.bus).rmdir()
+
+    def _hand_over(self) -> None:
+        for agent in self.agents.values():
+            if agent.conn is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(agent.conn.sock)
+                agent.conn.sock.close()  # its agent rejoins whoever comes next
+        for ring, _ in self._watch.values():
+            ring.close()
+        self._watch.clear()
+        if self.history is not None:
+            self.history.close(unlink=False)
+        self._sel.close()
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(self.bus).unlink()
+        self.table.close()
+        self.stats.close()
+        self.dlq.close()
+        os.close(self._lock_fd)  # the lock goes with it: a successor may start
+        log.warning("handed bus %s over with %d agents on it: the next coordinator takes "
+                    "it over", self.bus, len(self.agents))  # fmt: skip
 
     def _accept(self) -> None:
         try:
@@ -600,15 +630,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shmbus coordinator: {e}", file=sys.stderr)
         return 2
 
+    hand_over = False
+
     def stop(signum: int, frame: Any) -> None:
+        nonlocal hand_over
+        hand_over = signum == signal.SIGHUP
         coordinator.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, stop)  # a restart: leave the bus to the next one
     try:
         coordinator.serve()
     finally:
-        coordinator.close()
+        coordinator.close(hand_over=hand_over)
     return 0
 
 

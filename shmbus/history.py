@@ -284,8 +284,9 @@ class History:
 
     # ------------------------------------------------------------- close
 
-    def close(self) -> None:
-        """Stop the reader and remove the inbox (its frames are dropped: history only)."""
+    def close(self, *, unlink: bool = True) -> None:
+        """Stop the reader and remove the inbox (its frames are dropped: history
+        only); without ``unlink``, a successor takes the inbox over."""
         self._stop.set()
         if self._thread.ident is not None:
             self._thread.join(5)
@@ -294,7 +295,8 @@ class History:
             if self._counted:  # the stats mapping may go first
                 lib.shmbus_ring_count_reads(self.ring._handle(), ffi.NULL, ffi.NULL)
             self.ring.close()
-        self.ring.unlink()
+        if unlink:
+            self.ring.unlink()
 
 
 def _seq_of(item: tuple[int, str, bytes]) -> int:

@@ -114,7 +114,15 @@ class _CoordinatorProcess(AgentProcess):
         super().__init__("coordinator", runner._start_coordinator)
 
     def restart(self, timeout: float = 5.0) -> None:
-        super().restart(timeout)
+        """Hand the bus over (SIGHUP: the coordinator leaves every segment and
+        inbox as it is), start a new coordinator and return once it listens;
+        the agents rejoin it on their own, as after a kill."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGHUP)
+            if not self._wait(timeout):
+                self.kill()
+        self._proc = self._start()
         self._runner._await_coordinator()
 
 

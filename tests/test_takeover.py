@@ -270,6 +270,28 @@ def test_runner_restart_after_kill_takes_the_bus_over(names, runtime):
     assert bus_entries(bus) == []
 
 
+def test_a_graceful_restart_hands_the_bus_over(names, runtime):
+    """runner.coordinator.restart() (SIGHUP) leaves the bus as it is: nothing
+    in any inbox is drained, and the agents rejoin the new coordinator."""
+    bus = names("bus")
+    with shmbus.Runner(bus=bus, history={"h.*": 10}) as runner:
+        driver = runner.connect("driver")
+        runner.spawn("echo", _runner_echo)
+        assert driver.recv(timeout=20).payload == "ready"
+        driver.publish("h.1", "kept")
+        driver.send("driver", "unread")  # sits in its inbox through the restart
+        before = driver.stats().totals.sent
+        runner.coordinator.restart()
+        assert runner.coordinator.alive
+        assert driver.recv(timeout=5).payload == "unread"
+        assert driver.request("echo", 3, timeout=10).payload == 3
+        driver.subscribe("t")  # rejoined: the same bus, not a fresh one
+        assert driver.peers() == ["driver", "echo"]
+        assert driver.stats().totals.sent > before  # counters carried on
+        assert driver.dlq() == []  # nothing was drained
+    assert bus_entries(bus) == []
+
+
 def test_what_the_table_holds_is_checked_and_the_coordinators_own_inbox_skipped():
     from shmbus.takeover import _parse
 
