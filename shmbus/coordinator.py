@@ -117,6 +117,8 @@ class Coordinator:
         self._watch: dict[str, tuple[Ring, list[int]]] = {}
         self._dying: list[tuple[_Agent, float]] = []  # closed, not yet certainly dead
         self._strays: dict[int, int] = {}  # stats slot -> pid: in use, by no agent we know
+        self._stray_inboxes_unchecked = False  # see takeover._drain_stray_inboxes
+        self._agent_cls = _Agent
         self.heartbeat_timeout = heartbeat_timeout
         self._next_beat_check = 0.0
         self._next_orphan_check = 0.0

@@ -95,7 +95,30 @@ def adopt(coord: Coordinator, agent_cls: Any) -> bool:
     )  # fmt: skip
     for agent in list(coord.agents.values()):
         _look_at_orphan(coord, agent)
+    coord._stray_inboxes_unchecked = True
+    _drain_stray_inboxes(coord)
     return True
+
+
+def _drain_stray_inboxes(coord: Coordinator) -> None:
+    """Inboxes on no agent's entry: a killed coordinator took their agents off
+    the routes but died before it drained them. What they hold goes to the
+    DLQ. Not while an agent that registered but never became active may be
+    alive: its inbox is on no entry either, and it removes it itself."""
+    if not coord._stray_inboxes_unchecked or coord._strays:
+        return
+    coord._stray_inboxes_unchecked = False
+    prefix = f"shmbus.{inbox_name(coord.bus, '')}"
+    known = {a.inbox for a in coord.agents.values()}
+    for entry in sorted(os.listdir("/dev/shm")):
+        name = entry[len("shmbus.") :]
+        if not entry.startswith(prefix) or "." in entry[len(prefix) :] or name in known:
+            continue  # not an inbox's lane 0 (a lane, a bell), or a live agent's
+        agent_name = entry[len(prefix) :]
+        log.warning("inbox of %s was left undrained by a killed coordinator: draining it",
+                    agent_name)  # fmt: skip
+        agent = coord.agents[agent_name] = coord._agent_cls(agent_name, 0, 0, name, None)
+        coord._forget_agent(agent, publish=False, reason="recipient left")
 
 
 def _attach(bus: str) -> tuple[Table, StatsSegment, Any] | None:
@@ -188,6 +211,7 @@ def check_orphans(coord: Coordinator, now: float) -> None:
             del coord._strays[slot]
             coord.stats.close_agent(slot)
             coord._free_slots.append(slot)
+    _drain_stray_inboxes(coord)
 
 
 def rejoin(coord: Coordinator, conn: Any, msg: dict[str, Any]) -> dict[str, Any]:

@@ -161,6 +161,35 @@ def test_an_agent_killed_while_no_coordinator_runs_is_found_dead(names, children
     assert bus_entries(bus) == []
 
 
+def test_an_inbox_its_coordinator_died_before_draining_goes_to_the_dlq(names, children,
+                                                                      runtime):  # fmt: skip
+    from shmbus.control import inbox_name
+    from shmbus.message import encode_frame
+
+    bus = names("bus")
+    first = start_coordinator(children, bus)
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        kill(first)
+        # As a coordinator killed between taking "ghost" off the routes and
+        # draining its inbox leaves it: an inbox on no agent's entry.
+        with shmbus.Ring.create(inbox_name(bus, "ghost"), 1 << 16, lanes=3) as ghost:
+            for i in range(3):
+                ghost.lane(50 * i).write(encode_frame(
+                    int(MessageType.DIRECT), sender=b"driver", recipient=b"ghost",
+                    payload=b"%d" % i, msg_id=100 + i, priority=50 * i,
+                ))  # fmt: skip
+            ghost.owner = False  # its removal is the new coordinator's job
+        new = take_over(children, bus)
+        wait_for(lambda: len(driver.dlq()) == 3, what="the stray inbox drained")
+        dead = driver.dlq()
+        assert [d.message.id for d in dead] == [102, 101, 100]  # highest lane first
+        assert all(d.reason.startswith("recipient left: 'ghost'") for d in dead)
+        assert not [n for n in bus_entries(bus) if ".inbox.ghost" in n]
+        assert driver.peers() == ["driver"]
+    stop(new)
+    assert bus_entries(bus) == []
+
+
 def test_an_agent_killed_before_it_rejoins_is_found_dead(names, children, runtime):
     # Alive when the new coordinator takes over, dead before it rejoins: the
     # coordinator looks at the processes of agents that have not rejoined.
