@@ -192,7 +192,9 @@ class Agent:
         self._subscriptions: set[str] = set()  # told again to a coordinator that takes over
         # Dead letters made while no coordinator runs, sent once one took over.
         self._dlq_lock = threading.Lock()
-        self._dlq_kept: collections.deque[tuple[bytes, str]] = collections.deque()
+        # (frame, reason, maybe_added): the last is True for a letter whose
+        # dlq_add the coordinator may have done just before it was killed.
+        self._dlq_kept: collections.deque[tuple[bytes, str, bool]] = collections.deque()
         self._dlq_lost = 0
         self._ctl = Client(bus, timeout, wait=timeout, who=f"agent {name!r}: ")
         try:
@@ -857,13 +859,13 @@ class Agent:
             self._ctl.call("dlq_add", wait=0, frame=frame, reason=reason)
         except CoordinatorUnavailable:
             with self._dlq_lock:
-                self._keep_dead_letter(frame, reason)
+                self._keep_dead_letter(frame, reason, maybe_added=True)
         except ShmbusError as e:  # refused (too big...): say so loudly, it is a loss
             log.error("agent %s could not dead-letter a message (%s): %s", self.name, reason, e)
 
-    def _keep_dead_letter(self, frame: bytes, reason: str) -> None:
+    def _keep_dead_letter(self, frame: bytes, reason: str, maybe_added: bool = False) -> None:
         if len(self._dlq_kept) < DLQ_KEPT:
-            self._dlq_kept.append((frame, reason))
+            self._dlq_kept.append((frame, reason, maybe_added))
             return
         self._dlq_lost += 1
         if self._dlq_lost == 1 or self._dlq_lost % 1000 == 0:
@@ -878,10 +880,15 @@ class Agent:
             with self._dlq_lock:
                 if not self._dlq_kept:
                     break
-                frame, reason = self._dlq_kept[0]
+                frame, reason, maybe_added = self._dlq_kept[0]
             try:
-                self._ctl.call("dlq_add", wait=0, frame=frame, reason=reason)
+                # unless_recent: the killed coordinator may have added it
+                # without living to reply; the DLQ then keeps it once.
+                self._ctl.call("dlq_add", wait=0, frame=frame, reason=reason,
+                               unless_recent=maybe_added)  # fmt: skip
             except CoordinatorUnavailable:
+                with self._dlq_lock:
+                    self._dlq_kept[0] = (frame, reason, True)
                 break  # gone again: the next rejoin goes on
             except ShmbusError as e:
                 log.error("agent %s could not dead-letter a message (%s): %s", self.name,

@@ -60,6 +60,22 @@ def test_the_oldest_go_first_when_full_and_are_counted(tmp_path):
     again.close()
 
 
+def test_a_letter_sent_again_after_a_lost_reply_is_kept_once(tmp_path):
+    """An agent whose dlq_add outlived the coordinator's reply sends it again
+    to the next one with unless_recent: found among the last entries, not added."""
+    dlq = DeadLetterQueue("b", 10, directory=tmp_path / "b")
+    first = dlq.handle("dlq_add", {"frame": frame(1), "reason": "expired"})
+    fill(dlq, 3, start=2)
+    again = dlq.handle("dlq_add", {"frame": frame(1), "reason": "expired", "unless_recent": True})
+    assert again["id"] == first["id"] and payloads(dlq) == [1, 2, 3, 4]
+    other = dlq.handle("dlq_add", {"frame": frame(1), "reason": "inbox full",
+                                   "unless_recent": True})  # fmt: skip
+    assert other["id"] != first["id"] and payloads(dlq) == [1, 2, 3, 4, 1]
+    dlq.handle("dlq_add", {"frame": frame(1), "reason": "expired"})  # a plain add always adds
+    assert payloads(dlq) == [1, 2, 3, 4, 1, 1]
+    dlq.close()
+
+
 def test_a_smaller_bound_on_reload_keeps_the_newest_and_counts_the_rest(tmp_path):
     dlq = DeadLetterQueue("b", 10, directory=tmp_path / "b")
     fill(dlq, 6)
