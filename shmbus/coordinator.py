@@ -42,7 +42,7 @@ from .dlq import DeadLetterQueue
 from .errors import CoordinatorRunning, ShmbusError
 from .history import HISTORY, MAX_KEEP, History, check_keep
 from .history import OPS as HISTORY_OPS
-from .message import MessageType, encode_frame
+from .message import FLAG_ACK, MessageType, encode_frame
 from .ring import Ring
 from .routes import validate_pattern
 from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL
@@ -507,7 +507,11 @@ class Coordinator:
                         log.error("agent %s left a %d-byte message: too big for the DLQ",
                                   agent.name, len(frame))  # fmt: skip
                         continue
-                    self.dlq.add(frame, f"{reason}: {agent.name!r} (pid {agent.pid})")
+                    # An acked message's sender resends it while it has attempts
+                    # left (a namesake that comes back may get it): say so.
+                    acked = len(frame) > 5 and frame[5] & FLAG_ACK
+                    self.dlq.add(frame, f"{reason}: {agent.name!r} (pid {agent.pid})"
+                                 + ("; its sender resends it" if acked else ""))  # fmt: skip
                     moved += 1
         if moved:
             self._dlq_stats()

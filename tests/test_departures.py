@@ -158,3 +158,16 @@ def test_a_dead_agents_acks_and_notices_are_not_dead_letters(bus, children):
         time.sleep(0.2)
         assert [d.message.id for d in driver.dlq()] == ids  # no ACK, no notice
         assert driver.stats().agents["driver"].sent == 5  # two ACKs, three messages
+
+
+def test_an_acked_message_a_dead_agent_held_says_its_sender_resends_it(bus, children):
+    with shmbus.connect(bus=bus, name="driver", ack_timeout=30) as driver:
+        proc = children.start(_holder, bus)
+        assert driver.recv(timeout=20).payload == "ready"
+        plain = driver.send("holder", "plain")
+        acked = driver.send("holder", "acked", requires_ack=True)
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: len(driver.dlq()) >= 2)
+        reasons = {d.message.id: d.reason for d in driver.dlq()}
+        assert reasons[plain].startswith("recipient died") and "resends" not in reasons[plain]
+        assert reasons[acked].endswith("; its sender resends it")
