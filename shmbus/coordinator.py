@@ -118,6 +118,7 @@ class Coordinator:
         self._dying: list[tuple[_Agent, float]] = []  # closed, not yet certainly dead
         self._strays: dict[int, int] = {}  # stats slot -> pid: in use, by no agent we know
         self._stray_inboxes_unchecked = False  # see takeover._drain_stray_inboxes
+        self.parent = 0  # a pid: stop when it is no longer our parent (--exit-with-parent)
         self._agent_cls = _Agent
         self.heartbeat_timeout = heartbeat_timeout
         self._next_beat_check = 0.0
@@ -155,6 +156,10 @@ class Coordinator:
 
     def serve(self) -> None:
         while not self._stopping:
+            if self.parent and os.getppid() != self.parent:
+                log.warning("bus %s: the process that started it (pid %d) is gone: stopping",
+                            self.bus, self.parent)  # fmt: skip
+                break
             busy = self._watch or self._dying or self._strays or self._orphans()
             for key, _ in self._sel.select(timeout=0.02 if self._dying else 0.1 if busy else 0.2):
                 if key.fileobj is self._listener:
@@ -609,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="an agent silent this long is hung; its peers are told")  # fmt: skip
     parser.add_argument("--dlq-size", type=int, default=10_000, metavar="N",
                         help="dead letters kept (the oldest go first; default 10000)")  # fmt: skip
+    parser.add_argument("--exit-with-parent", type=int, default=0, metavar="PID",
+                        help="stop the bus when process PID, our parent, is gone (a Runner's "
+                        "coordinator: nothing else would stop it)")  # fmt: skip
     parser.add_argument("--history", action="append", default=[], metavar="PATTERN=N",
                         help="keep the last N messages published on PATTERN (repeatable)",
                         )  # fmt: skip
@@ -636,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shmbus coordinator: {e}", file=sys.stderr)
         return 2
 
+    coordinator.parent = args.exit_with_parent
     hand_over = False
 
     def stop(signum: int, frame: Any) -> None:

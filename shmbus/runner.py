@@ -39,8 +39,23 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     sys.exit(0)
 
 
-def _run_agent(bus: str, name: str, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _exit_with(runner: int) -> None:
+    """Stop this process (SIGTERM: it leaves the bus properly) once the
+    runner's process is gone, killed however it was: nothing else would."""
+
+    def watch() -> None:
+        while os.getppid() == runner:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="shmbus-runner-watch", daemon=True).start()
+
+
+def _run_agent(bus: str, name: str, target: Callable[..., Any], args: tuple[Any, ...],
+               runner: int = 0) -> None:  # fmt: skip
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if runner:
+        _exit_with(runner)
     with connect(bus=bus, name=name) as agent:
         target(agent, *args)
 
@@ -173,7 +188,8 @@ class Runner:
         raise SystemExit(128 + signum)
 
     def _start_coordinator(self) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "shmbus.coordinator", "--bus", self.bus]
+        argv = [sys.executable, "-m", "shmbus.coordinator", "--bus", self.bus,
+                "--exit-with-parent", str(os.getpid())]  # fmt: skip
         argv += [f"--history={p}={n}" for p, n in self.history.items()]
         return subprocess.Popen(
             argv,
@@ -257,7 +273,9 @@ class Runner:
 
         def start() -> Any:
             proc = self._ctx.Process(
-                target=_run_agent, args=(self.bus, name, target, args), name=f"shmbus:{name}"
+                target=_run_agent,
+                args=(self.bus, name, target, args, os.getpid()),
+                name=f"shmbus:{name}",
             )
             proc.start()
             return proc

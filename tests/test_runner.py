@@ -98,7 +98,7 @@ if __name__ == "__main__":  # spawned agents import this module again
         driver = runner.connect("driver")
         runner.spawn("echo", echo_agent, args=("hi",))
         driver.recv(timeout=20)
-        print("ready", flush=True)
+        print("ready", runner.coordinator.pid, runner.agents()["echo"].pid, flush=True)
         time.sleep(60)
 """
 
@@ -110,7 +110,7 @@ def test_a_runner_stopped_by_a_signal_leaves_nothing(names, runtime, children, t
     tests = os.path.dirname(os.path.abspath(__file__))
     script.write_text(RUNNER_SCRIPT.format(tests=tests, bus=bus))
     proc = children.popen([sys.executable, str(script)], stdout=subprocess.PIPE)
-    assert proc.stdout.readline().strip() == b"ready"
+    assert proc.stdout.readline().split()[0] == b"ready"
     assert bus_entries(bus)
     proc.send_signal(sig)
     proc.wait(30)
@@ -118,6 +118,29 @@ def test_a_runner_stopped_by_a_signal_leaves_nothing(names, runtime, children, t
     while bus_entries(bus) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert bus_entries(bus) == []
+
+
+def test_a_killed_runners_coordinator_and_agents_stop_and_leave_nothing(
+    names, runtime, children, tmp_path
+):
+    """SIGKILL gives the runner no chance to clean up: its coordinator and
+    agents see it gone and stop on their own, the bus removed as on a stop."""
+    from shmbus.takeover import process_gone
+
+    bus = names("bus")
+    script = tmp_path / "run.py"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(RUNNER_SCRIPT.format(tests=tests, bus=bus))
+    proc = children.popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    ready, coordinator, agent = proc.stdout.readline().split()
+    assert ready == b"ready"
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 20
+    pids = [int(coordinator), int(agent)]
+    while not all(map(process_gone, pids)) or bus_entries(bus):
+        assert time.monotonic() < deadline, "the runner's coordinator or agent outlived it"
+        time.sleep(0.05)
 
 
 def test_a_second_runner_on_a_live_bus_is_refused(names, runtime):
