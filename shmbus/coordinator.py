@@ -500,8 +500,13 @@ class Coordinator:
                     elif not unblocked:
                         unblocked = True
                         patience = time.monotonic() + 0.5
-                        for lane in behind:
-                            lane.unblock(grace=0.05)
+                        try:
+                            for lane in behind:
+                                lane.unblock(grace=0.05)
+                        except ShmbusError as e:  # corrupt, as read_many's above
+                            log.error("inbox of %s unreadable after %d frames: %s", agent.name,
+                                      moved, e)  # fmt: skip
+                            break
                     else:
                         log.error("inbox of %s: a writer never finished its record; its "
                                   "message is lost", agent.name)  # fmt: skip
