@@ -158,6 +158,7 @@ shmbus_route_t *shmbus_route_new(shmbus_sender_t *s, uint64_t version, uint32_t 
                                  uint32_t topic_len, uint64_t *topic_counters, uint32_t targets);
 int shmbus_route_set(shmbus_route_t *rt, uint32_t target, shmbus_ring_t *ring,
                      uint64_t *counters);
+int shmbus_route_lossy(shmbus_route_t *rt, uint32_t target);
 void shmbus_route_free(shmbus_route_t *rt);
 uint32_t shmbus_route_written(const shmbus_route_t *rt, uint32_t target);
 int shmbus_route_error(const shmbus_route_t *rt, uint32_t target);

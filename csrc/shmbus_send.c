@@ -39,6 +39,7 @@ struct shmbus_route {
     uint64_t **counters;
     uint32_t *written;
     int32_t *errors;
+    uint8_t *lossy; /* see shmbus_route_lossy */
     /* The last send's frames when it went through the scratch (a publish,
      * or send_many), kept so shmbus_route_resume can finish it. */
     char *scratch;
@@ -101,7 +102,8 @@ shmbus_route_t *shmbus_route_new(shmbus_sender_t *s, uint64_t version, uint32_t 
     rt->counters = calloc(targets ? targets : 1, sizeof *rt->counters);
     rt->written = calloc(targets ? targets : 1, sizeof *rt->written);
     rt->errors = calloc(targets ? targets : 1, sizeof *rt->errors);
-    if (!rt->rings || !rt->counters || !rt->written || !rt->errors) {
+    rt->lossy = calloc(targets ? targets : 1, sizeof *rt->lossy);
+    if (!rt->rings || !rt->counters || !rt->written || !rt->errors || !rt->lossy) {
         shmbus_route_free(rt);
         return NULL;
     }
@@ -130,6 +132,14 @@ int shmbus_route_set(shmbus_route_t *rt, uint32_t target, shmbus_ring_t *ring, u
     return SHMBUS_OK;
 }
 
+int shmbus_route_lossy(shmbus_route_t *rt, uint32_t target)
+{
+    if (!rt || target >= rt->targets)
+        return SHMBUS_EINVAL;
+    rt->lossy[target] = 1;
+    return SHMBUS_OK;
+}
+
 void shmbus_route_free(shmbus_route_t *rt)
 {
     if (!rt)
@@ -140,6 +150,7 @@ void shmbus_route_free(shmbus_route_t *rt)
     free(rt->counters);
     free(rt->written);
     free(rt->errors);
+    free(rt->lossy);
     free(rt->scratch);
     free(rt->frame_lens);
     pthread_mutex_destroy(&rt->lock);
@@ -240,7 +251,9 @@ static inline int64_t mono_ns(void)
 
 /* Every target without waiting first, so a full subscriber does not hold up
  * the others; then the full ones again, sharing one deadline (a publish
- * waits `timeout` in all, not per full subscriber).  The first error left. */
+ * waits `timeout` in all, not per full subscriber).  The first error left.
+ * A lossy target is tried once and its error ignored: with no coordinator
+ * to read the history inbox, it fills and stays full. */
 static int deliver_all(shmbus_route_t *rt, int64_t timeout_ns)
 {
     int full = 0;
@@ -252,7 +265,7 @@ static int deliver_all(shmbus_route_t *rt, int64_t timeout_ns)
     if (full && timeout_ns != 0) {
         int64_t deadline = timeout_ns < 0 ? -1 : mono_ns() + timeout_ns;
         for (uint32_t t = 0; t < rt->targets; t++) {
-            if (rt->errors[t] != SHMBUS_EAGAIN)
+            if (rt->errors[t] != SHMBUS_EAGAIN || rt->lossy[t])
                 continue;
             int64_t left = -1;
             if (deadline >= 0) {
@@ -264,7 +277,7 @@ static int deliver_all(shmbus_route_t *rt, int64_t timeout_ns)
         }
     }
     for (uint32_t t = 0; t < rt->targets; t++)
-        if (rt->errors[t] != SHMBUS_OK)
+        if (rt->errors[t] != SHMBUS_OK && !rt->lossy[t])
             return rt->errors[t];
     return SHMBUS_OK;
 }

@@ -38,6 +38,9 @@ shmbus_route_t *shmbus_route_new(shmbus_sender_t *s, uint64_t version, uint32_t 
                                  uint32_t topic_len, uint64_t *topic_counters, uint32_t targets);
 int shmbus_route_set(shmbus_route_t *rt, uint32_t target, shmbus_ring_t *ring,
                      uint64_t *counters);
+/* Make target i best-effort (the coordinator's history inbox): a send never
+ * waits for room in it, and what it refused is no error of the send. */
+int shmbus_route_lossy(shmbus_route_t *rt, uint32_t target);
 void shmbus_route_free(shmbus_route_t *rt);
 /* After a send that returned an error: how many frames target i took and
  * the error it gave (0 for none); resume writes the rest of the last send

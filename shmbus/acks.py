@@ -123,7 +123,9 @@ class Acks:
             log.info("no resend of %d yet: %r is not on the bus", msg_id, recipient)
             return
         try:
-            if ring.try_write(self._frame(msg_id, p)):
+            # Its own lane: a resend of an urgent message must not queue
+            # behind the recipient's backlog of lesser ones.
+            if ring.lane(p[_PRIORITY]).try_write(self._frame(msg_id, p)):
                 StatsSegment.add(self.out.counters, RETRIED)
             # else: its inbox is full; the next round tries again
         except ShmbusError as e:

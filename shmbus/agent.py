@@ -196,6 +196,9 @@ class Agent:
         # dlq_add the coordinator may have done just before it was killed.
         self._dlq_kept: collections.deque[tuple[bytes, str, bool]] = collections.deque()
         self._dlq_lost = 0
+        # One flush at a time: the beater's after a rejoin and close()'s would
+        # both send the oldest letter, then each drop one (the second unsent).
+        self._flush_lock = threading.Lock()
         self._ctl = Client(bus, timeout, wait=timeout, who=f"agent {name!r}: ")
         try:
             reply = self._call("register", name=name, pid=os.getpid(), transport="shm")
@@ -875,6 +878,10 @@ class Agent:
 
     def _flush_dead_letters(self) -> None:
         """Hand the kept dead letters to the coordinator, oldest first."""
+        with self._flush_lock:
+            self._flush_dead_letters_locked()
+
+    def _flush_dead_letters_locked(self) -> None:
         sent = 0
         while True:
             with self._dlq_lock:

@@ -539,34 +539,37 @@ class Agent:
     async def close(self) -> None:
         """Stop the reader, end what waits (:class:`shmbus.Closed`), leave the
         bus. Messages read but not handed over go to the DLQ. Idempotent."""
-        if self._closing is not None:
-            return await asyncio.shield(self._closing)
-        self._closing = self._loop.create_future()
-        self._closed = True
-        try:
-            after = await off_loop(self._left, self._reader.stop, 5.0)
-            self._drain()  # what the reader handed over last
-            error = Closed(f"agent {self.name!r} was closed")
-            waiting: list[asyncio.Future[Any]] = [*self._waiters, *self._requests.values()]
-            for fut in waiting:
-                if not fut.done():
-                    fut.set_exception(error)
-            self._waiters.clear()
-            self._requests.clear()
-            await join_left(self._left, 5.0)
-            unread = [*self._queue, *self._early.values(), *after]
-            self._queue.clear()
-            self._early.clear()
-            if self._reader.is_alive():  # wedged: its agent is not ours to close under it
-                log.error("agent %s: its reader did not stop; not closed", self.name)
-                return
-            # The sync agent dead-letters what it kept; these are its to keep.
-            self._agent._kept.extendleft(reversed(unread))
-            if self._bell is not None:
-                self._bell.close()
-            await off_loop(self._left, self._agent.close)
-        finally:
-            self._closing.set_result(None)
+        if self._closing is None:
+            self._closed = True
+            # A task of its own: a caller cancelled meanwhile must not cut it
+            # short, which left the agent on the bus (its inbox, registration
+            # and threads) with every later close() returning at once.
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        """The body of :meth:`close`, run once, as a task."""
+        after = await off_loop(self._left, self._reader.stop, 5.0)
+        self._drain()  # what the reader handed over last
+        error = Closed(f"agent {self.name!r} was closed")
+        waiting: list[asyncio.Future[Any]] = [*self._waiters, *self._requests.values()]
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(error)
+        self._waiters.clear()
+        self._requests.clear()
+        await join_left(self._left, 5.0)
+        unread = [*self._queue, *self._early.values(), *after]
+        self._queue.clear()
+        self._early.clear()
+        if self._reader.is_alive():  # wedged: its agent is not ours to close under it
+            log.error("agent %s: its reader did not stop; not closed", self.name)
+            return
+        # The sync agent dead-letters what it kept; these are its to keep.
+        self._agent._kept.extendleft(reversed(unread))
+        if self._bell is not None:
+            self._bell.close()
+        await off_loop(self._left, self._agent.close)
 
     async def __aenter__(self) -> Agent:
         return self

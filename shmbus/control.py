@@ -232,6 +232,7 @@ class Client:
         self._sock: socket.socket | None = self._connect(wait)
         self._reader = Reader()
         self._pending: list[dict[str, Any]] = []
+        self._owed = 0  # calls that timed out: their replies come first, unread
         self._closed = False
         self._lost = ""  # why the connection ended
         self.rejoins = False  # set by a registered agent: calls wait for its rejoin
@@ -273,14 +274,28 @@ class Client:
                     if self._closed or self.refused or not self.rejoins or left <= 0:
                         raise self._gone()
                     self._cond.wait(left)
+                sending = False
                 try:
+                    while self._owed:  # late replies to calls that timed out: not ours
+                        recv_msg(self._sock, self._reader, self._pending)
+                        self._owed -= 1
+                    sending = True
                     send_msg(self._sock, {"op": op, **args})
+                    sending = False
+                    self._owed += 1  # until its reply is read
                     reply = recv_msg(self._sock, self._reader, self._pending)
+                    self._owed -= 1
                     break
+                except TimeoutError as e:
+                    if not sending:
+                        # Slow, not gone: closing would tell the coordinator we
+                        # died (our inbox drained, our rejoin refused for good).
+                        raise self._slow() from None
+                    self._lose(e)  # a request cut off half-way: the stream is lost
                 except (OSError, ControlError) as e:
                     self._lose(e)
-                    if not self.rejoins:
-                        raise self._gone() from None
+                if not self.rejoins:
+                    raise self._gone() from None
         if not reply.get("ok"):
             cls = self._ERRORS.get(reply.get("error", ""), ShmbusError)
             raise cls(reply.get("message", f"{op} refused"))
@@ -297,6 +312,12 @@ class Client:
             f"start one with `shmbus coordinator --bus {self.bus}`"
         )
 
+    def _slow(self) -> CoordinatorUnavailable:
+        return CoordinatorUnavailable(
+            f"{self._who}the coordinator of bus {self.bus!r} did not answer within "
+            f"{self.timeout}s (busy or stopped); the connection is kept: try again"
+        )
+
     def _lose(self, why: object) -> None:
         """The connection ended (the lock is held)."""
         if self._sock is not None:
@@ -305,6 +326,7 @@ class Client:
         self._lost = str(why) or type(why).__name__
         self._reader = Reader()
         self._pending = []
+        self._owed = 0
 
     def check(self) -> bool:
         """Is the connection still open? Never blocks: while a call runs, that

@@ -319,6 +319,10 @@ class Coordinator:
             runtime_dir(self.bus).rmdir()
 
     def _hand_over(self) -> None:
+        # What the successor must finish, else nobody would: deaths not yet
+        # certain, and inboxes a dead writer may still block (with each
+        # lane's tail at the death), which only a coordinator unblocks.
+        self._publish(pending=True)
         for agent in self.agents.values():
             if agent.conn is not None:
                 with contextlib.suppress(KeyError, ValueError):
@@ -383,13 +387,13 @@ class Coordinator:
 
     # ------------------------------------------------------------ state
 
-    def _publish(self) -> None:
+    def _publish(self, *, pending: bool = False) -> None:
         agents = {
             a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
             for a in self.agents.values()
             if a.active
         }
-        routes = {"agents": agents}
+        routes: dict[str, Any] = {"agents": agents}
         if self.history is not None:
             # A subscriber like the others for publishers (id 0: no direct
             # sends); agents hide it, and refuse to send to it.
@@ -397,6 +401,9 @@ class Coordinator:
             routes["history"] = self.history.patterns()
         routes["subs"] = {p: sorted(names) for p, names in self.subs.items() if names}
         routes["next_id"] = self._next_id  # for a coordinator that takes over: never reused
+        if pending:  # see _hand_over; read back by takeover.adopt
+            routes["watch"] = {n: tails for n, (_, tails) in self._watch.items() if n in agents}
+            routes["dying"] = {a.name: a.pid for a, _ in self._dying}
         self.table.write(routes)
 
     def _keep_history(self, patterns: dict[str, int]) -> None:
@@ -498,8 +505,13 @@ class Coordinator:
                     elif not unblocked:
                         unblocked = True
                         patience = time.monotonic() + 0.5
-                        for lane in behind:
-                            lane.unblock(grace=0.05)
+                        try:
+                            for lane in behind:
+                                lane.unblock(grace=0.05)
+                        except ShmbusError as e:  # corrupt, as read_many's above
+                            log.error("inbox of %s unreadable after %d frames: %s", agent.name,
+                                      moved, e)  # fmt: skip
+                            break
                     else:
                         log.error("inbox of %s: a writer never finished its record; its "
                                   "message is lost", agent.name)  # fmt: skip

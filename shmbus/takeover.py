@@ -26,11 +26,14 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from ._native import lib
 from .control import inbox_name, routes_name, stats_name, validate_bus_or_agent
 from .errors import NotFound, RejoinRefused, ShmbusError
+from .ring import LANES as _LANES
+from .ring import Ring
 from .routes import Table, validate_pattern
 from .stats import StatsSegment
 
@@ -72,7 +75,7 @@ def adopt(coord: Coordinator, agent_cls: Any) -> bool:
         # counters lands in a slot nobody reuses for as long as possible.
         coord._free_slots = collections.deque(range(1, _SLOTS))
         return False
-    coord.table, coord.stats, (agents, subs, next_id) = found
+    coord.table, coord.stats, (agents, subs, next_id, watch, dying) = found
     used = set()
     for name, (agent_id, inbox, pid, slot, transport) in agents.items():
         coord.agents[name] = agent_cls(name, agent_id, pid, inbox, None, transport=transport,
@@ -93,11 +96,36 @@ def adopt(coord: Coordinator, agent_cls: Any) -> bool:
         "bus %s: taking over from a killed coordinator: %d agents, %d subscription patterns, "
         "routes version %d", coord.bus, len(agents), len(coord.subs), coord.table.version,
     )  # fmt: skip
+    _resume(coord, agent_cls, watch, dying)
     for agent in list(coord.agents.values()):
         _look_at_orphan(coord, agent)
     coord._stray_inboxes_unchecked = True
     _drain_stray_inboxes(coord)
     return True
+
+
+def _resume(coord: Coordinator, agent_cls: Any, watch: dict[str, list[int]],
+            dying: dict[str, int]) -> None:  # fmt: skip
+    """Go on with what a coordinator that handed the bus over left pending:
+    the inboxes it watched for a dead writer's record, the deaths it had not
+    confirmed yet (their peers are told, and every inbox watched, once sure)."""
+    for name, tails in watch.items():
+        agent = coord.agents.get(name)
+        if agent is None:
+            continue
+        try:
+            ring = Ring.attach(agent.inbox, lanes=True)
+        except ShmbusError:
+            continue
+        if len(ring.lanes) != len(tails):
+            ring.close()
+            continue
+        coord._watch[name] = (ring, tails)
+    deadline = time.monotonic() + 5.0
+    for name, pid in dying.items():
+        if name not in coord.agents:
+            coord._dying.append((agent_cls(name, 0, pid, inbox_name(coord.bus, name), None),
+                                 deadline))  # fmt: skip
 
 
 def _drain_stray_inboxes(coord: Coordinator) -> None:
@@ -141,7 +169,8 @@ def _attach(bus: str) -> tuple[Table, StatsSegment, Any] | None:
         return None
     try:
         _, routes = table.read()
-        parsed = _parse(bus, routes)
+        base = _parse(bus, routes)
+        parsed = (*base, *_parse_pending(routes, base[0]))
     except (ShmbusError, ValueError, TypeError) as e:
         table.close()
         stats.close()
@@ -185,6 +214,26 @@ def _parse(bus: str, routes: Any) -> tuple[dict[str, tuple[Any, ...]], dict[str,
     # Only agents' subscriptions: the coordinator's own make themselves again.
     subs = {p: [n for n in names if n in out] for p, names in subs.items()}
     return out, subs, next_id
+
+
+def _parse_pending(routes: Any, agents: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """What a coordinator that handed over left pending (see _resume), checked."""
+    if routes is None:
+        return {}, {}
+    watch, dying = routes.get("watch", {}), routes.get("dying", {})
+    if not isinstance(watch, dict) or not isinstance(dying, dict):
+        raise ValueError("watch and dying are not maps")
+    for name, tails in watch.items():
+        if not (
+            name in agents and isinstance(tails, list) and 0 < len(tails) <= _LANES
+            and all(type(t) is int and 0 <= t < 1 << 64 for t in tails)
+        ):  # fmt: skip
+            raise ValueError(f"watch of {name!r}: {tails!r}")
+    for name, pid in dying.items():
+        validate_bus_or_agent(name, "agent")
+        if type(pid) is not int or not 0 < pid < 1 << 31:
+            raise ValueError(f"dying {name!r}: {pid!r}")
+    return watch, dying
 
 
 def _look_at_orphan(coord: Coordinator, agent: Any) -> None:
