@@ -297,7 +297,7 @@ class Coordinator:
             if agent.conn is None:
                 self._forget_agent(agent, publish=False)
             else:
-                self._drop(agent.conn, publish=False)
+                self._drop(agent.conn, closing=True)
         for ring, _ in self._watch.values():
             ring.close()
         self._watch.clear()
@@ -425,14 +425,17 @@ class Coordinator:
                 self.subs.get(pattern, set()).discard(HISTORY)
         self._publish()
 
-    def _drop(self, conn: _Conn, *, publish: bool = True) -> None:
-        """A connection ended: if it was an agent's, the agent is gone."""
+    def _drop(self, conn: _Conn, *, closing: bool = False) -> None:
+        """A connection ended: if it was an agent's, the agent is gone.
+        (``closing``: we are, and close every connection ourselves.)"""
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
         conn.sock.close()
         dead = self.agents.get(conn.agent) if conn.agent else None
-        self._forget(conn, publish=publish, reason="recipient died")
-        if dead is not None and not self._stopping:
+        self._forget(conn, publish=not closing, reason="recipient died")
+        # Not `self._stopping`: a stop signal that lands during the drain
+        # above must not lose a death a hand-over passes on.
+        if dead is not None and not closing:
             # Its socket closes while the process exits: its death is certain
             # only once the process is gone (or a zombie), a moment later.
             self._dying.append((dead, time.monotonic() + 5.0))
