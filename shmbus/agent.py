@@ -20,12 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._decode import decode_block as _decode_block
-from ._native import ffi, lib
+from ._native import lib
 from .acks import ACK_BATCH, Acks
 from .control import (
     Client,
-    routes_name,
-    stats_name,
     validate_bus_or_agent,
 )
 from .errors import (
@@ -47,10 +45,11 @@ from .message import (
     encode_message,
     pack_payload,
 )
-from .outbox import Outbox, check_policy, pack_many
-from .ring import LANES, Ring, _ns
-from .routes import Table, match, validate_pattern
-from .stats import BYTES_RECEIVED, RECEIVED, BusStats, StatsSegment, inbox_fill
+from .outbox import check_policy, pack_many
+from .ring import _ns
+from .routes import match, validate_pattern
+from .stats import BusStats, StatsSegment
+from .transport import open_link
 
 __all__ = ["Agent", "connect"]
 
@@ -79,11 +78,11 @@ class _Beater(threading.Thread):
     It holds the stats segment, so the mapping it writes to lives as long as
     it runs, and it ends with its agent: closed, or collected without close."""
 
-    def __init__(self, agent: Agent, stats: StatsSegment, slot: int) -> None:
+    def __init__(self, agent: Agent, stats: StatsSegment | None, slot: int) -> None:
         super().__init__(name=f"shmbus-heartbeat-{agent.name}", daemon=True)
         self.agent = weakref.ref(agent)
         self.stats = stats
-        self.where = stats.heartbeat(slot)
+        self.where = stats.heartbeat(slot) if stats is not None else None  # uds: the bridge beats
         self.stop = threading.Event()
         if self.where:
             self.beat()
@@ -147,9 +146,7 @@ def connect(
     name = name if name is not None else os.environ.get("SHMBUS_AGENT")
     if name is None:
         raise ValueError("give the agent a name, or set SHMBUS_AGENT")
-    if transport not in ("auto", "shm"):
-        raise ValueError(f"transport {transport!r} is not available yet; use 'shm'")
-    agent = Agent(bus, name, inbox_capacity=inbox_capacity, timeout=timeout)
+    agent = Agent(bus, name, inbox_capacity=inbox_capacity, timeout=timeout, transport=transport)
     agent.backpressure = backpressure
     agent.send_timeout = send_timeout
     agent._acks.timeout = ack_timeout
@@ -167,35 +164,28 @@ def connect(
 class Agent:
     """A member of a bus. Use :func:`connect`; close it (or use ``with``) when done."""
 
-    def __init__(self, bus: str, name: str, *, inbox_capacity: int, timeout: float) -> None:
+    def __init__(self, bus: str, name: str, *, inbox_capacity: int, timeout: float,
+                 transport: str = "auto") -> None:  # fmt: skip
         self.bus = validate_bus_or_agent(bus, "bus")
         self.name = validate_bus_or_agent(name, "agent")
         self._name_b = name.encode()
         self._closed = False
-        self._ctl = Client(bus, timeout, wait=timeout, who=f"agent {name!r}: ")
+        self._ctl, self._link = open_link(
+            transport, bus, name,
+            lambda: Client(bus, timeout, wait=timeout, who=f"agent {name!r}: "),
+            inbox_capacity=inbox_capacity, dead_letter=self._dead_letter,
+        )  # fmt: skip
         try:
-            reply = self._call("register", name=name, pid=os.getpid(), transport="shm")
-            self.id: int = reply["id"]
-            self.inbox = Ring.create(reply["inbox"], inbox_capacity, lanes=LANES)
-            self._table = Table.attach(routes_name(bus))
-            self._stats = StatsSegment.attach(reply.get("stats", stats_name(bus)))
-            counters = self._stats.agent(reply.get("slot", 0))
-            if counters:
-                lib.shmbus_ring_count_reads(
-                    self.inbox._handle(), counters + RECEIVED, counters + BYTES_RECEIVED
-                )
-            self._out = Outbox(
-                bus=bus, name=name, agent_id=self.id, table=self._table, stats=self._stats,
-                counters=counters, dead_letter=self._dead_letter,
-            )  # fmt: skip
-            self._beater = _Beater(self, self._stats, reply.get("slot", 0))
+            self.id: int = self._link.id
+            self.inbox = self._link.inbox
+            self._out = self._link.out
+            self._beater = _Beater(self, self._link.stats_segment, self._link.slot)
             self._call("activate")
         except BaseException:
             if hasattr(self, "_beater"):
                 self._beater.close()
             self._ctl.close()
-            if hasattr(self, "inbox"):
-                self.inbox.__exit__(None, None, None)
+            self._link.close()
             raise
         # The fast paths' caches: the outbox fills them and clears them in place.
         self._direct = self._out.direct
@@ -773,8 +763,7 @@ class Agent:
 
     def stats(self) -> BusStats:
         """Every counter of the bus now, read from shared memory (no coordinator call)."""
-        self._out._fresh()
-        return self._stats.snapshot(self.bus, inbox_fill(self._out.agents, self._out.peers))
+        return self._link.stats(self.bus)
 
     # ----------------------------------------------------------- close
 
@@ -796,13 +785,8 @@ class Agent:
         except ShmbusError:
             pass  # the coordinator is gone: nothing to tell
         self._ctl.close()
-        self._out.close()
-        self._table.close()
-        lib.shmbus_ring_count_reads(self.inbox._handle(), ffi.NULL, ffi.NULL)
         self._beater.close()  # it writes to the stats mapping: done before that goes
-        self._stats.close()
-        self.inbox.close()
-        self.inbox.unlink()
+        self._link.close()
 
     def __enter__(self) -> Agent:
         return self
