@@ -780,6 +780,7 @@ class Agent:
             self._dead_letter(encode_message(msg), "unread: its recipient closed")
         self._kept.clear()
         self._ahead.clear()
+        self._link.leave(self._dead_letter)
         try:
             self._call("unregister")
         except ShmbusError:

@@ -25,6 +25,7 @@ from typing import Any
 import msgpack
 
 from ._native import lib
+from .bridge import Bridge
 from .control import (
     ControlError,
     Reader,
@@ -43,9 +44,9 @@ from .dlq import OPS as DLQ_OPS
 from .dlq import DeadLetterQueue
 from .errors import CoordinatorRunning, ShmbusError
 from .message import MessageType, encode_frame
-from .ring import Ring
+from .ring import LANES, Ring
 from .routes import Table, validate_pattern
-from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, StatsSegment
+from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, StatsSegment, inbox_fill
 
 log = logging.getLogger("shmbus.coordinator")
 
@@ -118,6 +119,8 @@ class Coordinator:
         self._next_beat_check = 0.0
         self._dlq_stats()
         self._publish()
+        self.bridge = Bridge(bus, self.stats)  # carries the uds agents' traffic, in its threads
+        self._sel.register(self.bridge.wake_r, selectors.EVENT_READ, self.bridge)
         # Bound and listening under a side name, then renamed into place: a
         # client that finds the socket can always connect (between bind and
         # listen it would be refused), and a killed predecessor's is replaced.
@@ -141,6 +144,8 @@ class Coordinator:
             for key, _ in self._sel.select(timeout=0.02 if self._dying else 0.1 if busy else 0.2):
                 if key.fileobj is self._listener:
                     self._accept()
+                elif key.data is self.bridge:
+                    self.bridge.pump(self._bridge_dead_letter, self._bridge_kill)
                 else:
                     self._readable(key.data)
             self.dlq.tick()  # its file's fdatasync, at most once a second
@@ -156,7 +161,9 @@ class Coordinator:
         now = time.monotonic()
         still = []
         for agent, deadline in self._dying:
-            if _process_gone(agent.pid):
+            # A uds agent's writes went through the bridge, joined already; its
+            # pid may be another namespace's.
+            if agent.transport == "uds" or _process_gone(agent.pid):
                 self._tell("peer_died", agent)
                 self._watch_after_death(agent)
             elif now < deadline:
@@ -253,6 +260,7 @@ class Coordinator:
         for ring, _ in self._watch.values():
             ring.close()
         self._watch.clear()
+        self.bridge.close()
         self._sel.close()
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
@@ -311,17 +319,33 @@ class Coordinator:
 
     # ------------------------------------------------------------ state
 
+    def _routes(self) -> dict[str, Any]:
+        return {
+            "agents": {
+                a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
+                for a in self.agents.values()
+                if a.active
+            },
+            "subs": {p: sorted(names) for p, names in self.subs.items() if names},
+        }
+
     def _publish(self) -> None:
-        self.table.write(
-            {
-                "agents": {
-                    a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
-                    for a in self.agents.values()
-                    if a.active
-                },
-                "subs": {p: sorted(names) for p, names in self.subs.items() if names},
-            }
-        )
+        self.table.write(self._routes())
+
+    def _bridge_dead_letter(self, sender: str, frame: bytes, reason: str) -> None:
+        """What the bridge could not deliver for a uds agent (or to one)."""
+        self.dlq.add(frame, reason)
+        self._dlq_stats()
+        agent = self.agents.get(sender)
+        if agent is not None and agent.slot:
+            self.stats.add(self.stats.agent(agent.slot), DEAD_LETTERED)
+
+    def _bridge_kill(self, name: str, reason: str) -> None:
+        """A uds agent broke its data connection's protocol, or lost it: dead."""
+        agent = self.agents.get(name)
+        if agent is not None and agent.transport == "uds":
+            log.warning("agent %s (uds) is dropped: %s", name, reason)
+            self._drop(agent.conn)
 
     def _drop(self, conn: _Conn, *, publish: bool = True) -> None:
         """A connection ended: if it was an agent's, the agent is gone."""
@@ -346,6 +370,7 @@ class Coordinator:
         self.subs = {p: n for p, n in self.subs.items() if n}
         if publish:
             self._publish()  # first: peers check the version before every send
+        self.bridge.detach(name)  # a uds agent's threads stop before its inbox is drained
         # What its inbox still holds goes to the DLQ, then the inbox goes.
         moved = self._drain(agent, reason)
         if moved:
@@ -418,6 +443,11 @@ class Coordinator:
             return reply
         if op in ("ping", "unregister"):
             return {"ok": True}
+        if op == "routes":  # for uds agents, who cannot map the routes table
+            return {"ok": True, "version": self.table.version, **self._routes()}
+        if op == "stats":
+            snapshot = self.stats.snapshot(self.bus, inbox_fill(self._routes()["agents"]))
+            return {"ok": True, "stats": snapshot.as_dict()}
         return {"ok": False, "error": "BadRequest", "message": f"unknown op {op!r}"}
 
     def _register(self, conn: _Conn, msg: dict[str, Any]) -> dict[str, Any]:
@@ -435,7 +465,7 @@ class Coordinator:
         inbox = inbox_name(self.bus, name)
         Ring.unlink_name(inbox)  # a dead namesake's, left by a killed coordinator
         transport = msg.get("transport", "shm")
-        if transport not in ("shm",):
+        if transport not in ("shm", "uds"):
             raise ValueError(f"unknown transport {transport!r}")
         pid = msg["pid"]
         if type(pid) is not int or not 0 < pid < 1 << 31:
@@ -449,10 +479,20 @@ class Coordinator:
             agent.slot = self._free_slots.popleft()
         else:
             log.warning("no stats slot left for agent %s: it is not counted", name)
+        reply = {"ok": True, "id": agent.id, "inbox": inbox, "slot": agent.slot,
+                 "stats": stats_name(self.bus)}  # fmt: skip
+        if transport == "uds":  # it cannot map shared memory: its inbox is made here
+            try:
+                Ring.create(inbox, msg.get("inbox_capacity", 1 << 22), lanes=LANES).close()
+            except BaseException:
+                if agent.slot:
+                    self.stats.close_agent(agent.slot)
+                    self._free_slots.append(agent.slot)
+                raise
+            reply.update(self.bridge.expect(name, agent.id, inbox, agent.slot))
         self.agents[name] = agent
         conn.agent = name
-        return {"ok": True, "id": agent.id, "inbox": inbox, "slot": agent.slot,
-                "stats": stats_name(self.bus)}  # fmt: skip
+        return reply
 
 
 def _process_gone(pid: int) -> bool:

@@ -15,6 +15,30 @@ import pytest
 import shmbus
 from shmbus import MessageType
 
+# ----------------------------------------------------------- transports
+
+
+@pytest.fixture(autouse=True, params=["shm", "uds", "mixed"])
+def transport(request, monkeypatch, children):
+    """Every test here runs on shm, on uds, and mixed: this process's agents on
+    shm and the children's on uds (so each pair talks both ways across the two)."""
+    here, there = {"shm": ("shm", "shm"), "uds": ("uds", "uds"), "mixed": ("shm", "uds")}[
+        request.param
+    ]
+    monkeypatch.setenv("SHMBUS_TRANSPORT", here)
+    start = children.start
+
+    def start_there(*args):
+        os.environ["SHMBUS_TRANSPORT"] = there  # a spawned child takes the environment as is
+        try:
+            return start(*args)
+        finally:
+            os.environ["SHMBUS_TRANSPORT"] = here
+
+    monkeypatch.setattr(children, "start", start_there)
+    return request.param
+
+
 # ------------------------------------------------------------ children
 
 
@@ -60,7 +84,8 @@ def start_echo(children, bus, driver, name="echo", patterns=()):
 # ---------------------------------------------------------------- tests
 
 
-def test_direct_messages_cross_processes_in_order_with_every_payload_kind(bus, children):
+def test_direct_messages_cross_processes_in_order_with_every_payload_kind(bus, children,
+                                                                          transport):  # fmt: skip
     with shmbus.connect(bus=bus, name="driver") as driver:
         children.start(_sender, bus, "sender", "driver", 2000)
         got = [driver.recv(timeout=20) for _ in range(2100)]
@@ -68,6 +93,10 @@ def test_direct_messages_cross_processes_in_order_with_every_payload_kind(bus, c
         assert {m.sender for m in got} == {"sender"} and {m.recipient for m in got} == {"driver"}
         assert len({m.id for m in got}) == 2100  # ids unique without asking anyone
         start_echo(children, bus, driver)
+        driver.peers()  # the routes table says which transport each one uses
+        assert (driver._link.kind, driver._out.agents["echo"][4]) == {
+            "shm": ("shm", "shm"), "uds": ("uds", "uds"), "mixed": ("shm", "uds")
+        }[transport]  # fmt: skip
         arr = np.arange(12, dtype=np.float32).reshape(3, 4)
         for payload in ({"cmd": "start", "n": [1, 2.5, None]}, b"\x00raw", arr, "text"):
             driver.send("echo", payload)

@@ -108,6 +108,10 @@ class Link(Protocol):
 
     def stats(self, bus: str) -> BusStats: ...
 
+    def leave(self, dead_letter: Callable[[bytes, str], None]) -> None:
+        """Before ``unregister``: finish what is in flight; frames received
+        but never to be read go to ``dead_letter(frame, reason)``."""
+
     def close(self) -> None:
         """After ``unregister``: close every mapping and socket, remove the inbox."""
 

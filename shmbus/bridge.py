@@ -1,0 +1,558 @@
+"""The coordinator's bridge: carries the traffic of agents on the uds transport.
+
+A uds agent cannot map the bus's shared memory, so the coordinator makes its
+inbox ring on its behalf, and this bridge moves its frames, with two threads
+per agent so that neither a slow agent nor a full inbox ever stalls the
+coordinator's control loop or another agent:
+
+- *down*: reads the agent's inbox (highest lane first, as any reader) and
+  writes the frames to its data socket, a block of them per record. A slow
+  reader fills its socket, then its inbox: its senders feel backpressure as
+  for any other agent.
+- *up*: reads records from the data socket, checks every length and header
+  field (the peer is untrusted), and writes each frame into its recipient's
+  inbox lane (a publish: into every subscriber's, per the routes table),
+  grouped per destination, one ``write_many`` each. It counts in the stats
+  segment on the agent's behalf, and dead-letters, with the reason, what it
+  cannot deliver.
+
+A peer that sends a malformed or oversized record is disconnected with the
+reason logged, and the coordinator then drops the agent as dead. DLQ entries
+and such deaths are handed to the coordinator's loop (``pump``), the only
+thread that touches its registry and DLQ.
+
+The data socket is ``data.sock`` next to the control socket; a connection
+opens with a hello naming the agent and the token its registration got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ._native import ffi, lib
+from .control import ControlError, Reader, encode, routes_name, runtime_dir
+from .errors import ShmbusError
+from .message import HEADER, HEADER_SIZE, MAGIC, VERSION, MessageType
+from .ring import Ring
+from .routes import Table, match
+from .stats import (
+    BYTES_RECEIVED,
+    DROPPED,
+    FAILED,
+    RECEIVED,
+    RETRIED,
+    SENT,
+    StatsSegment,
+)
+from .transport import wire
+
+__all__ = ["Bridge", "data_path"]
+
+log = logging.getLogger("shmbus.bridge")
+
+_SLICE = 0.1  # seconds: how often a waiting thread looks whether it must stop
+_HELLO_WAIT = 5.0
+_SOCKBUF = 4 << 20
+_BYTES_SENT: int = lib.SHMBUS_STAT_BYTES_SENT
+_DELIVERED: int = lib.SHMBUS_STAT_DELIVERED
+_DELIVERED_BYTES: int = lib.SHMBUS_STAT_DELIVERED_BYTES
+_PUBLISHED: int = lib.SHMBUS_STAT_PUBLISHED
+_TOPIC_DELIVERED: int = lib.SHMBUS_STAT_TOPIC_DELIVERED
+_TOPIC_BYTES: int = lib.SHMBUS_STAT_TOPIC_BYTES
+_PUBLISH = int(MessageType.PUBLISH)
+_TYPES = frozenset(int(t) for t in MessageType)
+_DIRECT_TYPES = _TYPES - {_PUBLISH}
+_unpack = HEADER.unpack_from
+
+
+def data_path(bus: str) -> str:
+    return str(runtime_dir(bus) / "data.sock")
+
+
+class BadPeer(Exception):
+    """What a uds peer sent breaks the format: the connection goes."""
+
+
+@dataclass
+class _Expected:
+    name: str
+    id: int
+    token: str
+    inbox: str
+    slot: int
+
+
+class _Routes:
+    """One thread's view of the routes table, and the inboxes it writes to."""
+
+    def __init__(self, bus: str) -> None:
+        self.table = Table.attach(routes_name(bus))
+        self.version = -1
+        self.agents: dict[str, list[Any]] = {}
+        self.subs: dict[str, list[str]] = {}
+        self.rings: dict[str, Ring] = {}
+        self.subscribers: dict[str, list[str]] = {}
+
+    def fresh(self) -> None:
+        if self.table.version == self.version:
+            return
+        self.version, routes = self.table.read()
+        routes = routes or {"agents": {}, "subs": {}}
+        agents = routes["agents"]
+        for name in [n for n in self.rings if agents.get(n) != self.agents.get(n)]:
+            self.rings.pop(name).close()
+        self.agents, self.subs = agents, routes["subs"]
+        self.subscribers.clear()
+
+    def ring(self, name: str) -> Ring | None:
+        ring = self.rings.get(name)
+        if ring is None and name in self.agents:
+            try:
+                ring = self.rings[name] = Ring.attach(self.agents[name][1], lanes=True)
+            except ShmbusError:
+                return None
+        return ring
+
+    def of_topic(self, topic: str) -> list[str]:
+        names = self.subscribers.get(topic)
+        if names is None:
+            if len(self.subscribers) > 4096:
+                self.subscribers.clear()
+            names = sorted({n for p, ns in self.subs.items() if match(p, topic) for n in ns})
+            self.subscribers[topic] = names
+        return names
+
+    def close(self) -> None:
+        for ring in self.rings.values():
+            ring.close()
+        self.rings.clear()
+        self.table.close()
+
+
+class _Link:
+    """One uds agent's two threads."""
+
+    def __init__(self, bridge: Bridge, who: _Expected, sock: socket.socket) -> None:
+        self.bridge = bridge
+        self.who = who
+        self.name_b = who.name.encode()
+        self.sock = sock
+        self.stop = threading.Event()  # the coordinator dropped the agent
+        self.eof = threading.Event()  # the agent finished writing: down may end
+        stats = bridge.stats
+        self.counters = stats.agent(who.slot)
+        self.beat_at = stats.heartbeat(who.slot)
+        self.up = threading.Thread(target=self._up, name=f"shmbus-bridge-up-{who.name}",
+                                   daemon=True)  # fmt: skip
+        self.down = threading.Thread(target=self._down, name=f"shmbus-bridge-down-{who.name}",
+                                     daemon=True)  # fmt: skip
+        self.up.start()
+        self.down.start()
+
+    def _beat(self) -> None:
+        if self.beat_at:
+            lib.shmbus_stats_set(self.beat_at, 0, time.monotonic_ns())
+
+    def _fail(self, reason: str) -> None:
+        """The agent broke the protocol, or its socket broke: it is dead to the bus."""
+        if not self.stop.is_set():
+            self.bridge.events.put(("kill", self.who.name, reason))
+            self.bridge.wake()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _dead_letter(self, frame: bytes, reason: str) -> None:
+        self.bridge.events.put(("dlq", self.who.name, frame, reason))
+        self.bridge.wake()
+
+    # ---------------------------------------------------------- down
+
+    def _down(self) -> None:
+        """Inbox -> socket."""
+        try:
+            inbox = Ring.attach(self.who.inbox, lanes=True)
+        except ShmbusError as e:
+            self._fail(f"its inbox is gone: {e}")
+            return
+        if self.counters:
+            lib.shmbus_ring_count_reads(
+                inbox._handle(), self.counters + RECEIVED, self.counters + BYTES_RECEIVED
+            )
+        head = wire.RECORD.pack
+        try:
+            while not self.stop.is_set() and not self.eof.is_set():
+                n = inbox.read_block(256, _SLICE)
+                if n > 0:
+                    lens = bytes(inbox.lens_view[: 4 * n])
+                    size = sum(memoryview(lens).cast("I"))
+                    data = b"".join((head(8 + 4 * n + size, n, 0), lens,
+                                     inbox.scratch_view[:size]))  # fmt: skip
+                elif n < 0:
+                    frame = inbox.read(0)
+                    data = wire.record([frame])
+                else:
+                    continue
+                if not self._send(data):
+                    self._lost(data)
+                    return
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)  # the agent reads to here, then leaves
+        finally:
+            lib.shmbus_ring_count_reads(inbox._handle(), ffi.NULL, ffi.NULL)
+            inbox.close()
+
+    def _send(self, data: bytes) -> bool:
+        view = memoryview(data)
+        off = 0
+        while off < len(data):
+            if self.stop.is_set():
+                return False
+            try:
+                off += self.sock.send(view[off:])
+            except TimeoutError:
+                continue
+            except OSError as e:
+                self._fail(f"its data connection broke: {e}")
+                return False
+        return True
+
+    def _lost(self, data: bytes) -> None:
+        """Frames taken from the inbox that never reached the agent: to the DLQ."""
+        count = int.from_bytes(data[4:8], "little")
+        lens = memoryview(data)[wire.HEAD : wire.HEAD + 4 * count].cast("I")
+        pos = wire.HEAD + 4 * count
+        for length in lens:
+            self._dead_letter(bytes(data[pos : pos + length]),
+                              f"recipient died: {self.who.name!r} (uds)")  # fmt: skip
+            pos += length
+
+    # ------------------------------------------------------------ up
+
+    def _up(self) -> None:
+        """Socket -> inboxes."""
+        routes = _Routes(self.bridge.bus)
+        reader = _RecordReader(self.sock)
+        try:
+            while not self.stop.is_set():
+                try:
+                    body = reader.next(self.stop)
+                except BadPeer as e:
+                    log.warning("uds agent %s disconnected: %s", self.who.name, e)
+                    self._fail(str(e))
+                    return
+                except OSError as e:
+                    self._fail(f"its data connection broke: {e}")
+                    return
+                if body is None:  # the agent finished writing (it leaves), or stop
+                    self.eof.set()
+                    return
+                self._beat()
+                try:
+                    frames, word = self._check(body)
+                    policy, wait = wire.policy_of(word)
+                except (BadPeer, KeyError) as e:
+                    log.warning("uds agent %s disconnected: %s", self.who.name, e)
+                    self._fail(str(e))
+                    return
+                if frames:
+                    routes.fresh()
+                    self._route(routes, frames, policy, wait)
+        finally:
+            routes.close()
+
+    def _check(self, body: bytes) -> tuple[list[tuple[Any, ...]], int]:
+        """Every frame of a record, each (view, type, priority, recipient or
+        topic, attempts), checked field by field before any is used."""
+        count = int.from_bytes(body[0:4], "little")
+        word = int.from_bytes(body[4:8], "little")
+        if count > wire.MAX_COUNT:
+            raise BadPeer(f"a record of {count} frames (limit {wire.MAX_COUNT})")
+        at = 8 + 4 * count
+        if at > len(body):
+            raise BadPeer(f"a record of {count} frames has no room for their lengths")
+        view = memoryview(body)
+        lens = view[8:at].cast("I")
+        if sum(lens) != len(body) - at:
+            raise BadPeer("a record whose frame lengths do not add up to its size")
+        me, my_id, slen = self.name_b, self.who.id, len(self.name_b)
+        out = []
+        pos = at
+        for length in lens:
+            if length < HEADER_SIZE:
+                raise BadPeer(f"a frame of {length} bytes, shorter than its header")
+            (magic, version, kind, priority, _flags, attempts, sender_id, _rid, _id, _req, _corr,
+             _ts, _ttl, sl, rl, tl, plen, _res) = _unpack(body, pos)  # fmt: skip
+            if magic != MAGIC or version != VERSION:
+                raise BadPeer(f"a frame with magic {magic:#x} version {version}: not a frame")
+            if kind not in _TYPES or priority > 100:
+                raise BadPeer(f"a frame of type {kind} priority {priority}")
+            if HEADER_SIZE + sl + rl + tl + plen != length:
+                raise BadPeer("a frame whose field lengths do not add up to its size")
+            names = pos + HEADER_SIZE
+            if sl != slen or sender_id != my_id or body[names : names + sl] != me:
+                raise BadPeer("a frame that names another sender")
+            if kind == _PUBLISH:
+                if not tl or rl:
+                    raise BadPeer("a publish without a topic, or with a recipient")
+                where = bytes(view[names + sl + rl : names + sl + rl + tl]).decode()
+            else:
+                if not rl:
+                    raise BadPeer("a direct frame without a recipient")
+                where = bytes(view[names + sl : names + sl + rl]).decode()
+            out.append((view[pos : pos + length], kind, priority, where, attempts))
+            pos += length
+        return out, word
+
+    def _route(self, routes: _Routes, frames: list[tuple[Any, ...]], policy: str,
+               wait: float | None) -> None:  # fmt: skip
+        """Group per destination lane, in order; one write_many per group."""
+        groups: dict[tuple[str, int], list[Any]] = {}
+        counters = self.counters
+        stats = self.bridge.stats
+        for view, kind, priority, where, attempts in frames:
+            if attempts:
+                StatsSegment.add(counters, RETRIED)
+            if kind == _PUBLISH:
+                topic_counters = stats.topic(where.encode())
+                StatsSegment.add(topic_counters, _PUBLISHED)
+                StatsSegment.add(topic_counters, _TOPIC_BYTES, len(view))
+                for name in routes.of_topic(where):
+                    groups.setdefault((name, priority), []).append((view, where))
+                continue
+            if where not in routes.agents:
+                StatsSegment.add(counters, FAILED)
+                self._dead_letter(bytes(view), f"no recipient: no agent named {where!r} on bus "
+                                  f"{self.bridge.bus!r}")  # fmt: skip
+                continue
+            groups.setdefault((where, priority), []).append((view, None))
+        # Lanes, not priorities, decide order: merge the groups of one lane.
+        lanes: dict[tuple[str, Any], list[Any]] = {}
+        for (name, priority), items in groups.items():
+            ring = routes.ring(name)
+            if ring is None:
+                for view, _ in items:
+                    StatsSegment.add(counters, FAILED)
+                    self._dead_letter(bytes(view), f"no recipient: {name!r} left the bus")
+                continue
+            lanes.setdefault((name, ring.lane(priority)), []).extend(items)
+        for (name, lane), items in lanes.items():
+            self._write(routes, name, lane, items, policy, wait)
+
+    def _write(self, routes: _Routes, name: str, lane: Ring, items: list[Any], policy: str,
+               wait: float | None) -> None:  # fmt: skip
+        views = [v for v, _ in items]
+        deadline = None if wait is None or policy != "block" else time.monotonic() + wait
+        done = 0
+        while True:
+            left = 0.0 if policy != "block" else _SLICE
+            if deadline is not None:
+                left = max(min(left, deadline - time.monotonic()), 0.0)
+            try:
+                done += lane.write_many(views[done:], left)
+            except ShmbusError as e:  # too large for that inbox, or it broke
+                self._undelivered(items[done:], name, f"{e}", FAILED)
+                break
+            if done == len(views):
+                break
+            if (policy != "block" or self.stop.is_set()
+                    or (deadline is not None and time.monotonic() >= deadline)):  # fmt: skip
+                why = ("inbox full" + (f" for {wait}s" if policy == "block" else "")
+                       + f": {name!r} ({lane.used} of {lane.capacity} bytes in use); "
+                       f"policy {policy!r}")  # fmt: skip
+                self._undelivered(items[done:], name, why, DROPPED if policy == "drop" else FAILED)
+                break
+            self._beat()  # blocked on a full inbox is alive, as an shm sender is
+        if done:
+            size = sum(len(v) for v in views[:done])
+            StatsSegment.add(self.counters, SENT, done)
+            StatsSegment.add(self.counters, _BYTES_SENT, size)
+            info = routes.agents.get(name)
+            if info is not None and len(info) > 3 and info[3]:
+                theirs = self.bridge.stats.agent(info[3])
+                StatsSegment.add(theirs, _DELIVERED, done)
+                StatsSegment.add(theirs, _DELIVERED_BYTES, size)
+            for _view, topic in items[:done]:
+                if topic is not None:
+                    StatsSegment.add(self.bridge.stats.topic(topic.encode()), _TOPIC_DELIVERED)
+
+    def _undelivered(self, items: list[Any], name: str, why: str, counter: int) -> None:
+        StatsSegment.add(self.counters, counter, len(items))
+        for view, topic in items:
+            who = f"subscriber {name!r} of {topic!r}" if topic is not None else repr(name)
+            self._dead_letter(bytes(view), f"{why.replace(repr(name), who, 1)}")
+
+    def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        for t in (self.up, self.down):
+            if t is not threading.current_thread():
+                t.join(10)
+        self.sock.close()
+
+
+class _RecordReader:
+    """Records off a blocking socket with a short timeout, every length checked first."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _fill(self, need: int, stop: threading.Event) -> bool:
+        while len(self.buf) < need:
+            if stop.is_set():
+                return False
+            try:
+                data = self.sock.recv(max(need - len(self.buf), 1 << 20))
+            except TimeoutError:
+                continue
+            if not data:
+                if self.buf:
+                    raise BadPeer(f"the connection ended inside a record ({len(self.buf)} bytes)")
+                return False
+            self.buf += data
+        return True
+
+    def next(self, stop: threading.Event) -> bytes | None:
+        if not self._fill(4, stop):
+            return None
+        body = int.from_bytes(self.buf[:4], "little")
+        if body > wire.MAX_RECORD:
+            raise BadPeer(f"a record of {body} bytes (limit {wire.MAX_RECORD})")
+        if body < wire.HEAD - 4:
+            raise BadPeer(f"a record of {body} bytes, shorter than its header")
+        if not self._fill(4 + body, stop):
+            if stop.is_set():
+                return None
+            raise BadPeer("the connection ended inside a record")
+        out = bytes(memoryview(self.buf)[4 : 4 + body])
+        del self.buf[: 4 + body]
+        return out
+
+
+class Bridge:
+    """Every uds agent's link; ``expect`` at registration, ``detach`` when it goes."""
+
+    def __init__(self, bus: str, stats: StatsSegment) -> None:
+        self.bus = bus
+        self.stats = stats
+        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._expected: dict[str, _Expected] = {}
+        self.links: dict[str, _Link] = {}
+        self._stopping = threading.Event()
+        self.wake_r, self._wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        path = data_path(bus)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        os.chmod(path, 0o600)
+        self._listener.listen(128)
+        self._listener.settimeout(_SLICE * 2)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="shmbus-bridge-accept",
+                                          daemon=True)  # fmt: skip
+        self._acceptor.start()
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"x")
+
+    # ------------------------------------------- the coordinator's thread
+
+    def expect(self, name: str, agent_id: int, inbox: str, slot: int) -> dict[str, Any]:
+        """A uds agent registered: what its data connection needs."""
+        token = secrets.token_hex(16)
+        with self._lock:
+            self._expected[name] = _Expected(name, agent_id, token, inbox, slot)
+        return {"token": token, "data": data_path(self.bus)}
+
+    def detach(self, name: str) -> None:
+        """The agent is off the bus: stop its threads before its inbox is drained."""
+        with self._lock:
+            self._expected.pop(name, None)
+            link = self.links.pop(name, None)
+        if link is not None:
+            link.close()
+
+    def pump(self, dead_letter: Any, kill: Any) -> None:
+        """Hand the threads' events to the coordinator: dead letters, deaths."""
+        with contextlib.suppress(BlockingIOError):
+            while self.wake_r.recv(4096):
+                pass
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if event[0] == "dlq":
+                dead_letter(event[1], event[2], event[3])
+            elif event[0] == "kill":
+                kill(event[1], event[2])
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._acceptor.join(5)
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(data_path(self.bus))
+        for name in list(self.links):
+            self.detach(name)
+        self.wake_r.close()
+        self._wake_w.close()
+
+    # ------------------------------------------------- the accept thread
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                self._hello(sock)
+            except (OSError, ControlError, BadPeer, KeyError, TypeError) as e:
+                log.warning("refused a data connection: %s", e)
+                sock.close()
+
+    def _hello(self, sock: socket.socket) -> None:
+        sock.settimeout(_HELLO_WAIT)  # a client that says nothing cannot hold the thread
+        reader = Reader()
+        msgs: list[dict[str, Any]] = []
+        while not msgs:
+            data = sock.recv(4096)
+            if not data:
+                raise BadPeer("closed before its hello")
+            msgs = reader.feed(data)
+        hello = msgs[0]
+        name, token = hello["name"], hello["token"]
+        with self._lock:
+            who = self._expected.get(name) if isinstance(name, str) else None
+            ok = (who is not None and isinstance(token, str)
+                  and secrets.compare_digest(token, who.token))  # fmt: skip
+        if not ok or who is None:
+            sock.sendall(encode({"ok": False, "message": "no such registration"}))
+            raise BadPeer(f"a hello for {name!r} with a wrong or stale token")
+        sock.sendall(encode({"ok": True}))
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKBUF)
+        sock.settimeout(_SLICE)
+        with self._lock:  # still expected: not detached meanwhile
+            if self._expected.get(name) is not who or self._stopping.is_set():
+                raise BadPeer(f"{name!r} left before its data connection was up")
+            del self._expected[name]
+            self.links[name] = _Link(self, who, sock)

@@ -1,0 +1,47 @@
+"""The uds transport's stream format, shared by the client (uds.py) and the bridge.
+
+After a hello (one control-format message each way, shmbus/control.py), both
+directions carry *records*, each many frames written with one system call::
+
+    u32 body length | u32 count | u32 info | count x u32 frame length | frames
+
+little-endian, the frames back to back exactly as they are in a ring
+(csrc/shmbus_frame.h). ``info`` from the client is the backpressure policy
+of the record's frames (bits 0-1: 0 block, 1 error, 2 drop) and, for
+"block", how long the bridge may wait for room in milliseconds (bits 2-31;
+all ones: no limit). A record with no frames is a heartbeat. The reader
+checks every length against the limits below before it reads the body; a
+peer that breaks them is disconnected.
+"""
+
+from __future__ import annotations
+
+import struct
+
+RECORD = struct.Struct("<III")  # body length, count, info
+HEAD = RECORD.size
+MAX_RECORD = 64 << 20  # a record's body; frames of up to an inbox's max_frame fit
+MAX_COUNT = 1 << 16
+POLICY_CODES = {"block": 0, "error": 1, "drop": 2}
+POLICY_NAMES = {v: k for k, v in POLICY_CODES.items()}
+FOREVER_MS = (1 << 30) - 1
+
+
+def info(policy: str, wait: float | None) -> int:
+    """A record's ``info`` word: the policy, and for "block" the wait (None: forever)."""
+    ms = FOREVER_MS if wait is None else min(max(round(wait * 1000), 0), FOREVER_MS - 1)
+    return POLICY_CODES[policy] | (ms << 2 if policy == "block" else 0)
+
+
+def policy_of(word: int) -> tuple[str, float | None]:
+    """(policy, wait in seconds or None) of an ``info`` word; ValueError if unknown."""
+    policy = POLICY_NAMES[word & 3]
+    ms = word >> 2
+    return policy, None if ms == FOREVER_MS else ms / 1000
+
+
+def record(frames: list[bytes] | tuple[bytes, ...], word: int = 0) -> bytes:
+    """One record holding ``frames``."""
+    lens = struct.pack(f"<{len(frames)}I", *map(len, frames))
+    body = HEAD - 4 + len(lens) + sum(map(len, frames))
+    return b"".join((RECORD.pack(body, len(frames), word), lens, *frames))
