@@ -27,6 +27,7 @@ opens with a hello naming the agent and the token its registration got.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -62,6 +63,8 @@ log = logging.getLogger("shmbus.bridge")
 _SLICE = 0.1  # seconds: how often a waiting thread looks whether it must stop
 _HELLO_WAIT = 5.0
 _SOCKBUF = 4 << 20
+_MASK = wire.MASK
+_COUNTS = wire.COUNTS.unpack_from
 _BYTES_SENT: int = lib.SHMBUS_STAT_BYTES_SENT
 _DELIVERED: int = lib.SHMBUS_STAT_DELIVERED
 _DELIVERED_BYTES: int = lib.SHMBUS_STAT_DELIVERED_BYTES
@@ -148,6 +151,9 @@ class _Link:
         self.sock = sock
         self.stop = threading.Event()  # the coordinator dropped the agent
         self.eof = threading.Event()  # the agent finished writing: down may end
+        self.counts = (0, 0)  # records the agent took and asked for (up writes, down reads)
+        self.counted = threading.Event()  # they moved
+        self.lost: list[bytes] = []  # frames sent that it never took, for the DLQ
         stats = bridge.stats
         self.counters = stats.agent(who.slot)
         self.beat_at = stats.heartbeat(who.slot)
@@ -177,7 +183,9 @@ class _Link:
     # ---------------------------------------------------------- down
 
     def _down(self) -> None:
-        """Inbox -> socket."""
+        """Inbox -> socket. Records stay here until the agent counts them
+        taken: what a dying agent never took goes to the DLQ, as what is
+        left in its inbox does."""
         try:
             inbox = Ring.attach(self.who.inbox, lanes=True)
         except ShmbusError as e:
@@ -188,25 +196,41 @@ class _Link:
                 inbox._handle(), self.counters + RECEIVED, self.counters + BYTES_RECEIVED
             )
         head = wire.RECORD.pack
+        sent: collections.deque[tuple[int, bytes]] = collections.deque()  # not taken yet
+        seq = 0  # records sent
         try:
             while not self.stop.is_set() and not self.eof.is_set():
+                taken, granted = self.counts
+                while sent and (taken - sent[0][0]) & _MASK < 1 << 31:
+                    sent.popleft()
+                if (granted - seq) & _MASK == 0 or (granted - seq) & _MASK >= 1 << 31:
+                    self.counted.clear()  # not asked for more: the backlog waits in the lanes
+                    if self.counts[1] == granted:
+                        self.counted.wait(_SLICE)
+                    continue
                 n = inbox.read_block(256, _SLICE)
                 if n > 0:
                     lens = bytes(inbox.lens_view[: 4 * n])
                     size = sum(memoryview(lens).cast("I"))
-                    data = b"".join((head(8 + 4 * n + size, n, 0), lens,
+                    data = b"".join((head(16 + 4 * n + size, n, 0, 0, 0), lens,
                                      inbox.scratch_view[:size]))  # fmt: skip
                 elif n < 0:
-                    frame = inbox.read(0)
-                    data = wire.record([frame])
+                    data = bytes(wire.record([inbox.read(0)]))
                 else:
                     continue
+                seq = (seq + 1) & _MASK
+                sent.append((seq, data))
                 if not self._send(data):
-                    self._lost(data)
-                    return
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)  # the agent reads to here, then leaves
+                    break
+            if self.eof.is_set():  # it left: it dead-lettered what it had not read
+                sent.clear()
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_WR)  # the agent reads to here, then goes
         finally:
+            taken = self.counts[0]
+            for s, data in sent:
+                if (taken - s) & _MASK >= 1 << 31:  # never taken: for the DLQ, in order
+                    self.lost.extend(_frames_of(data))
             lib.shmbus_ring_count_reads(inbox._handle(), ffi.NULL, ffi.NULL)
             inbox.close()
 
@@ -224,16 +248,6 @@ class _Link:
                 self._fail(f"its data connection broke: {e}")
                 return False
         return True
-
-    def _lost(self, data: bytes) -> None:
-        """Frames taken from the inbox that never reached the agent: to the DLQ."""
-        count = int.from_bytes(data[4:8], "little")
-        lens = memoryview(data)[wire.HEAD : wire.HEAD + 4 * count].cast("I")
-        pos = wire.HEAD + 4 * count
-        for length in lens:
-            self._dead_letter(bytes(data[pos : pos + length]),
-                              f"recipient died: {self.who.name!r} (uds)")  # fmt: skip
-            pos += length
 
     # ------------------------------------------------------------ up
 
@@ -256,6 +270,10 @@ class _Link:
                     self.eof.set()
                     return
                 self._beat()
+                counts = _COUNTS(body, 8)
+                if counts != self.counts:
+                    self.counts = counts
+                    self.counted.set()
                 try:
                     frames, word = self._check(body)
                     policy, wait = wire.policy_of(word)
@@ -276,11 +294,11 @@ class _Link:
         word = int.from_bytes(body[4:8], "little")
         if count > wire.MAX_COUNT:
             raise BadPeer(f"a record of {count} frames (limit {wire.MAX_COUNT})")
-        at = 8 + 4 * count
+        at = 16 + 4 * count
         if at > len(body):
             raise BadPeer(f"a record of {count} frames has no room for their lengths")
         view = memoryview(body)
-        lens = view[8:at].cast("I")
+        lens = view[16:at].cast("I")
         if sum(lens) != len(body) - at:
             raise BadPeer("a record whose frame lengths do not add up to its size")
         me, my_id, slen = self.name_b, self.who.id, len(self.name_b)
@@ -400,6 +418,17 @@ class _Link:
         self.sock.close()
 
 
+def _frames_of(data: bytes) -> list[bytes]:
+    """The frames of a record as sent (length prefix included)."""
+    count = int.from_bytes(data[4:8], "little")
+    pos = wire.HEAD + 4 * count
+    out = []
+    for length in memoryview(data)[wire.HEAD : wire.HEAD + 4 * count].cast("I"):
+        out.append(bytes(data[pos : pos + length]))
+        pos += length
+    return out
+
+
 class _RecordReader:
     """Records off a blocking socket with a short timeout, every length checked first."""
 
@@ -478,13 +507,17 @@ class Bridge:
             self._expected[name] = _Expected(name, agent_id, token, inbox, slot)
         return {"token": token, "data": data_path(self.bus)}
 
-    def detach(self, name: str) -> None:
-        """The agent is off the bus: stop its threads before its inbox is drained."""
+    def detach(self, name: str) -> list[bytes]:
+        """The agent is off the bus: stop its threads before its inbox is
+        drained. Returns the frames it was sent but never took, oldest first:
+        they go to the DLQ ahead of what is left in the inbox."""
         with self._lock:
             self._expected.pop(name, None)
             link = self.links.pop(name, None)
-        if link is not None:
-            link.close()
+        if link is None:
+            return []
+        link.close()
+        return link.lost
 
     def pump(self, dead_letter: Any, kill: Any) -> None:
         """Hand the threads' events to the coordinator: dead letters, deaths."""

@@ -370,9 +370,9 @@ class Coordinator:
         self.subs = {p: n for p, n in self.subs.items() if n}
         if publish:
             self._publish()  # first: peers check the version before every send
-        self.bridge.detach(name)  # a uds agent's threads stop before its inbox is drained
-        # What its inbox still holds goes to the DLQ, then the inbox goes.
-        moved = self._drain(agent, reason)
+        # What its inbox still holds goes to the DLQ, then the inbox goes (a uds
+        # agent's bridge stops first: what it sent that was never taken goes first).
+        moved = self._drain(agent, reason, self.bridge.detach(name))
         if moved:
             log.warning("agent %s left %d unread messages: in the DLQ", name, moved)
         Ring.unlink_name(agent.inbox)
@@ -386,13 +386,20 @@ class Coordinator:
         self.stats.set_bus(DLQ_TOTAL, self.dlq.total)
         self.stats.set_bus(DLQ_EVICTED, self.dlq.evicted)
 
-    def _drain(self, agent: _Agent, reason: str) -> int:
-        """Move what is left in a departed agent's inbox to the DLQ; how many."""
+    def _drain(self, agent: _Agent, reason: str, taken: list[bytes] | None = None) -> int:
+        """Move what is left in a departed agent's inbox to the DLQ (after
+        ``taken``, frames read from it already); how many."""
+        moved = 0
+        for frame in taken or ():
+            if len(frame) <= DLQ_MAX_FRAME:
+                self.dlq.add(frame, f"{reason}: {agent.name!r} (pid {agent.pid})")
+                moved += 1
         try:
             ring = Ring.attach(agent.inbox, lanes=True)  # read highest lane first
         except ShmbusError:
-            return 0  # it never made one, or it is gone already
-        moved = 0
+            if moved:
+                self._dlq_stats()
+            return moved  # it never made one, or it is gone already
         with ring:
             while True:
                 try:

@@ -50,6 +50,8 @@ _BUF = 1 << 20
 _SOCKBUF = 4 << 20
 BEAT_EVERY = 0.5
 _LEAVE_WAIT = 10.0
+_FULL = 256  # frames in a record the bridge filled: its reader is behind
+_SLICE = 0.05
 _pack = HEADER.pack
 
 
@@ -77,6 +79,9 @@ class Stream:
         self.wlock = threading.Lock()
         self._pending = b""  # the rest of a record the socket took only part of
         self.last_write = time.monotonic()
+        # Records taken from the bridge and asked for (wire.py), in every record we write.
+        self.taken = self.granted = 0
+        self._told = (0, 0)
 
     # ------------------------------------------------------------ reading
 
@@ -93,6 +98,12 @@ class Stream:
                 need = 4 + body
                 if avail >= need:
                     self._start = start + need
+                    self.taken += 1
+                    # One more may come while this one is read; at once if the inbox
+                    # is behind (a full record), else with our next write or wait.
+                    self.granted = self.taken + 1
+                    if int.from_bytes(buf[start + 4 : start + 8], "little") >= _FULL:
+                        self.ack()
                     return bytes(memoryview(buf)[start + 4 : start + need])
             if len(buf) - start < need or len(buf) - self._end < 4096:
                 self._compact(need)
@@ -102,6 +113,10 @@ class Stream:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
+                if self.granted == self.taken:
+                    self.granted += 1  # nothing asked for: ask for the next record
+                if self._told != (self.taken, self.granted) and not self.ack():
+                    left = _SLICE if left is None else min(left, _SLICE)  # a sender has the socket
                 self._rpoll.poll(-1 if left is None else math.ceil(left * 1000))
                 continue
             except OSError as e:
@@ -121,7 +136,7 @@ class Stream:
 
     # ------------------------------------------------------------ writing
 
-    def write(self, data: bytes, wait: float | None) -> None:
+    def write(self, data: bytearray, wait: float | None) -> None:
         """Write one record, waiting up to ``wait`` (None: forever) for the
         socket to take its first byte; :class:`_Full` if it took none. A
         record taken in part is finished before the next one."""
@@ -133,11 +148,26 @@ class Stream:
                     self._pending = rest
                     raise _Full
                 self._pending = b""
+            counts = (self.taken & wire.MASK, self.granted & wire.MASK)
+            wire.COUNTS.pack_into(data, wire.COUNTS_AT, *counts)
             rest = self._send(data, deadline)
             if rest is data:
                 raise _Full
             self._pending = rest or b""
             self.last_write = time.monotonic()
+            self._told = (self.taken, self.granted)
+
+    def ack(self) -> bool:
+        """Tell the bridge our counts now, unless a sender has the socket (then
+        its record tells them); False if nothing could be written."""
+        if not self.wlock.acquire(blocking=False):
+            return False
+        self.wlock.release()
+        try:
+            self.write(wire.record([]), 0)
+        except (_Full, Closed):
+            return False
+        return True
 
     def _send(self, data: bytes, deadline: float | None) -> Any:
         """What is left of ``data`` at the deadline (None: all sent)."""
@@ -189,8 +219,8 @@ class UdsInbox:
                 count = int.from_bytes(body[:4], "little")
                 if count:
                     break
-            at = 8 + 4 * count
-            lens = memoryview(body)[8:at].cast("I")
+            at = 16 + 4 * count
+            lens = memoryview(body)[16:at].cast("I")
             if len(lens) != count or sum(lens) != len(body) - at:
                 raise Closed("the bridge sent a record whose lengths do not add up")
             self._rec, self._lens, self._off = memoryview(body), lens, at
@@ -226,7 +256,8 @@ class _Peer:
 
     def try_write(self, frame: bytes) -> bool:
         try:
-            self.out.stream.write(wire.record([frame], wire.info("error", 0)), 0)
+            stream = self.out.stream
+            stream.write(wire.record([frame], wire.info("error", 0)), 0)
         except _Full:
             return False
         return True
@@ -409,17 +440,10 @@ class _Beats(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        beat = wire.record([])
         while not self.stop.wait(BEAT_EVERY) and self.link() is not None:
             stream = self.stream
-            if time.monotonic() - stream.last_write < BEAT_EVERY / 2:
-                continue
-            if stream.wlock.acquire(blocking=False):  # a sender that waits beats for us
-                stream.wlock.release()
-                try:
-                    stream.write(beat, 0)
-                except (_Full, Closed):
-                    pass
+            if time.monotonic() - stream.last_write >= BEAT_EVERY / 2:
+                stream.ack()  # a beat, and our count (a sender that waits beats for us)
 
     def close(self) -> None:
         self.stop.set()

@@ -3,28 +3,37 @@
 After a hello (one control-format message each way, shmbus/control.py), both
 directions carry *records*, each many frames written with one system call::
 
-    u32 body length | u32 count | u32 info | count x u32 frame length | frames
+    u32 body length | u32 count | u32 info | u32 taken | u32 granted |
+    count x u32 frame length | frames
 
 little-endian, the frames back to back exactly as they are in a ring
 (csrc/shmbus_frame.h). ``info`` from the client is the backpressure policy
 of the record's frames (bits 0-1: 0 block, 1 error, 2 drop) and, for
 "block", how long the bridge may wait for room in milliseconds (bits 2-31;
-all ones: no limit). A record with no frames is a heartbeat. The reader
-checks every length against the limits below before it reads the body; a
-peer that breaks them is disconnected.
+all ones: no limit). ``taken`` and ``granted`` from the client count the
+bridge's records it has taken off the socket and the ones it asks for (mod
+2**32): the bridge sends a record only when asked, so a backlog waits in the
+inbox's lanes (the highest first, as for shm readers) rather than in the
+socket, and it keeps each record until it is taken, so what a dying agent
+never took goes to the DLQ. A record with no frames is a heartbeat, or just
+the counts. The reader checks every length against the limits below before
+it reads the body; a peer that breaks them is disconnected.
 """
 
 from __future__ import annotations
 
 import struct
 
-RECORD = struct.Struct("<III")  # body length, count, info
+RECORD = struct.Struct("<IIIII")  # body length, count, info, taken, granted
+COUNTS = struct.Struct("<II")  # taken, granted: at COUNTS_AT in a record
+COUNTS_AT = 12
 HEAD = RECORD.size
 MAX_RECORD = 64 << 20  # a record's body; frames of up to an inbox's max_frame fit
 MAX_COUNT = 1 << 16
 POLICY_CODES = {"block": 0, "error": 1, "drop": 2}
 POLICY_NAMES = {v: k for k, v in POLICY_CODES.items()}
 FOREVER_MS = (1 << 30) - 1
+MASK = 0xFFFFFFFF
 
 
 def info(policy: str, wait: float | None) -> int:
@@ -40,8 +49,8 @@ def policy_of(word: int) -> tuple[str, float | None]:
     return policy, None if ms == FOREVER_MS else ms / 1000
 
 
-def record(frames: list[bytes] | tuple[bytes, ...], word: int = 0) -> bytes:
-    """One record holding ``frames``."""
+def record(frames: list[bytes] | tuple[bytes, ...], word: int = 0) -> bytearray:
+    """One record holding ``frames`` (the client's writer fills in its counts)."""
     lens = struct.pack(f"<{len(frames)}I", *map(len, frames))
     body = HEAD - 4 + len(lens) + sum(map(len, frames))
-    return b"".join((RECORD.pack(body, len(frames), word), lens, *frames))
+    return bytearray().join((RECORD.pack(body, len(frames), word, 0, 0), lens, *frames))
