@@ -43,7 +43,7 @@ from ._native import ffi, lib
 from .control import ControlError, Reader, encode, routes_name, runtime_dir
 from .errors import ShmbusError
 from .message import HEADER, HEADER_SIZE, MAGIC, VERSION, MessageType
-from .ring import Ring
+from .ring import DEFAULT_SPIN_NS, Ring
 from .routes import Table, match
 from .stats import (
     BYTES_RECEIVED,
@@ -60,6 +60,7 @@ __all__ = ["Bridge", "data_path"]
 
 log = logging.getLogger("shmbus.bridge")
 
+_SPIN = DEFAULT_SPIN_NS / 1e9  # seconds an up thread polls before it sleeps
 _SLICE = 0.1  # seconds: how often a waiting thread looks whether it must stop
 _HELLO_WAIT = 5.0
 _SOCKBUF = 4 << 20
@@ -152,7 +153,8 @@ class _Link:
         self.stop = threading.Event()  # the coordinator dropped the agent
         self.eof = threading.Event()  # the agent finished writing: down may end
         self.counts = (0, 0)  # records the agent took and asked for (up writes, down reads)
-        self.counted = threading.Event()  # they moved
+        self.counted = threading.Event()  # they moved while down waited for them
+        self.starved = False
         self.lost: list[bytes] = []  # frames sent that it never took, for the DLQ
         stats = bridge.stats
         self.counters = stats.agent(who.slot)
@@ -205,8 +207,10 @@ class _Link:
                     sent.popleft()
                 if (granted - seq) & _MASK == 0 or (granted - seq) & _MASK >= 1 << 31:
                     self.counted.clear()  # not asked for more: the backlog waits in the lanes
+                    self.starved = True
                     if self.counts[1] == granted:
                         self.counted.wait(_SLICE)
+                    self.starved = False
                     continue
                 n = inbox.read_block(256, _SLICE)
                 if n > 0:
@@ -273,7 +277,8 @@ class _Link:
                 counts = _COUNTS(body, 8)
                 if counts != self.counts:
                     self.counts = counts
-                    self.counted.set()
+                    if self.starved:  # wake it only if it waits for this (a GIL handover)
+                        self.counted.set()
                 try:
                     frames, word = self._check(body)
                     policy, wait = wire.policy_of(word)
@@ -434,27 +439,48 @@ class _RecordReader:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = bytearray()
+        self.buf = bytearray(1 << 20)
+        self.start = self.end = 0
 
     def _fill(self, need: int, stop: threading.Event) -> bool:
-        while len(self.buf) < need:
+        """At least ``need`` bytes from ``start``; False at the end of the stream or on stop."""
+        while self.end - self.start < need:
             if stop.is_set():
                 return False
+            if len(self.buf) - self.start < need or len(self.buf) - self.end < 65536:
+                have = self.end - self.start
+                if len(self.buf) < need + 65536:
+                    self.buf = self.buf[self.start : self.end] + bytearray(need + (1 << 20))
+                else:
+                    self.buf[:have] = self.buf[self.start : self.end]
+                self.start, self.end = 0, have
+            view = memoryview(self.buf)[self.end :]
             try:
-                data = self.sock.recv(max(need - len(self.buf), 1 << 20))
+                # A short busy poll before the blocking wait, as shm readers spin: the
+                # next record of a busy agent is near, and waking a thread is slow.
+                spin_until = time.perf_counter() + _SPIN
+                while True:
+                    try:
+                        n = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+                        break
+                    except BlockingIOError:
+                        if time.perf_counter() >= spin_until:
+                            n = self.sock.recv_into(view)
+                            break
             except TimeoutError:
                 continue
-            if not data:
-                if self.buf:
-                    raise BadPeer(f"the connection ended inside a record ({len(self.buf)} bytes)")
+            if not n:
+                if self.end > self.start:
+                    raise BadPeer(f"the connection ended inside a record "
+                                  f"({self.end - self.start} bytes)")  # fmt: skip
                 return False
-            self.buf += data
+            self.end += n
         return True
 
     def next(self, stop: threading.Event) -> bytes | None:
         if not self._fill(4, stop):
             return None
-        body = int.from_bytes(self.buf[:4], "little")
+        body = int.from_bytes(self.buf[self.start : self.start + 4], "little")
         if body > wire.MAX_RECORD:
             raise BadPeer(f"a record of {body} bytes (limit {wire.MAX_RECORD})")
         if body < wire.HEAD - 4:
@@ -463,9 +489,9 @@ class _RecordReader:
             if stop.is_set():
                 return None
             raise BadPeer("the connection ended inside a record")
-        out = bytes(memoryview(self.buf)[4 : 4 + body])
-        del self.buf[: 4 + body]
-        return out
+        at = self.start + 4
+        self.start = at + body
+        return bytes(memoryview(self.buf)[at : at + body])
 
 
 class Bridge:

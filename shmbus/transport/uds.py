@@ -51,6 +51,7 @@ _SOCKBUF = 4 << 20
 BEAT_EVERY = 0.5
 _LEAVE_WAIT = 10.0
 _FULL = 256  # frames in a record the bridge filled: its reader is behind
+_AHEAD = 2  # records the bridge may send ahead of what we took
 _SLICE = 0.05
 _pack = HEADER.pack
 
@@ -82,12 +83,17 @@ class Stream:
         # Records taken from the bridge and asked for (wire.py), in every record we write.
         self.taken = self.granted = 0
         self._told = (0, 0)
+        # Seconds of polling before a wait (the agent's ``spin``). None by default:
+        # unlike an shm reader, a uds agent's answer needs the bridge's threads to
+        # run, and on a busy machine a spinning reader takes their core.
+        self.spin = 0.0
 
     # ------------------------------------------------------------ reading
 
     def read_record(self, timeout: float | None) -> bytes | None:
         """The next record's body (count, info, lengths, frames); None on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        spin_until = None if timeout != 0 else 0.0
         while True:
             buf, start, avail = self._buf, self._start, self._end - self._start
             need = wire.HEAD
@@ -99,9 +105,10 @@ class Stream:
                 if avail >= need:
                     self._start = start + need
                     self.taken += 1
-                    # One more may come while this one is read; at once if the inbox
-                    # is behind (a full record), else with our next write or wait.
-                    self.granted = self.taken + 1
+                    # Two more may come while this one is read (then the bridge never
+                    # waits for our word in a ping-pong); told at once if the inbox is
+                    # behind (a full record), else with our next write or wait.
+                    self.granted = self.taken + _AHEAD
                     if int.from_bytes(buf[start + 4 : start + 8], "little") >= _FULL:
                         self.ack()
                     return bytes(memoryview(buf)[start + 4 : start + need])
@@ -110,6 +117,10 @@ class Stream:
             try:
                 n = self.sock.recv_into(memoryview(self._buf)[self._end :])
             except BlockingIOError:
+                if spin_until is None:
+                    spin_until = time.perf_counter() + self.spin
+                if time.perf_counter() < spin_until:
+                    continue  # as an shm reader spins before it sleeps: an answer is near
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
@@ -202,13 +213,20 @@ class UdsInbox:
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
-        self.spin_ns = 0  # no ring to spin on
         self._rec = memoryview(b"")
         self._lens: Any = memoryview(b"\0\0\0\0").cast("I")
         self._i = self._n = 0
         self._off = 0
         self.scratch_view: Any = b""
         self.lens_view: Any = b""
+
+    @property
+    def spin_ns(self) -> int:
+        return round(self.stream.spin * 1e9)
+
+    @spin_ns.setter
+    def spin_ns(self, ns: int) -> None:
+        self.stream.spin = ns / 1e9
 
     def read_block(self, max_count: int, timeout: float | None = None) -> int:
         if self._i >= self._n:
