@@ -39,11 +39,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ._native import ffi, lib
 from .control import ControlError, Reader, encode, routes_name, runtime_dir
 from .errors import ShmbusError
 from .message import HEADER, HEADER_SIZE, MAGIC, VERSION, MessageType
-from .ring import DEFAULT_SPIN_NS, Ring
+from .ring import DEFAULT_SPIN_NS, Ring, _ns
 from .routes import Table, match
 from .stats import (
     BYTES_RECEIVED,
@@ -61,6 +63,7 @@ __all__ = ["Bridge", "data_path"]
 log = logging.getLogger("shmbus.bridge")
 
 _SPIN = DEFAULT_SPIN_NS / 1e9  # seconds an up thread polls before it sleeps
+_NUMPY_FROM = 16  # frames in a record from which it is checked with numpy
 _SLICE = 0.1  # seconds: how often a waiting thread looks whether it must stop
 _HELLO_WAIT = 5.0
 _SOCKBUF = 4 << 20
@@ -280,23 +283,64 @@ class _Link:
                     if self.starved:  # wake it only if it waits for this (a GIL handover)
                         self.counted.set()
                 try:
-                    frames, word = self._check(body)
-                    policy, wait = wire.policy_of(word)
-                except (BadPeer, KeyError) as e:
+                    policy, wait = wire.policy_of(int.from_bytes(body[4:8], "little"))
+                    block = self._check_many(body)
+                    frames = self._check(body) if block is None else []
+                except (BadPeer, KeyError, UnicodeDecodeError) as e:
                     log.warning("uds agent %s disconnected: %s", self.who.name, e)
                     self._fail(str(e))
                     return
-                if frames:
+                if block is not None:
+                    routes.fresh()
+                    self._route_many(routes, body, *block, policy, wait)
+                elif frames:
                     routes.fresh()
                     self._route(routes, frames, policy, wait)
         finally:
             routes.close()
 
-    def _check(self, body: bytes) -> tuple[list[tuple[Any, ...]], int]:
+    def _check_many(self, body: bytes) -> tuple[Any, ...] | None:
+        """A record of many frames to one place (a send_many, a publish_many),
+        checked in a few numpy calls: (frame lengths, type, priority, recipient
+        or topic, resent frames); None when it is not one of those, for ``_check``."""
+        count = int.from_bytes(body[0:4], "little")
+        at = 16 + 4 * count
+        if count < _NUMPY_FROM or count > wire.MAX_COUNT or at > len(body):
+            return None
+        buf = np.frombuffer(body, np.uint8)
+        lens = np.frombuffer(body, "<u4", count, 16)
+        if int(lens.sum(dtype=np.int64)) != len(body) - at or int(lens.min()) < HEADER_SIZE:
+            return None  # _check says what is wrong
+        same = int(lens[0]) if (lens == lens[0]).all() else 0  # frames all of one size?
+        offs = None if same else wire.offsets(at, lens)
+        hdr = (wire.strided(body, at, count, same, wire.HEADER_DTYPE) if same
+               else wire.headers(buf, offs))  # fmt: skip
+        kind, priority = int(hdr["type"][0]), int(hdr["priority"][0])
+        rl, tl = int(hdr["recipient_len"][0]), int(hdr["topic_len"][0])
+        slen = len(self.name_b)
+        uniform = (
+            (hdr["magic"] == MAGIC).all() and (hdr["version"] == VERSION).all()
+            and (hdr["type"] == kind).all() and (hdr["priority"] == priority).all()
+            and (hdr["sender_len"] == slen).all() and (hdr["sender_id"] == self.who.id).all()
+            and (hdr["recipient_len"] == rl).all() and (hdr["topic_len"] == tl).all()
+            and (HEADER_SIZE + slen + rl + tl + hdr["payload_len"].astype(np.int64) == lens).all()
+            and kind in _TYPES and priority <= 100
+            and ((kind == _PUBLISH and tl and not rl) or (kind != _PUBLISH and rl))
+        )  # fmt: skip
+        if not uniform:
+            return None
+        width = slen + rl + tl
+        names = (wire.strided(body, at + HEADER_SIZE, count, same, np.uint8, width) if same
+                 else buf[offs[:, None] + HEADER_SIZE + np.arange(width)])  # fmt: skip
+        if (names != names[0]).any() or bytes(names[0, :slen]) != self.name_b:
+            return None
+        where = bytes(names[0, slen + rl :] if kind == _PUBLISH else names[0, slen:]).decode()
+        return lens, kind, priority, where, int(np.count_nonzero(hdr["attempts"]))
+
+    def _check(self, body: bytes) -> list[tuple[Any, ...]]:
         """Every frame of a record, each (view, type, priority, recipient or
         topic, attempts), checked field by field before any is used."""
         count = int.from_bytes(body[0:4], "little")
-        word = int.from_bytes(body[4:8], "little")
         if count > wire.MAX_COUNT:
             raise BadPeer(f"a record of {count} frames (limit {wire.MAX_COUNT})")
         at = 16 + 4 * count
@@ -333,7 +377,7 @@ class _Link:
                 where = bytes(view[names + sl : names + sl + rl]).decode()
             out.append((view[pos : pos + length], kind, priority, where, attempts))
             pos += length
-        return out, word
+        return out
 
     def _route(self, routes: _Routes, frames: list[tuple[Any, ...]], policy: str,
                wait: float | None) -> None:  # fmt: skip
@@ -396,16 +440,94 @@ class _Link:
             self._beat()  # blocked on a full inbox is alive, as an shm sender is
         if done:
             size = sum(len(v) for v in views[:done])
-            StatsSegment.add(self.counters, SENT, done)
-            StatsSegment.add(self.counters, _BYTES_SENT, size)
-            info = routes.agents.get(name)
-            if info is not None and len(info) > 3 and info[3]:
-                theirs = self.bridge.stats.agent(info[3])
-                StatsSegment.add(theirs, _DELIVERED, done)
-                StatsSegment.add(theirs, _DELIVERED_BYTES, size)
-            for _view, topic in items[:done]:
-                if topic is not None:
-                    StatsSegment.add(self.bridge.stats.topic(topic.encode()), _TOPIC_DELIVERED)
+            topics = [t for _, t in items[:done] if t is not None]
+            for topic in set(topics):
+                self._delivered(routes, name, 0, 0, [t for t in topics if t == topic])
+            self._delivered(routes, name, done, size, [])
+
+    def _route_many(self, routes: _Routes, body: bytes, lens: Any, kind: int, priority: int,
+                    where: str, resent: int, policy: str, wait: float | None) -> None:  # fmt: skip
+        """A checked record to one place: one write_many per inbox, in place."""
+        counters = self.counters
+        n = len(lens)
+        if resent:
+            StatsSegment.add(counters, RETRIED, resent)
+        at = 16 + 4 * n
+        if kind == _PUBLISH:
+            topic_counters = self.bridge.stats.topic(where.encode())
+            StatsSegment.add(topic_counters, _PUBLISHED, n)
+            StatsSegment.add(topic_counters, _TOPIC_BYTES, len(body) - at)
+            names, topic = routes.of_topic(where), where
+        elif where not in routes.agents:
+            StatsSegment.add(counters, FAILED, n)
+            for frame in _split(body, at, lens):
+                self._dead_letter(frame, f"no recipient: no agent named {where!r} on bus "
+                                  f"{self.bridge.bus!r}")  # fmt: skip
+            return
+        else:
+            names, topic = [where], None
+        for name in names:
+            ring = routes.ring(name)
+            if ring is None:
+                StatsSegment.add(counters, FAILED, n)
+                for frame in _split(body, at, lens):
+                    self._dead_letter(frame, f"no recipient: {name!r} left the bus")
+                continue
+            self._write_many(routes, name, ring.lane(priority), body, at, lens, policy, wait,
+                             topic)  # fmt: skip
+
+    def _write_many(self, routes: _Routes, name: str, lane: Ring, body: bytes, at: int,
+                    lens: Any, policy: str, wait: float | None,
+                    topic: str | None) -> None:  # fmt: skip
+        n = len(lens)
+        base = ffi.from_buffer(body)
+        c_lens = ffi.cast("uint32_t *", base + 16)
+        written = ffi.new("uint32_t *")
+        deadline = None if wait is None or policy != "block" else time.monotonic() + wait
+        done = off = 0
+        why = ""
+        while done < n:
+            left = 0.0 if policy != "block" else _SLICE
+            if deadline is not None:
+                left = max(min(left, deadline - time.monotonic()), 0.0)
+            rc = lib.shmbus_ring_write_many(lane._handle(), base + at + off, c_lens + done,
+                                            n - done, _ns(left), written)  # fmt: skip
+            if written[0]:
+                off += int(lens[done : done + written[0]].sum(dtype=np.int64))
+                done += written[0]
+            if rc == lib.SHMBUS_OK or rc == lib.SHMBUS_EINTR:
+                continue
+            if rc == lib.SHMBUS_ETOOBIG:
+                why = f"too large for the inbox of {name!r}"
+                break
+            if rc not in (lib.SHMBUS_EAGAIN, lib.SHMBUS_ETIMEDOUT):
+                why = f"the inbox of {name!r} failed: error {rc}"
+                break
+            if (policy != "block" or self.stop.is_set()
+                    or (deadline is not None and time.monotonic() >= deadline)):  # fmt: skip
+                why = ("inbox full" + (f" for {wait}s" if policy == "block" else "")
+                       + f": {name!r} ({lane.used} of {lane.capacity} bytes in use); "
+                       f"policy {policy!r}")  # fmt: skip
+                break
+            self._beat()
+        if done < n:
+            items = [(f, topic) for f in _split(body, at + off, lens[done:])]
+            self._undelivered(items, name, why, DROPPED if policy == "drop" else FAILED)
+        if done:
+            self._delivered(routes, name, done, off, [topic] * done if topic else [])
+
+    def _delivered(self, routes: _Routes, name: str, count: int, size: int,
+                   topics: list[str]) -> None:  # fmt: skip
+        StatsSegment.add(self.counters, SENT, count)
+        StatsSegment.add(self.counters, _BYTES_SENT, size)
+        info = routes.agents.get(name)
+        if info is not None and len(info) > 3 and info[3]:
+            theirs = self.bridge.stats.agent(info[3])
+            StatsSegment.add(theirs, _DELIVERED, count)
+            StatsSegment.add(theirs, _DELIVERED_BYTES, size)
+        if topics:
+            StatsSegment.add(self.bridge.stats.topic(topics[0].encode()), _TOPIC_DELIVERED,
+                             len(topics))  # fmt: skip
 
     def _undelivered(self, items: list[Any], name: str, why: str, counter: int) -> None:
         StatsSegment.add(self.counters, counter, len(items))
@@ -421,6 +543,14 @@ class _Link:
             if t is not threading.current_thread():
                 t.join(10)
         self.sock.close()
+
+
+def _split(body: bytes, at: int, lens: Any) -> list[bytes]:
+    out, pos = [], at
+    for n in lens.tolist():
+        out.append(body[pos : pos + n])
+        pos += n
+    return out
 
 
 def _frames_of(data: bytes) -> list[bytes]:

@@ -28,6 +28,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .._native import ffi
 from ..control import Client, Reader, recv_msg, send_msg
 from ..errors import (
@@ -52,6 +54,7 @@ BEAT_EVERY = 0.5
 _LEAVE_WAIT = 10.0
 _FULL = 256  # frames in a record the bridge filled: its reader is behind
 _AHEAD = 2  # records the bridge may send ahead of what we took
+_NUMPY_FROM = 16  # frames in a batch from which numpy builds them
 _SLICE = 0.05
 _pack = HEADER.pack
 
@@ -344,15 +347,39 @@ class UdsOutbox:
             for i, data in enumerate(datas)
         ]  # fmt: skip
 
+    def _build(self, kind: int, blob: bytes, lens: Any, flags: Any, first_id: int, *,
+               recipient: bytes = b"", recipient_id: int = 0, topic: bytes = b"",
+               priority: int = 0, ttl: int = 0) -> Any:  # fmt: skip
+        """Many frames at once: a list of frames for a few, (blob, lengths) for a batch."""
+        n = len(lens)
+        if n < _NUMPY_FROM:
+            return self.frames(kind, list(_split(blob, lens)), flags, first_id,
+                               recipient=recipient, recipient_id=recipient_id, topic=topic,
+                               priority=priority, ttl=ttl)  # fmt: skip
+        # One header packed once and repeated: then only ids, flags and lengths differ.
+        one = _pack(MAGIC, VERSION, kind, priority, 0, 0, self.agent_id, recipient_id, 0, 0, 0,
+                    time.time_ns(), ttl, len(self._name_b), len(recipient), len(topic),
+                    0, 0)  # fmt: skip
+        hdr = np.frombuffer(bytearray(one * n), wire.HEADER_DTYPE)
+        hdr["flags"] = np.frombuffer(flags, np.uint8)
+        hdr["id"] = np.arange(first_id, first_id + n, dtype=np.uint64)
+        plens = np.frombuffer(lens, np.uint32)
+        hdr["payload_len"] = plens
+        return wire.build(hdr, self._name_b + recipient + topic, blob, plens)
+
     def frame(self, kind: int, data: bytes, flags: int, msg_id: int, *, recipient: str = "",
               topic: str = "", **fields: Any) -> bytes:  # fmt: skip
         """A frame built in Python, for the DLQ or a resend: the message as it goes."""
         return self.frames(kind, [data], [flags], msg_id, recipient=recipient.encode(),
                            topic=topic.encode(), **fields)[0]  # fmt: skip
 
-    def _write(self, frames: list[bytes], where: str, policy: str, timeout: float | None) -> bool:
-        """One record; False if the socket was full and the policy is "drop"."""
-        data = wire.record(frames, wire.info(policy, timeout))
+    def _write(self, frames: Any, where: str, policy: str, timeout: float | None) -> bool:
+        """One record (of a list of frames, or of (blob, lengths) from ``_build``);
+        False if the socket was full and the policy is "drop"."""
+        if isinstance(frames, tuple):
+            data = wire.record_of(*frames, wire.info(policy, timeout))
+        else:
+            data = wire.record(frames, wire.info(policy, timeout))
         if len(data) > wire.MAX_RECORD:
             raise MessageTooLarge(len(data), wire.MAX_RECORD, "a uds record")
         try:
@@ -361,7 +388,7 @@ class UdsOutbox:
         except _Full:
             pass
         if policy == "drop":
-            for frame in frames:
+            for frame in wire.split(*frames) if isinstance(frames, tuple) else frames:
                 self._dead_letter(frame, f"inbox full: {where} (the uds data socket is full); "
                                   "policy 'drop'")  # fmt: skip
             return False
@@ -403,32 +430,32 @@ class UdsOutbox:
         priority = check_priority(priority)
         ms = ttl_ms(ttl)
         blob, lens, flags = pack_many(payloads, FLAG_ACK if requires_ack else 0)
-        if not lens:
+        n = len(lens)
+        if not n:
             return []
-        datas = list(_split(blob, lens))
-        first = self._take(len(datas))
+        first = self._take(n)
         try:
             info = self._recipient(name)
         except UnknownRecipient as e:
+            datas = list(_split(blob, lens))
             for frame in self.frames(kind, datas, flags, first, recipient=name.encode(),
                                      priority=priority, ttl=ms):  # fmt: skip
                 self._dead_letter(frame, f"no recipient: {e}")
             raise
-        frames = self.frames(kind, datas, flags, first, recipient=name.encode(),
+        frames = self._build(kind, blob, lens, flags, first, recipient=name.encode(),
                              recipient_id=info[0], priority=priority, ttl=ms)  # fmt: skip
         if self._write(frames, f"the inbox of {name!r}", policy, timeout) and on_sent:
-            for i, data in enumerate(datas):
+            for i, data in enumerate(_split(blob, lens)):
                 on_sent(first + i, data, flags[i])
-        return list(range(first, first + len(datas)))
+        return list(range(first, first + n))
 
     def publish(self, topic: str, kind: int, blob: bytes, lens: Any, flags: Any, priority: Any,
                 ttl: Any, timeout: float | None, rt: Any = None, rc: int = 0) -> int:  # fmt: skip
         priority = check_priority(priority)
         ms = ttl_ms(ttl)
         raw = validate_topic(topic).encode()
-        datas = list(_split(blob, lens))
-        first = self._take(len(datas))
-        frames = self.frames(kind, datas, flags, first, topic=raw, priority=priority, ttl=ms)
+        first = self._take(len(lens))
+        frames = self._build(kind, blob, lens, flags, first, topic=raw, priority=priority, ttl=ms)
         # A publish never raises for a full subscriber: the bridge dead-letters its copy.
         policy = "block" if timeout is None or timeout > 0 else "drop"
         self._write(frames, f"the subscribers of {topic!r}", policy, timeout)
