@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from ._native import ffi, lib
-from .control import ControlError, Reader, encode, routes_name, runtime_dir
-from .errors import ShmbusError
+from .control import ControlError, Reader, data_socket_path, encode, routes_name
+from .errors import MessageTooLarge, ShmbusError
 from .message import HEADER, HEADER_SIZE, MAGIC, VERSION, MessageType
 from .ring import DEFAULT_SPIN_NS, Ring, _ns
 from .routes import Table, match
@@ -82,7 +82,7 @@ _unpack = HEADER.unpack_from
 
 
 def data_path(bus: str) -> str:
-    return str(runtime_dir(bus) / "data.sock")
+    return str(data_socket_path(bus))
 
 
 class BadPeer(Exception):
@@ -425,8 +425,12 @@ class _Link:
                 left = max(min(left, deadline - time.monotonic()), 0.0)
             try:
                 done += lane.write_many(views[done:], left)
-            except ShmbusError as e:  # too large for that inbox, or it broke
-                self._undelivered(items[done:], name, f"{e}", FAILED)
+            except MessageTooLarge:
+                why = f"too large for the inbox: {name!r} (max frame {lane.max_frame} bytes)"
+                self._undelivered(items[done:], name, why, FAILED)
+                break
+            except ShmbusError as e:  # the inbox broke
+                self._undelivered(items[done:], name, f"the inbox of {name!r} failed: {e}", FAILED)
                 break
             if done == len(views):
                 break
@@ -498,7 +502,7 @@ class _Link:
             if rc == lib.SHMBUS_OK or rc == lib.SHMBUS_EINTR:
                 continue
             if rc == lib.SHMBUS_ETOOBIG:
-                why = f"too large for the inbox of {name!r}"
+                why = f"too large for the inbox: {name!r} (max frame {lane.max_frame} bytes)"
                 break
             if rc not in (lib.SHMBUS_EAGAIN, lib.SHMBUS_ETIMEDOUT):
                 why = f"the inbox of {name!r} failed: error {rc}"

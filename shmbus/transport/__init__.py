@@ -14,7 +14,9 @@ route caches and the slow paths). Every transport carries the same frames
 - ``inproc`` (:mod:`.inproc`): agents of one process, for tests.
 
 A transport is one module with an ``open(ctl, bus, name, **options) ->
-Link`` function, named in ``OPENERS``; ``open_link`` picks one.
+Link`` function (and, if it needs no coordinator, a ``control(bus, name)``
+that stands in for the control connection), named in ``OPENERS``;
+``open_link`` picks one.
 ``transport="auto"`` (the default; ``$SHMBUS_TRANSPORT`` overrides it)
 tries ``shm`` and falls back to ``uds`` when the shared memory cannot be
 created or mapped, and logs it.
@@ -131,11 +133,6 @@ def choose(transport: str) -> str:
     return transport
 
 
-def opener(kind: str) -> Opener:
-    module = importlib.import_module(OPENERS[kind], __name__)
-    return module.open  # type: ignore[no-any-return]
-
-
 def open_link(
     transport: str, bus: str, name: str, connect: Callable[[], Client], **options: Any
 ) -> tuple[Client, Link]:
@@ -147,9 +144,11 @@ def open_link(
     kind = choose(transport)
     tries = ["shm", "uds"] if kind == "auto" else [kind]
     for i, attempt in enumerate(tries):
-        ctl = connect()
+        module = importlib.import_module(OPENERS[attempt], __name__)
+        # A transport with a control of its own (inproc) needs no coordinator.
+        ctl = module.control(bus, name) if hasattr(module, "control") else connect()
         try:
-            return ctl, opener(attempt)(ctl, bus, name, **options)
+            return ctl, module.open(ctl, bus, name, **options)
         except ShmUnavailable as e:
             ctl.close()
             if i + 1 == len(tries):
