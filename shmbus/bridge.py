@@ -265,7 +265,7 @@ class _Link:
         try:
             while not self.stop.is_set():
                 try:
-                    body = reader.next(self.stop)
+                    bodies = reader.ready(self.stop)
                 except BadPeer as e:
                     log.warning("uds agent %s disconnected: %s", self.who.name, e)
                     self._fail(str(e))
@@ -273,29 +273,40 @@ class _Link:
                 except OSError as e:
                     self._fail(f"its data connection broke: {e}")
                     return
-                if body is None:  # the agent finished writing (it leaves), or stop
+                if not bodies:  # the agent finished writing (it leaves), or stop
                     self.eof.set()
                     return
                 self._beat()
-                counts = _COUNTS(body, 8)
+                counts = _COUNTS(bodies[-1], 8)
                 if counts != self.counts:
                     self.counts = counts
                     if self.starved:  # wake it only if it waits for this (a GIL handover)
                         self.counted.set()
-                try:
-                    policy, wait = wire.policy_of(int.from_bytes(body[4:8], "little"))
-                    block = self._check_many(body)
-                    frames = self._check(body) if block is None else []
-                except (BadPeer, KeyError, UnicodeDecodeError) as e:
-                    log.warning("uds agent %s disconnected: %s", self.who.name, e)
-                    self._fail(str(e))
-                    return
-                if block is not None:
-                    routes.fresh()
-                    self._route_many(routes, body, *block, policy, wait)
-                elif frames:
-                    routes.fresh()
-                    self._route(routes, frames, policy, wait)
+                routes.fresh()
+                # Small records that came together (sends one at a time) are routed
+                # together: one write_many per destination for all of them, in order.
+                small: list[Any] = []
+                small_word = -1
+                for body in bodies:
+                    word = int.from_bytes(body[4:8], "little")
+                    try:
+                        policy, wait = wire.policy_of(word)
+                        block = self._check_many(body)
+                        frames = self._check(body) if block is None else []
+                    except (BadPeer, KeyError, UnicodeDecodeError) as e:
+                        log.warning("uds agent %s disconnected: %s", self.who.name, e)
+                        self._fail(str(e))
+                        return
+                    if small and (block is not None or word != small_word):
+                        self._route(routes, small, *wire.policy_of(small_word))
+                        small = []
+                    if block is not None:
+                        self._route_many(routes, body, *block, policy, wait)
+                    elif frames:
+                        small += frames
+                        small_word = word
+                if small:
+                    self._route(routes, small, *wire.policy_of(small_word))
         finally:
             routes.close()
 
@@ -610,6 +621,25 @@ class _RecordReader:
                 return False
             self.end += n
         return True
+
+    def ready(self, stop: threading.Event) -> list[bytes]:
+        """The next record, waited for, and every other already here; [] at the end."""
+        out = []
+        body = self.next(stop)
+        while body is not None:
+            out.append(body)
+            if len(out) >= 4096 or not self._complete():
+                break
+            body = self.next(stop)
+        return out
+
+    def _complete(self) -> bool:
+        """Is a whole record in the buffer?"""
+        have = self.end - self.start
+        if have < 4:
+            return False
+        body = int.from_bytes(self.buf[self.start : self.start + 4], "little")
+        return body <= wire.MAX_RECORD and have >= 4 + body
 
     def next(self, stop: threading.Event) -> bytes | None:
         if not self._fill(4, stop):
