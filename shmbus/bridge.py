@@ -392,8 +392,9 @@ class _Link:
 
     def _route(self, routes: _Routes, frames: list[tuple[Any, ...]], policy: str,
                wait: float | None) -> None:  # fmt: skip
-        """Group per destination lane, in order; one write_many per group."""
-        groups: dict[tuple[str, int], list[Any]] = {}
+        """Group per destination lane, keeping the order within each (as a
+        reader sees it); one write_many per group."""
+        lanes: dict[tuple[str, int], tuple[Ring, list[Any]]] = {}
         counters = self.counters
         stats = self.bridge.stats
         for view, kind, priority, where, attempts in frames:
@@ -403,26 +404,26 @@ class _Link:
                 topic_counters = stats.topic(where.encode())
                 StatsSegment.add(topic_counters, _PUBLISHED)
                 StatsSegment.add(topic_counters, _TOPIC_BYTES, len(view))
-                for name in routes.of_topic(where):
-                    groups.setdefault((name, priority), []).append((view, where))
-                continue
-            if where not in routes.agents:
+                names, topic = routes.of_topic(where), where
+            elif where not in routes.agents:
                 StatsSegment.add(counters, FAILED)
                 self._dead_letter(bytes(view), f"no recipient: no agent named {where!r} on bus "
                                   f"{self.bridge.bus!r}")  # fmt: skip
                 continue
-            groups.setdefault((where, priority), []).append((view, None))
-        # Lanes, not priorities, decide order: merge the groups of one lane.
-        lanes: dict[tuple[str, Any], list[Any]] = {}
-        for (name, priority), items in groups.items():
-            ring = routes.ring(name)
-            if ring is None:
-                for view, _ in items:
+            else:
+                names, topic = [where], None
+            for name in names:
+                ring = routes.ring(name)
+                if ring is None:
                     StatsSegment.add(counters, FAILED)
                     self._dead_letter(bytes(view), f"no recipient: {name!r} left the bus")
-                continue
-            lanes.setdefault((name, ring.lane(priority)), []).extend(items)
-        for (name, lane), items in lanes.items():
+                    continue
+                lane = ring.lane(priority)
+                key = (name, id(lane))
+                if key not in lanes:
+                    lanes[key] = (lane, [])
+                lanes[key][1].append((view, topic))
+        for (name, _), (lane, items) in lanes.items():
             self._write(routes, name, lane, items, policy, wait)
 
     def _write(self, routes: _Routes, name: str, lane: Ring, items: list[Any], policy: str,

@@ -279,3 +279,19 @@ def test_acks_ttl_and_counters_work_for_uds_agents(bus):
         stats = u.stats()
         assert stats.agents["u"].sent >= 2 and stats.agents["u"].received >= 2
         assert stats.agents["s"].received >= 1 and stats.agents["u"].heartbeat_age is not None
+
+
+def test_a_uds_sender_keeps_the_order_within_a_lane_across_priorities(bus):
+    with (
+        shmbus.connect(bus=bus, name="r", transport="shm") as r,
+        shmbus.connect(bus=bus, name="u", transport="uds") as u,
+    ):
+        # 0-33 share lane 0 and 67-100 lane 2: the order within each lane is the send order.
+        sent = [(p, i) for i in range(20) for p in (0, 10, 90, 100)]
+        for p, i in sent:
+            u.send("r", [p, i], priority=p)
+        got = []
+        while len(got) < len(sent):
+            got += [tuple(m.payload) for m in r.recv_many(100, timeout=10)]
+        assert [g for g in got if g[0] >= 67] == [s for s in sent if s[0] >= 67]
+        assert [g for g in got if g[0] < 34] == [s for s in sent if s[0] < 34]
