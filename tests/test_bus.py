@@ -15,28 +15,7 @@ import pytest
 import shmbus
 from shmbus import MessageType
 
-# ----------------------------------------------------------- transports
-
-
-@pytest.fixture(autouse=True, params=["shm", "uds", "mixed"])
-def transport(request, monkeypatch, children):
-    """Every test here runs on shm, on uds, and mixed: this process's agents on
-    shm and the children's on uds (so each pair talks both ways across the two)."""
-    here, there = {"shm": ("shm", "shm"), "uds": ("uds", "uds"), "mixed": ("shm", "uds")}[
-        request.param
-    ]
-    monkeypatch.setenv("SHMBUS_TRANSPORT", here)
-    start = children.start
-
-    def start_there(*args):
-        os.environ["SHMBUS_TRANSPORT"] = there  # a spawned child takes the environment as is
-        try:
-            return start(*args)
-        finally:
-            os.environ["SHMBUS_TRANSPORT"] = here
-
-    monkeypatch.setattr(children, "start", start_there)
-    return request.param
+pytestmark = pytest.mark.usefixtures("transport")  # shm, uds and mixed: see conftest.py
 
 
 # ------------------------------------------------------------ children
