@@ -159,7 +159,7 @@ class _Queue:
         self.taken = self.granted = 0
         self.last_write = time.monotonic()
 
-    def write(self, data: bytearray, wait: float | None) -> None:
+    def write(self, data: bytearray, wait: float | None, cork: bool = False) -> None:
         count = int.from_bytes(data[4:8], "little")
         self.hub.deliver(wire.split(bytes(data[wire.HEAD + 4 * count :]), _lens(data, count)))
 

@@ -56,6 +56,9 @@ _FULL = 256  # frames in a record the bridge filled: its reader is behind
 _AHEAD = 2  # records the bridge may send ahead of what we took
 _NUMPY_FROM = 16  # frames in a batch from which numpy builds them
 _SLICE = 0.05
+_BURST = 50e-6  # a send this soon after the last is part of a burst: corked
+_CORK_WAIT = 200e-6  # the tail of a burst goes this late at the latest
+_CORK_BYTES = 64 << 10  # a cork this full goes at once
 _pack = HEADER.pack
 
 
@@ -82,6 +85,11 @@ class Stream:
         self._start = self._end = 0
         self.wlock = threading.Lock()
         self._pending = b""  # the rest of a record the socket took only part of
+        self._corked: list[bytes] = []  # records of a burst, to go in one system call
+        self._corked_size = 0
+        self._closed = False
+        self._cork_cv = threading.Condition()
+        threading.Thread(target=self._flusher, name="shmbus-uds-flush", daemon=True).start()
         self.last_write = time.monotonic()
         # Records taken from the bridge and asked for (wire.py), in every record we write.
         self.taken = self.granted = 0
@@ -127,6 +135,7 @@ class Stream:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
+                self.kick()  # what we sent must not wait while we do
                 if self.granted == self.taken:
                     self.granted += 1  # nothing asked for: ask for the next record
                 if self._told != (self.taken, self.granted) and not self.ack():
@@ -150,26 +159,81 @@ class Stream:
 
     # ------------------------------------------------------------ writing
 
-    def write(self, data: bytearray, wait: float | None) -> None:
+    def write(self, data: bytearray, wait: float | None, cork: bool = False) -> None:
         """Write one record, waiting up to ``wait`` (None: forever) for the
         socket to take its first byte; :class:`_Full` if it took none. A
-        record taken in part is finished before the next one."""
-        with self.wlock:
-            deadline = None if wait is None else time.monotonic() + wait
-            if self._pending:
-                rest = self._send(self._pending, deadline)
-                if rest is not None:
-                    self._pending = rest
-                    raise _Full
-                self._pending = b""
+        record taken in part is finished before the next one.
+
+        With ``cork``, a record that comes in a burst (soon after the last) is
+        kept to go with the ones after it, in one system call: at the latest
+        ``_CORK_WAIT`` later, when the reader waits, or when enough gathered."""
+        deadline = None if wait is None else time.monotonic() + wait
+        if not self.wlock.acquire(timeout=-1 if wait is None else wait):
+            raise _Full  # another sender holds the socket, waiting for room
+        try:
             counts = (self.taken & wire.MASK, self.granted & wire.MASK)
             wire.COUNTS.pack_into(data, wire.COUNTS_AT, *counts)
+            now = time.monotonic()
+            if cork and (self._corked or now - self.last_write < _BURST):
+                if self._corked_size + len(data) > _CORK_BYTES and not self._flush(deadline):
+                    raise _Full
+                self._corked.append(bytes(data))
+                self._corked_size += len(data)
+                self.last_write = now
+                self._told = (self.taken, self.granted)
+                with self._cork_cv:
+                    self._cork_cv.notify()
+                return
+            if (self._corked or self._pending) and not self._flush(deadline):
+                raise _Full
             rest = self._send(data, deadline)
             if rest is data:
                 raise _Full
             self._pending = rest or b""
             self.last_write = time.monotonic()
             self._told = (self.taken, self.granted)
+        finally:
+            self.wlock.release()
+
+    def _flush(self, deadline: float | None) -> bool:
+        """Send what is pending and corked (the lock held); False if the socket took
+        none of it by the deadline (what it took in part is pending)."""
+        if self._pending:
+            rest = self._send(self._pending, deadline)
+            if rest is not None:
+                self._pending = rest
+                return False
+            self._pending = b""
+        if self._corked:
+            blob = b"".join(self._corked)
+            rest = self._send(blob, deadline)
+            if rest is blob:
+                return False
+            self._corked.clear()
+            self._corked_size = 0
+            self._pending = rest or b""
+        return True
+
+    def _flusher(self) -> None:
+        """Sends the tail of a burst that nothing else sent."""
+        while not self._closed:
+            with self._cork_cv:
+                while not self._corked and not self._closed:
+                    self._cork_cv.wait(1.0)
+            time.sleep(_CORK_WAIT)
+            with self.wlock:
+                try:
+                    self._flush(None)
+                except Closed:
+                    return
+
+    def kick(self) -> None:
+        """Send what is corked now, if no sender has the socket (before a wait)."""
+        if self._corked and self.wlock.acquire(blocking=False):
+            try:
+                self._flush(0.0)
+            finally:
+                self.wlock.release()
 
     def ack(self) -> bool:
         """Tell the bridge our counts now, unless a sender has the socket (then
@@ -203,11 +267,12 @@ class Stream:
 
     def flush(self, wait: float) -> None:
         with self.wlock:
-            if self._pending:
-                rest = self._send(self._pending, time.monotonic() + wait)
-                self._pending = rest or b""
+            self._flush(time.monotonic() + wait)
 
     def close(self) -> None:
+        self._closed = True
+        with self._cork_cv:
+            self._cork_cv.notify()
         self.sock.close()
 
 
@@ -383,7 +448,7 @@ class UdsOutbox:
         if len(data) > wire.MAX_RECORD:
             raise MessageTooLarge(len(data), wire.MAX_RECORD, "a uds record")
         try:
-            self.stream.write(data, timeout if policy == "block" else 0)
+            self.stream.write(data, timeout if policy == "block" else 0, policy == "block")
             return True
         except _Full:
             pass
