@@ -132,6 +132,11 @@ def connect(
     "drop" dead-letters the message ("inbox full") and returns its id. Each
     send may override both.
 
+    ``transport`` is "shm" (shared memory), "uds" (a Unix socket to the
+    coordinator's bridge, for a process that cannot map shared memory) or
+    "auto": shm, falling back to uds (logged) when the shared memory cannot be
+    created or mapped; $SHMBUS_TRANSPORT overrides "auto".
+
     A message sent with ``requires_ack=True`` is sent again (same id,
     ``attempts + 1``) when no ACK came within ``ack_timeout`` seconds, up to
     ``max_attempts`` sends in all, then dead-lettered ("retries exhausted");
@@ -762,7 +767,8 @@ class Agent:
         return sorted(self._out.agents)
 
     def stats(self) -> BusStats:
-        """Every counter of the bus now, read from shared memory (no coordinator call)."""
+        """Every counter of the bus now, read from shared memory (no coordinator
+        call; a uds agent asks the coordinator)."""
         return self._link.stats(self.bus)
 
     # ----------------------------------------------------------- close

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -243,11 +244,13 @@ class Client:
         self._sock = sock
         self._reader = Reader()
         self._pending: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # one request and its reply at a time, whatever the thread
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         try:
-            send_msg(self._sock, {"op": op, **args})
-            reply = recv_msg(self._sock, self._reader, self._pending)
+            with self._lock:
+                send_msg(self._sock, {"op": op, **args})
+                reply = recv_msg(self._sock, self._reader, self._pending)
         except (OSError, ControlError) as e:
             raise CoordinatorUnavailable(
                 f"{self._who}the coordinator of bus {self.bus!r} is gone ({e})"

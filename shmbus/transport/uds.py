@@ -54,6 +54,7 @@ BEAT_EVERY = 0.5
 _LEAVE_WAIT = 10.0
 _FULL = 256  # frames in a record the bridge filled: its reader is behind
 _AHEAD = 2  # records the bridge may send ahead of what we took
+ROUTES_TTL = 0.25  # seconds a uds agent trusts its copy of the routes for a direct send
 _NUMPY_FROM = 16  # frames in a batch from which numpy builds them
 _SLICE = 0.05
 _BURST = 50e-6  # a send this soon after the last is part of a burst: corked
@@ -371,6 +372,7 @@ class UdsOutbox:
         self._ids = threading.Lock()
         self._seq = 0
         self._id_base = agent_id << 40  # as the C sender does: unique without asking anyone
+        self._refreshed = 0.0
 
     def _take(self, n: int) -> int:
         with self._ids:
@@ -382,6 +384,7 @@ class UdsOutbox:
         reply = self.ctl.call("routes")
         self.agents = reply["agents"]
         self.subs = reply["subs"]
+        self._refreshed = time.monotonic()
 
     _fresh = refresh  # no shared table to check: ask (peers(), a death, a resend round)
 
@@ -390,8 +393,8 @@ class UdsOutbox:
 
     def _recipient(self, name: str) -> list[Any]:
         info = self.agents.get(name)
-        if info is None:
-            self.refresh()  # it may have come since we last asked
+        if info is None or time.monotonic() - self._refreshed > ROUTES_TTL:
+            self.refresh()  # it may have come (or gone) since we last asked
             info = self.agents.get(name)
         if info is None:
             raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
