@@ -76,6 +76,8 @@ _PUBLISHED: int = lib.SHMBUS_STAT_PUBLISHED
 _TOPIC_DELIVERED: int = lib.SHMBUS_STAT_TOPIC_DELIVERED
 _TOPIC_BYTES: int = lib.SHMBUS_STAT_TOPIC_BYTES
 _PUBLISH = int(MessageType.PUBLISH)
+_ACK = int(MessageType.ACK)
+_TYPE_AT: int = wire.HEADER_DTYPE.fields["type"][1]  # its offset in a frame header
 _TYPES = frozenset(int(t) for t in MessageType)
 _DIRECT_TYPES = _TYPES - {_PUBLISH}
 _unpack = HEADER.unpack_from
@@ -547,9 +549,16 @@ class _Link:
 
     def _undelivered(self, items: list[Any], name: str, why: str, counter: int) -> None:
         StatsSegment.add(self.counters, counter, len(items))
+        acks = 0
         for view, topic in items:
+            if view[_TYPE_AT] == _ACK:  # an shm sender would log it, not dead-letter it:
+                acks += 1  # its sender resends, and the copy is acked again
+                continue
             who = f"subscriber {name!r} of {topic!r}" if topic is not None else repr(name)
             self._dead_letter(bytes(view), f"{why.replace(repr(name), who, 1)}")
+        if acks:
+            log.info("uds agent %s could not ack %d messages to %s: %s", self.who.name, acks,
+                     name, why)  # fmt: skip
 
     def close(self) -> None:
         self.stop.set()
