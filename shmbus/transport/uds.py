@@ -263,12 +263,18 @@ class Stream:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return data if off == 0 else bytes(view[off:])
-            self._wpoll.poll(-1 if left is None else max(1, math.ceil(left * 1000)))
+            if self._closed:
+                raise Closed("the data connection is closed")
+            # In slices: a close from another thread is seen within one.
+            self._wpoll.poll(100 if left is None else max(1, min(100, math.ceil(left * 1000))))
         return None
 
     def flush(self, wait: float) -> None:
-        with self.wlock:
-            self._flush(time.monotonic() + wait)
+        if self.wlock.acquire(timeout=wait):
+            try:
+                self._flush(time.monotonic() + wait)
+            finally:
+                self.wlock.release()
 
     def close(self) -> None:
         self._closed = True
