@@ -84,7 +84,14 @@ from _bus_peers import Spec, roles
 from bench_ring import BenchError, CpuMeter, _sigint_ignored, headline, machine_info
 
 from shmbus import AgentProcess, Runner, ShmbusError
-from shmbus.control import bus_is_live, lock_path, remove_bus_shm, runtime_dir, socket_path
+from shmbus.control import (
+    bus_is_live,
+    data_socket_path,
+    lock_path,
+    remove_bus_shm,
+    runtime_dir,
+    socket_path,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bus.json"
@@ -629,7 +636,7 @@ def sweep_buses(only_pid: int | None = None) -> list[str]:
         if (pid != only_pid if only_pid is not None else _alive(pid)) or bus_is_live(bus):
             continue
         remove_bus_shm(bus)
-        for path in (socket_path(bus), lock_path(bus)):
+        for path in (socket_path(bus), data_socket_path(bus), lock_path(bus)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         with contextlib.suppress(OSError):

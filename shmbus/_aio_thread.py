@@ -75,7 +75,10 @@ class Reader(threading.Thread):
             self.stopping = True
             self.cond.notify()
         try:  # wake it now rather than at the end of its wait
-            woken = self.agent.inbox.try_write(self._wake)
+            # A ring inbox takes the wake-up frame; another transport's (uds)
+            # cannot be written to by its reader: IDLE bounds the wait then.
+            write = getattr(self.agent.inbox, "try_write", None)
+            woken = write is not None and write(self._wake)
         except ShmbusError:
             woken = False  # a full inbox wakes it anyway; else IDLE bounds the wait
         self.join(timeout)

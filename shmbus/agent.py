@@ -20,12 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._decode import decode_block as _decode_block
-from ._native import ffi, lib
+from ._native import lib
 from .acks import ACK_BATCH, Acks
 from .control import (
     Client,
-    routes_name,
-    stats_name,
     validate_bus_or_agent,
 )
 from .errors import (
@@ -49,10 +47,11 @@ from .message import (
     encode_message,
     pack_payload,
 )
-from .outbox import Outbox, check_policy, pack_many
-from .ring import LANES, Ring, _ns
-from .routes import Table, match, validate_pattern
-from .stats import BYTES_RECEIVED, RECEIVED, BusStats, StatsSegment, inbox_fill
+from .outbox import check_policy, pack_many
+from .ring import _ns
+from .routes import match, validate_pattern
+from .stats import BusStats, StatsSegment
+from .transport import open_link
 
 __all__ = ["Agent", "connect"]
 
@@ -86,11 +85,11 @@ class _Beater(threading.Thread):
     It holds the stats segment, so the mapping it writes to lives as long as
     it runs, and it ends with its agent: closed, or collected without close."""
 
-    def __init__(self, agent: Agent, stats: StatsSegment, slot: int) -> None:
+    def __init__(self, agent: Agent, stats: StatsSegment | None, slot: int) -> None:
         super().__init__(name=f"shmbus-heartbeat-{agent.name}", daemon=True)
         self.agent = weakref.ref(agent)
         self.stats = stats
-        self.where = stats.heartbeat(slot)
+        self.where = stats.heartbeat(slot) if stats is not None else None  # uds: the bridge beats
         self.stop = threading.Event()
         if self.where:
             self.beat()
@@ -150,6 +149,11 @@ def connect(
     "drop" dead-letters the message ("inbox full") and returns its id. Each
     send may override both.
 
+    ``transport`` is "shm" (shared memory), "uds" (a Unix socket to the
+    coordinator's bridge, for a process that cannot map shared memory) or
+    "auto": shm, falling back to uds (logged) when the shared memory cannot be
+    created or mapped; $SHMBUS_TRANSPORT overrides "auto".
+
     A message sent with ``requires_ack=True`` is sent again (same id,
     ``attempts + 1``) when no ACK came within ``ack_timeout`` seconds, up to
     ``max_attempts`` sends in all, then dead-lettered ("retries exhausted");
@@ -164,9 +168,7 @@ def connect(
     name = name if name is not None else os.environ.get("SHMBUS_AGENT")
     if name is None:
         raise ValueError("give the agent a name, or set SHMBUS_AGENT")
-    if transport not in ("auto", "shm"):
-        raise ValueError(f"transport {transport!r} is not available yet; use 'shm'")
-    agent = Agent(bus, name, inbox_capacity=inbox_capacity, timeout=timeout)
+    agent = Agent(bus, name, inbox_capacity=inbox_capacity, timeout=timeout, transport=transport)
     agent.backpressure = backpressure
     agent.send_timeout = send_timeout
     agent._acks.timeout = ack_timeout
@@ -184,7 +186,8 @@ def connect(
 class Agent:
     """A member of a bus. Use :func:`connect`; close it (or use ``with``) when done."""
 
-    def __init__(self, bus: str, name: str, *, inbox_capacity: int, timeout: float) -> None:
+    def __init__(self, bus: str, name: str, *, inbox_capacity: int, timeout: float,
+                 transport: str = "auto") -> None:  # fmt: skip
         self.bus = validate_bus_or_agent(bus, "bus")
         self.name = validate_bus_or_agent(name, "agent")
         self._name_b = name.encode()
@@ -199,31 +202,23 @@ class Agent:
         # One flush at a time: the beater's after a rejoin and close()'s would
         # both send the oldest letter, then each drop one (the second unsent).
         self._flush_lock = threading.Lock()
-        self._ctl = Client(bus, timeout, wait=timeout, who=f"agent {name!r}: ")
+        self._ctl, self._link = open_link(
+            transport, bus, name,
+            lambda: Client(bus, timeout, wait=timeout, who=f"agent {name!r}: "),
+            inbox_capacity=inbox_capacity, dead_letter=self._dead_letter,
+        )  # fmt: skip
         try:
-            reply = self._call("register", name=name, pid=os.getpid(), transport="shm")
-            self.id: int = reply["id"]
-            self._slot: int = reply.get("slot", 0)
-            self.inbox = Ring.create(reply["inbox"], inbox_capacity, lanes=LANES)
-            self._table = Table.attach(routes_name(bus))
-            self._stats = StatsSegment.attach(reply.get("stats", stats_name(bus)))
-            counters = self._stats.agent(reply.get("slot", 0))
-            if counters:
-                lib.shmbus_ring_count_reads(
-                    self.inbox._handle(), counters + RECEIVED, counters + BYTES_RECEIVED
-                )
-            self._out = Outbox(
-                bus=bus, name=name, agent_id=self.id, table=self._table, stats=self._stats,
-                counters=counters, dead_letter=self._dead_letter,
-            )  # fmt: skip
-            self._beater = _Beater(self, self._stats, reply.get("slot", 0))
+            self.id: int = self._link.id
+            self._slot: int = self._link.slot
+            self.inbox = self._link.inbox
+            self._out = self._link.out
+            self._beater = _Beater(self, self._link.stats_segment, self._link.slot)
             self._call("activate")
         except BaseException:
             if hasattr(self, "_beater"):
                 self._beater.close()
             self._ctl.close()
-            if hasattr(self, "inbox"):
-                self.inbox.__exit__(None, None, None)
+            self._link.close()
             raise
         # The fast paths' caches: the outbox fills them and clears them in place.
         self._direct = self._out.direct
@@ -239,7 +234,9 @@ class Agent:
         self._backpressure = "block"
         self._send_timeout: float | None = 30.0
         self._wait_ns = _ns(30.0)
-        self._ctl.rejoins = True  # from now on, a new coordinator takes us back
+        # From now on, a new coordinator takes us back. Not a uds agent: its
+        # messages went through the bridge, which died with the coordinator.
+        self._ctl.rejoins = self._link.kind == "shm"
 
     # -------------------------------------------------------- control
 
@@ -926,9 +923,9 @@ class Agent:
         return sorted(n for n in self._out.agents if not n.startswith("."))  # .history: the bus's
 
     def stats(self) -> BusStats:
-        """Every counter of the bus now, read from shared memory (no coordinator call)."""
-        self._out._fresh()
-        return self._stats.snapshot(self.bus, inbox_fill(self._out.agents, self._out.peers))
+        """Every counter of the bus now, read from shared memory (no coordinator
+        call; a uds agent asks the coordinator)."""
+        return self._link.stats(self.bus)
 
     # ----------------------------------------------------------- close
 
@@ -945,6 +942,7 @@ class Agent:
             self._dead_letter(encode_message(msg), "unread: its recipient closed")
         self._kept.clear()
         self._ahead.clear()
+        self._link.leave(self._dead_letter)
         if self._dlq_kept:
             self._flush_dead_letters()
         if self._dlq_kept:
@@ -955,13 +953,8 @@ class Agent:
         except ShmbusError:
             pass  # the coordinator is gone: nothing to tell
         self._ctl.close()
-        self._out.close()
-        self._table.close()
-        lib.shmbus_ring_count_reads(self.inbox._handle(), ffi.NULL, ffi.NULL)
         self._beater.close()  # it writes to the stats mapping: done before that goes
-        self._stats.close()
-        self.inbox.close()
-        self.inbox.unlink()
+        self._link.close()
 
     def __enter__(self) -> Agent:
         return self

@@ -166,7 +166,8 @@ class Agent:
 
     async def publish(self, topic: str, payload: Any, **kw: Any) -> int:
         """:meth:`shmbus.Agent.publish`; in a thread when a subscriber is (nearly) full."""
-        names = self._agent._out._subscribers.get(topic)
+        # Known to the shm outbox once it routed the topic (a uds one routes in the bridge).
+        names = getattr(self._agent._out, "_subscribers", {}).get(topic)
         return await self._maybe_off(names, False, self._agent.publish, topic, payload, **kw)  # type: ignore[no-any-return]
 
     async def publish_many(self, topic: str, payloads: Sequence[Any], **kw: Any) -> list[int]:

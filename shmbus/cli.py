@@ -16,6 +16,7 @@ from . import cli_dlq, cli_send, cli_tail, dlq, runfile
 from . import coordinator as _coordinator
 from .control import (
     bus_is_live,
+    data_socket_path,
     lock_path,
     remove_bus_shm,
     routes_name,
@@ -193,7 +194,7 @@ def run_cleanup(buses: list[str], purge_dlq: bool = False) -> int:
             status = status or (1 if buses else 0)
             continue
         removed = remove_bus_shm(bus)
-        for path in (socket_path(bus), lock_path(bus)):
+        for path in (socket_path(bus), data_socket_path(bus), lock_path(bus)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         with contextlib.suppress(OSError):

@@ -105,6 +105,11 @@ def socket_path(bus: str) -> Path:
     return path
 
 
+def data_socket_path(bus: str) -> Path:
+    """Where the coordinator's bridge takes uds agents' data connections."""
+    return socket_path(bus).with_name("data.sock")  # no longer than control.sock: fits
+
+
 def lock_path(bus: str) -> Path:
     return runtime_dir(bus) / "coordinator.lock"
 

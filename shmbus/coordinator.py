@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 
 from . import takeover
+from .bridge import Bridge
 from .control import (
     ControlError,
     Reader,
@@ -43,9 +44,9 @@ from .errors import CoordinatorRunning, ShmbusError
 from .history import HISTORY, MAX_KEEP, History, check_keep
 from .history import OPS as HISTORY_OPS
 from .message import FLAG_ACK, MessageType, encode_frame
-from .ring import Ring
+from .ring import LANES, Ring
 from .routes import validate_pattern
-from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL
+from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, inbox_fill
 from .takeover import process_gone as _process_gone
 
 log = logging.getLogger("shmbus.coordinator")
@@ -124,6 +125,7 @@ class Coordinator:
         self._next_beat_check = 0.0
         self._next_orphan_check = 0.0
         self.history: History | None = None  # made when a pattern is first kept
+        self.bridge: Bridge | None = None  # made once the stats segment is ours
         # A killed coordinator of this bus left its routes and stats behind,
         # and its agents live on with them mapped: take them over. We hold
         # the lock, so nobody else owns them.
@@ -137,6 +139,8 @@ class Coordinator:
             Ring.unlink_name(f"{bus}.history")  # a killed predecessor's, unused now
         self._dlq_stats()
         self._publish()
+        self.bridge = Bridge(bus, self.stats)  # carries the uds agents' traffic, in its threads
+        self._sel.register(self.bridge.wake_r, selectors.EVENT_READ, self.bridge)
         # Bound and listening under a side name, then renamed into place: a
         # client that finds the socket can always connect (between bind and
         # listen it would be refused), and a killed predecessor's is replaced.
@@ -164,6 +168,8 @@ class Coordinator:
             for key, _ in self._sel.select(timeout=0.02 if self._dying else 0.1 if busy else 0.2):
                 if key.fileobj is self._listener:
                     self._accept()
+                elif key.data is self.bridge:
+                    self.bridge.pump(self._bridge_dead_letter, self._bridge_kill)
                 else:
                     self._readable(key.data)
             self.dlq.tick()  # its file's fdatasync, at most once a second
@@ -180,7 +186,9 @@ class Coordinator:
         now = time.monotonic()
         still = []
         for agent, deadline in self._dying:
-            if _process_gone(agent.pid):
+            # A uds agent's writes went through the bridge, joined already; its
+            # pid may be another namespace's.
+            if agent.transport == "uds" or _process_gone(agent.pid):
                 self._tell("peer_died", agent)
                 self._watch_after_death(agent)
             elif now < deadline:
@@ -303,6 +311,7 @@ class Coordinator:
         self._watch.clear()
         if self.history is not None:
             self.history.close()
+        self.bridge.close()
         self._sel.close()
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
@@ -319,6 +328,15 @@ class Coordinator:
             runtime_dir(self.bus).rmdir()
 
     def _hand_over(self) -> None:
+        # uds agents cannot rejoin: their messages went through our bridge,
+        # which stops with us. They leave as if they had died.
+        for agent in [a for a in self.agents.values() if a.transport == "uds"]:
+            self._forget_agent(agent, reason="recipient died: its bridge stopped with the "
+                               "coordinator")  # fmt: skip
+        if not self.agents:
+            self.close()  # nobody left to hand the bus to
+            return
+        self.bridge.close()
         # What the successor must finish, else nobody would: deaths not yet
         # certain, and inboxes a dead writer may still block (with each
         # lane's tail at the death), which only a coordinator unblocks.
@@ -387,7 +405,7 @@ class Coordinator:
 
     # ------------------------------------------------------------ state
 
-    def _publish(self, *, pending: bool = False) -> None:
+    def _routes(self, *, pending: bool = False) -> dict[str, Any]:
         agents = {
             a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
             for a in self.agents.values()
@@ -404,7 +422,25 @@ class Coordinator:
         if pending:  # see _hand_over; read back by takeover.adopt
             routes["watch"] = {n: tails for n, (_, tails) in self._watch.items() if n in agents}
             routes["dying"] = {a.name: a.pid for a, _ in self._dying}
-        self.table.write(routes)
+        return routes
+
+    def _publish(self, *, pending: bool = False) -> None:
+        self.table.write(self._routes(pending=pending))
+
+    def _bridge_dead_letter(self, sender: str, frame: bytes, reason: str) -> None:
+        """What the bridge could not deliver for a uds agent (or to one)."""
+        self.dlq.add(frame, reason)
+        self._dlq_stats()
+        agent = self.agents.get(sender)
+        if agent is not None and agent.slot:
+            self.stats.add(self.stats.agent(agent.slot), DEAD_LETTERED)
+
+    def _bridge_kill(self, name: str, reason: str) -> None:
+        """A uds agent broke its data connection's protocol, or lost it: dead."""
+        agent = self.agents.get(name)
+        if agent is not None and agent.transport == "uds" and agent.conn is not None:
+            log.warning("agent %s (uds) is dropped: %s", name, reason)
+            self._drop(agent.conn)
 
     def _keep_history(self, patterns: dict[str, int]) -> None:
         """Keep the last N messages published on each pattern (0: stop)."""
@@ -460,8 +496,10 @@ class Coordinator:
         self.subs = {p: n for p, n in self.subs.items() if n}
         if publish:
             self._publish()  # first: peers check the version before every send
-        # What its inbox still holds goes to the DLQ, then the inbox goes.
-        moved = self._drain(agent, reason)
+        # What its inbox still holds goes to the DLQ, then the inbox goes (a uds
+        # agent's bridge stops first: what it sent that was never taken goes first).
+        taken = self.bridge.detach(name) if self.bridge is not None else []
+        moved = self._drain(agent, reason, taken)
         if moved:
             log.warning("agent %s left %d unread messages: in the DLQ", name, moved)
         Ring.unlink_name(agent.inbox)
@@ -475,13 +513,20 @@ class Coordinator:
         self.stats.set_bus(DLQ_TOTAL, self.dlq.total)
         self.stats.set_bus(DLQ_EVICTED, self.dlq.evicted)
 
-    def _drain(self, agent: _Agent, reason: str) -> int:
-        """Move what is left in a departed agent's inbox to the DLQ; how many."""
+    def _drain(self, agent: _Agent, reason: str, taken: list[bytes] | None = None) -> int:
+        """Move what is left in a departed agent's inbox to the DLQ (after
+        ``taken``, frames read from it already); how many."""
+        moved = 0
+        for frame in taken or ():
+            if len(frame) <= DLQ_MAX_FRAME:
+                self.dlq.add(frame, f"{reason}: {agent.name!r} (pid {agent.pid})")
+                moved += 1
         try:
             ring = Ring.attach(agent.inbox, lanes=True)  # read highest lane first
         except ShmbusError:
-            return 0  # it never made one, or it is gone already
-        moved = 0
+            if moved:
+                self._dlq_stats()
+            return moved  # it never made one, or it is gone already
         with ring:
             # Sealed first: a send that passed its routes check just before the
             # routes moved, or that waits on this full inbox, cannot land after
@@ -576,6 +621,11 @@ class Coordinator:
             return self.history.page(msg)
         if op in ("ping", "unregister"):
             return {"ok": True}
+        if op == "routes":  # for uds agents, who cannot map the routes table
+            return {"ok": True, "version": self.table.version, **self._routes()}
+        if op == "stats":
+            snapshot = self.stats.snapshot(self.bus, inbox_fill(self._routes()["agents"]))
+            return {"ok": True, "stats": snapshot.as_dict()}
         return {"ok": False, "error": "BadRequest", "message": f"unknown op {op!r}"}
 
     def _register(self, conn: _Conn, msg: dict[str, Any]) -> dict[str, Any]:
@@ -596,7 +646,7 @@ class Coordinator:
         inbox = inbox_name(self.bus, name)
         Ring.unlink_name(inbox)  # a dead namesake's, left by a killed coordinator
         transport = msg.get("transport", "shm")
-        if transport not in ("shm",):
+        if transport not in ("shm", "uds"):
             raise ValueError(f"unknown transport {transport!r}")
         pid = msg["pid"]
         if type(pid) is not int or not 0 < pid < 1 << 31:
@@ -610,10 +660,20 @@ class Coordinator:
             agent.slot = self._free_slots.popleft()
         else:
             log.warning("no stats slot left for agent %s: it is not counted", name)
+        reply = {"ok": True, "id": agent.id, "inbox": inbox, "slot": agent.slot,
+                 "stats": stats_name(self.bus)}  # fmt: skip
+        if transport == "uds":  # it cannot map shared memory: its inbox is made here
+            try:
+                Ring.create(inbox, msg.get("inbox_capacity", 1 << 22), lanes=LANES).close()
+            except BaseException:
+                if agent.slot:
+                    self.stats.close_agent(agent.slot)
+                    self._free_slots.append(agent.slot)
+                raise
+            reply.update(self.bridge.expect(name, agent.id, inbox, agent.slot))
         self.agents[name] = agent
         conn.agent = name
-        return {"ok": True, "id": agent.id, "inbox": inbox, "slot": agent.slot,
-                "stats": stats_name(self.bus)}  # fmt: skip
+        return reply
 
 
 def _passed(head: int, tail: int) -> bool:

@@ -237,6 +237,10 @@ def _parse_pending(routes: Any, agents: dict[str, Any]) -> tuple[dict[str, Any],
 
 
 def _look_at_orphan(coord: Coordinator, agent: Any) -> None:
+    if agent.transport == "uds":
+        # Its traffic went through the killed coordinator's bridge: cut off.
+        coord._died(agent, "was a uds agent: its bridge died with the coordinator")
+        return
     if not os.path.exists(f"/dev/shm/shmbus.{agent.inbox}"):
         # It closed (which removes its inbox; a killed one leaves it) while
         # no coordinator ran: it left, whether its process lives on or not.

@@ -151,6 +151,30 @@ def bus(names: Callable[[str], str], children: Children, runtime: str) -> Iterat
         proc.wait(10)
 
 
+@pytest.fixture(params=["shm", "uds", "mixed"])
+def transport(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, children: Children
+) -> str:
+    """Run a test on shm, on uds, and mixed: this process's agents on shm and the
+    children's on uds (so each pair talks both ways across the two). Opt in with
+    ``pytestmark = pytest.mark.usefixtures("transport")``."""
+    here, there = {"shm": ("shm", "shm"), "uds": ("uds", "uds"), "mixed": ("shm", "uds")}[
+        request.param
+    ]
+    monkeypatch.setenv("SHMBUS_TRANSPORT", here)
+    start = children.start
+
+    def start_there(*args: object) -> mp.process.BaseProcess:
+        os.environ["SHMBUS_TRANSPORT"] = there  # a spawned child takes the environment as is
+        try:
+            return start(*args)  # type: ignore[arg-type]
+        finally:
+            os.environ["SHMBUS_TRANSPORT"] = here
+
+    monkeypatch.setattr(children, "start", start_there)
+    return str(request.param)
+
+
 # ------------------------------------------------- session-level leftovers
 
 

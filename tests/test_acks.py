@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 import shmbus
 from shmbus import RoutingRule
+
+pytestmark = pytest.mark.usefixtures("transport")  # shm, uds and mixed
 
 
 def _late_reader(bus: str, delay: float, count: int) -> None:

@@ -15,13 +15,13 @@ CASES = ("bytes", "dict", "batch-bytes", "batch-dict", "request", "publish")
 
 
 def run_bench(
-    children, *args: str, path: tuple[str, ...] = (), timeout: float = 90
+    children, *args: str, path: tuple[str, ...] = (), timeout: float = 90, script: Path = BENCH
 ) -> tuple[int, str, str, int]:
     """Run the benchmark with this checkout's shmbus; (exit code, stdout, stderr, pid)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [*path, str(ROOT), env.get("PYTHONPATH")]))
     proc = children.popen(
-        [sys.executable, str(BENCH), *args],
+        [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

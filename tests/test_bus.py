@@ -15,6 +15,9 @@ import pytest
 import shmbus
 from shmbus import MessageType
 
+pytestmark = pytest.mark.usefixtures("transport")  # shm, uds and mixed: see conftest.py
+
+
 # ------------------------------------------------------------ children
 
 
@@ -60,7 +63,8 @@ def start_echo(children, bus, driver, name="echo", patterns=()):
 # ---------------------------------------------------------------- tests
 
 
-def test_direct_messages_cross_processes_in_order_with_every_payload_kind(bus, children):
+def test_direct_messages_cross_processes_in_order_with_every_payload_kind(bus, children,
+                                                                          transport):  # fmt: skip
     with shmbus.connect(bus=bus, name="driver") as driver:
         children.start(_sender, bus, "sender", "driver", 2000)
         got = [driver.recv(timeout=20) for _ in range(2100)]
@@ -68,6 +72,10 @@ def test_direct_messages_cross_processes_in_order_with_every_payload_kind(bus, c
         assert {m.sender for m in got} == {"sender"} and {m.recipient for m in got} == {"driver"}
         assert len({m.id for m in got}) == 2100  # ids unique without asking anyone
         start_echo(children, bus, driver)
+        driver.peers()  # the routes table says which transport each one uses
+        assert (driver._link.kind, driver._out.agents["echo"][4]) == {
+            "shm": ("shm", "shm"), "uds": ("uds", "uds"), "mixed": ("shm", "uds")
+        }[transport]  # fmt: skip
         arr = np.arange(12, dtype=np.float32).reshape(3, 4)
         for payload in ({"cmd": "start", "n": [1, 2.5, None]}, b"\x00raw", arr, "text"):
             driver.send("echo", payload)

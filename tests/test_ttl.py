@@ -8,6 +8,8 @@ import pytest
 
 import shmbus
 
+pytestmark = pytest.mark.usefixtures("transport")  # shm, uds and mixed
+
 
 def _send_with_ttls(bus: str) -> None:
     with shmbus.connect(bus=bus, name="sender") as agent:

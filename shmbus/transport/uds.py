@@ -1,0 +1,644 @@
+"""The Unix-socket transport: for agents that cannot map the bus's shared memory.
+
+The agent registers as ever (transport "uds"); the coordinator makes its
+inbox ring on its behalf and its bridge (shmbus/bridge.py) carries the
+traffic: it reads that inbox and writes the frames to this agent's data
+socket, and it routes the frames this agent writes into the recipients'
+inboxes. Peers write into the inbox exactly as into any other, so they see no
+difference. Both directions carry records of many frames per system call
+(shmbus/transport/wire.py).
+
+What differs from shm, apart from speed: a full recipient inbox is felt as a
+socket that stops taking records, so "block" raises
+:class:`BackpressureTimeout` once the socket stayed full for the wait, and
+"error" raises :class:`InboxFull` (or "drop" dead-letters) only when the
+socket is full; a frame the bridge cannot deliver in time is dead-lettered
+by the bridge, with the reason. Counters are kept by the bridge.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._native import ffi
+from ..control import Client, Reader, recv_msg, send_msg
+from ..errors import (
+    BackpressureTimeout,
+    Closed,
+    CoordinatorUnavailable,
+    InboxFull,
+    MessageTooLarge,
+    UnknownRecipient,
+)
+from ..message import FLAG_ACK, HEADER, MAGIC, VERSION
+from ..outbox import check_priority, pack_many, ttl_ms
+from ..routes import validate_topic
+from ..stats import AgentStats, BusStats, Counters, TopicStats
+from . import wire
+
+__all__ = ["UdsLink", "open"]
+
+_BUF = 1 << 20
+_SOCKBUF = 4 << 20
+BEAT_EVERY = 0.5
+_LEAVE_WAIT = 10.0
+_FULL = 256  # frames in a record the bridge filled: its reader is behind
+_AHEAD = 2  # records the bridge may send ahead of what we took
+ROUTES_TTL = 0.25  # seconds a uds agent trusts its copy of the routes for a direct send
+_NUMPY_FROM = 16  # frames in a batch from which numpy builds them
+_SLICE = 0.05
+_BURST = 50e-6  # a send this soon after the last is part of a burst: corked
+_CORK_WAIT = 200e-6  # the tail of a burst goes this late at the latest
+_CORK_BYTES = 64 << 10  # a cork this full goes at once
+_pack = HEADER.pack
+
+
+class _Full(Exception):
+    """The data socket took nothing of the record within the wait."""
+
+
+class Stream:
+    """The data socket: records in (one reader thread), records out (any thread)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKBUF)
+            except OSError:
+                pass  # the system's limit applies
+        sock.setblocking(False)  # every wait is a poll with a timeout of ours
+        self.sock = sock
+        self._rpoll = select.poll()
+        self._rpoll.register(sock, select.POLLIN)
+        self._wpoll = select.poll()
+        self._wpoll.register(sock, select.POLLOUT)
+        self._buf = bytearray(_BUF)
+        self._start = self._end = 0
+        self.wlock = threading.Lock()
+        self._pending = b""  # the rest of a record the socket took only part of
+        self._corked: list[bytes] = []  # records of a burst, to go in one system call
+        self._corked_size = 0
+        self._closed = False
+        self._cork_cv = threading.Condition()
+        threading.Thread(target=self._flusher, name="shmbus-uds-flush", daemon=True).start()
+        self.last_write = time.monotonic()
+        # Records taken from the bridge and asked for (wire.py), in every record we write.
+        self.taken = self.granted = 0
+        self._told = (0, 0)
+        # Seconds of polling before a wait (the agent's ``spin``). None by default:
+        # unlike an shm reader, a uds agent's answer needs the bridge's threads to
+        # run, and on a busy machine a spinning reader takes their core.
+        self.spin = 0.0
+
+    # ------------------------------------------------------------ reading
+
+    def read_record(self, timeout: float | None) -> bytes | None:
+        """The next record's body (count, info, lengths, frames); None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spin_until = None if timeout != 0 else 0.0
+        while True:
+            buf, start, avail = self._buf, self._start, self._end - self._start
+            need = wire.HEAD
+            if avail >= 4:
+                body = int.from_bytes(buf[start : start + 4], "little")
+                if not wire.HEAD - 4 <= body <= wire.MAX_RECORD:
+                    raise Closed(f"the bridge sent a record of {body} bytes: not a shmbus bridge")
+                need = 4 + body
+                if avail >= need:
+                    self._start = start + need
+                    self.taken += 1
+                    # Two more may come while this one is read (then the bridge never
+                    # waits for our word in a ping-pong); told at once if the inbox is
+                    # behind (a full record), else with our next write or wait.
+                    self.granted = self.taken + _AHEAD
+                    if int.from_bytes(buf[start + 4 : start + 8], "little") >= _FULL:
+                        self.ack()
+                    return bytes(memoryview(buf)[start + 4 : start + need])
+            if len(buf) - start < need or len(buf) - self._end < 4096:
+                self._compact(need)
+            try:
+                n = self.sock.recv_into(memoryview(self._buf)[self._end :])
+            except BlockingIOError:
+                if spin_until is None:
+                    spin_until = time.perf_counter() + self.spin
+                if time.perf_counter() < spin_until:
+                    continue  # as an shm reader spins before it sleeps: an answer is near
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self.kick()  # what we sent must not wait while we do
+                if self.granted == self.taken:
+                    self.granted += 1  # nothing asked for: ask for the next record
+                if self._told != (self.taken, self.granted) and not self.ack():
+                    left = _SLICE if left is None else min(left, _SLICE)  # a sender has the socket
+                self._rpoll.poll(-1 if left is None else math.ceil(left * 1000))
+                continue
+            except OSError as e:
+                raise Closed(f"the data connection broke: {e}") from None
+            if not n:
+                raise Closed("the bridge closed the data connection (this agent is off the bus)")
+            self._end += n
+
+    def _compact(self, need: int) -> None:
+        avail = self._end - self._start
+        if len(self._buf) < need or len(self._buf) - avail < 4096:
+            self._buf = bytearray(max(need, len(self._buf))) + bytearray(_BUF)
+            self._buf[:avail] = memoryview(self._buf)[self._start : self._end]  # pragma: no cover
+        buf = self._buf
+        buf[:avail] = buf[self._start : self._end]
+        self._start, self._end = 0, avail
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, data: bytearray, wait: float | None, cork: bool = False) -> None:
+        """Write one record, waiting up to ``wait`` (None: forever) for the
+        socket to take its first byte; :class:`_Full` if it took none. A
+        record taken in part is finished before the next one.
+
+        With ``cork``, a record that comes in a burst (soon after the last) is
+        kept to go with the ones after it, in one system call: at the latest
+        ``_CORK_WAIT`` later, when the reader waits, or when enough gathered."""
+        deadline = None if wait is None else time.monotonic() + wait
+        if not self.wlock.acquire(timeout=-1 if wait is None else wait):
+            raise _Full  # another sender holds the socket, waiting for room
+        try:
+            counts = (self.taken & wire.MASK, self.granted & wire.MASK)
+            wire.COUNTS.pack_into(data, wire.COUNTS_AT, *counts)
+            now = time.monotonic()
+            if cork and (self._corked or now - self.last_write < _BURST):
+                if self._corked_size + len(data) > _CORK_BYTES and not self._flush(deadline):
+                    raise _Full
+                self._corked.append(bytes(data))
+                self._corked_size += len(data)
+                self.last_write = now
+                self._told = (self.taken, self.granted)
+                with self._cork_cv:
+                    self._cork_cv.notify()
+                return
+            if (self._corked or self._pending) and not self._flush(deadline):
+                raise _Full
+            rest = self._send(data, deadline)
+            if rest is data:
+                raise _Full
+            self._pending = rest or b""
+            self.last_write = time.monotonic()
+            self._told = (self.taken, self.granted)
+        finally:
+            self.wlock.release()
+
+    def _flush(self, deadline: float | None) -> bool:
+        """Send what is pending and corked (the lock held); False if the socket took
+        none of it by the deadline (what it took in part is pending)."""
+        if self._pending:
+            rest = self._send(self._pending, deadline)
+            if rest is not None:
+                self._pending = rest
+                return False
+            self._pending = b""
+        if self._corked:
+            blob = b"".join(self._corked)
+            rest = self._send(blob, deadline)
+            if rest is blob:
+                return False
+            self._corked.clear()
+            self._corked_size = 0
+            self._pending = rest or b""
+        return True
+
+    def _flusher(self) -> None:
+        """Sends the tail of a burst that nothing else sent."""
+        while not self._closed:
+            with self._cork_cv:
+                while not self._corked and not self._closed:
+                    self._cork_cv.wait(1.0)
+            time.sleep(_CORK_WAIT)
+            with self.wlock:
+                try:
+                    self._flush(None)
+                except Closed:
+                    return
+
+    def kick(self) -> None:
+        """Send what is corked now, if no sender has the socket (before a wait)."""
+        if self._corked and self.wlock.acquire(blocking=False):
+            try:
+                self._flush(0.0)
+            finally:
+                self.wlock.release()
+
+    def ack(self) -> bool:
+        """Tell the bridge our counts now, unless a sender has the socket (then
+        its record tells them); False if nothing could be written."""
+        if not self.wlock.acquire(blocking=False):
+            return False
+        self.wlock.release()
+        try:
+            self.write(wire.record([]), 0)
+        except (_Full, Closed):
+            return False
+        return True
+
+    def _send(self, data: bytes, deadline: float | None) -> Any:
+        """What is left of ``data`` at the deadline (None: all sent)."""
+        view = memoryview(data)
+        off = 0
+        while off < len(data):
+            try:
+                off += self.sock.send(view[off:])
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise Closed(f"the data connection broke: {e}") from None
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return data if off == 0 else bytes(view[off:])
+            if self._closed:
+                raise Closed("the data connection is closed")
+            # In slices: a close from another thread is seen within one.
+            self._wpoll.poll(100 if left is None else max(1, min(100, math.ceil(left * 1000))))
+        return None
+
+    def flush(self, wait: float) -> None:
+        if self.wlock.acquire(timeout=wait):
+            try:
+                self._flush(time.monotonic() + wait)
+            finally:
+                self.wlock.release()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._cork_cv:
+            self._cork_cv.notify()
+        self.sock.close()
+
+
+class UdsInbox:
+    """The agent's inbox as records from the bridge, handed to the decoder in place."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._rec = memoryview(b"")
+        self._lens: Any = memoryview(b"\0\0\0\0").cast("I")
+        self._i = self._n = 0
+        self._off = 0
+        self.scratch_view: Any = b""
+        self.lens_view: Any = b""
+
+    @property
+    def spin_ns(self) -> int:
+        return round(self.stream.spin * 1e9)
+
+    @spin_ns.setter
+    def spin_ns(self, ns: int) -> None:
+        self.stream.spin = ns / 1e9
+
+    def read_block(self, max_count: int, timeout: float | None = None) -> int:
+        if self._i >= self._n:
+            while True:
+                body = self.stream.read_record(timeout)
+                if body is None:
+                    return 0
+                count = int.from_bytes(body[:4], "little")
+                if count:
+                    break
+            at = 16 + 4 * count
+            lens = memoryview(body)[16:at].cast("I")
+            if len(lens) != count or sum(lens) != len(body) - at:
+                raise Closed("the bridge sent a record whose lengths do not add up")
+            self._rec, self._lens, self._off = memoryview(body), lens, at
+            self._i, self._n = 0, count
+        i = self._i
+        k = min(max_count, self._n - i)
+        self.scratch_view = self._rec[self._off :]
+        self.lens_view = self._lens[i : i + k]
+        self._off += sum(self.lens_view)
+        self._i = i + k
+        return k
+
+    def _split(self, n: int) -> list[bytes]:
+        out, pos = [], 0
+        for length in self.lens_view[:n]:
+            out.append(bytes(self.scratch_view[pos : pos + length]))
+            pos += length
+        return out
+
+    def read(self, timeout: float | None = None) -> bytes:
+        n = self.read_block(1, timeout)
+        return bytes(self.scratch_view[: self.lens_view[0]]) if n else b""
+
+    def close(self) -> None:
+        pass
+
+
+class _Peer:
+    """What acks.py resends through: ``try_write`` of a whole frame, never waiting."""
+
+    def __init__(self, out: UdsOutbox) -> None:
+        self.out = out
+
+    def lane(self, priority: int) -> _Peer:
+        return self  # the bridge writes to the lane of the frame's priority
+
+    def try_write(self, frame: bytes) -> bool:
+        try:
+            stream = self.out.stream
+            stream.write(wire.record([frame], wire.info("error", 0)), 0)
+        except _Full:
+            return False
+        return True
+
+
+class UdsOutbox:
+    """The sending half: frames built here, routed by the bridge. No C fast
+    path (``direct`` and ``topics`` stay empty), so every send comes here."""
+
+    def __init__(self, *, bus: str, name: str, agent_id: int, ctl: Client, stream: Stream,
+                 dead_letter: Any) -> None:  # fmt: skip
+        self.bus = bus
+        self.name = name
+        self._name_b = name.encode()
+        self.agent_id = agent_id
+        self.ctl = ctl
+        self.stream = stream
+        self._dead_letter = dead_letter
+        self.direct: dict[str, Any] = {}
+        self.topics: dict[str, Any] = {}
+        self.peers: dict[str, Any] = {}
+        self.agents: dict[str, list[Any]] = {}
+        self.subs: dict[str, list[str]] = {}
+        self.counters = ffi.NULL  # the bridge counts for us
+        self._ids = threading.Lock()
+        self._seq = 0
+        self._id_base = agent_id << 40  # as the C sender does: unique without asking anyone
+        self._refreshed = 0.0
+
+    def _take(self, n: int) -> int:
+        with self._ids:
+            first = self._id_base | (self._seq + 1)
+            self._seq += n
+        return first
+
+    def refresh(self) -> None:
+        reply = self.ctl.call("routes")
+        self.agents = reply["agents"]
+        self.subs = reply["subs"]
+        self._refreshed = time.monotonic()
+
+    _fresh = refresh  # no shared table to check: ask (peers(), a death, a resend round)
+
+    def _ring(self, name: str) -> _Peer | None:
+        return _Peer(self) if name in self.agents else None
+
+    def _recipient(self, name: str) -> list[Any]:
+        info = self.agents.get(name)
+        if info is None or time.monotonic() - self._refreshed > ROUTES_TTL:
+            self.refresh()  # it may have come (or gone) since we last asked
+            info = self.agents.get(name)
+        if info is None:
+            raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
+        return info
+
+    def frames(self, kind: int, datas: Sequence[bytes], flags: Sequence[int], first_id: int, *,
+               recipient: bytes = b"", recipient_id: int = 0, topic: bytes = b"",
+               priority: int = 0, ttl: int = 0, request_id: int = 0, correlation_id: int = 0,
+               attempts: int = 0, timestamp_ns: int | None = None) -> list[bytes]:  # fmt: skip
+        names = self._name_b + recipient + topic
+        sl, rl, tl = len(self._name_b), len(recipient), len(topic)
+        ts = time.time_ns() if timestamp_ns is None else timestamp_ns
+        me = self.agent_id
+        return [
+            _pack(MAGIC, VERSION, kind, priority, flags[i], attempts, me, recipient_id,
+                  first_id + i, request_id, correlation_id, ts, ttl, sl, rl, tl, len(data), 0)
+            + names + data
+            for i, data in enumerate(datas)
+        ]  # fmt: skip
+
+    def _build(self, kind: int, blob: bytes, lens: Any, flags: Any, first_id: int, *,
+               recipient: bytes = b"", recipient_id: int = 0, topic: bytes = b"",
+               priority: int = 0, ttl: int = 0) -> Any:  # fmt: skip
+        """Many frames at once: a list of frames for a few, (blob, lengths) for a batch."""
+        n = len(lens)
+        if n < _NUMPY_FROM:
+            return self.frames(kind, list(_split(blob, lens)), flags, first_id,
+                               recipient=recipient, recipient_id=recipient_id, topic=topic,
+                               priority=priority, ttl=ttl)  # fmt: skip
+        # One header packed once and repeated: then only ids, flags and lengths differ.
+        one = _pack(MAGIC, VERSION, kind, priority, 0, 0, self.agent_id, recipient_id, 0, 0, 0,
+                    time.time_ns(), ttl, len(self._name_b), len(recipient), len(topic),
+                    0, 0)  # fmt: skip
+        hdr = np.frombuffer(bytearray(one * n), wire.HEADER_DTYPE)
+        hdr["flags"] = np.frombuffer(flags, np.uint8)
+        hdr["id"] = np.arange(first_id, first_id + n, dtype=np.uint64)
+        plens = np.frombuffer(lens, np.uint32)
+        hdr["payload_len"] = plens
+        return wire.build(hdr, self._name_b + recipient + topic, blob, plens)
+
+    def frame(self, kind: int, data: bytes, flags: int, msg_id: int, *, recipient: str = "",
+              topic: str = "", **fields: Any) -> bytes:  # fmt: skip
+        """A frame built in Python, for the DLQ or a resend: the message as it goes."""
+        return self.frames(kind, [data], [flags], msg_id, recipient=recipient.encode(),
+                           topic=topic.encode(), **fields)[0]  # fmt: skip
+
+    def _write(self, frames: Any, where: str, policy: str, timeout: float | None) -> bool:
+        """One record (of a list of frames, or of (blob, lengths) from ``_build``);
+        False if the socket was full and the policy is "drop"."""
+        if isinstance(frames, tuple):
+            data = wire.record_of(*frames, wire.info(policy, timeout))
+        else:
+            data = wire.record(frames, wire.info(policy, timeout))
+        if len(data) > wire.MAX_RECORD:
+            raise MessageTooLarge(len(data), wire.MAX_RECORD, "a uds record")
+        try:
+            self.stream.write(data, timeout if policy == "block" else 0, policy == "block")
+            return True
+        except _Full:
+            pass
+        if policy == "drop":
+            for frame in wire.split(*frames) if isinstance(frames, tuple) else frames:
+                self._dead_letter(frame, f"inbox full: {where} (the uds data socket is full); "
+                                  "policy 'drop'")  # fmt: skip
+            return False
+        if policy == "error":
+            raise InboxFull(
+                f"{where} on bus {self.bus!r}: the uds data socket is full (the bridge waits "
+                "for room); backpressure policy 'error' does not wait"
+            )
+        raise BackpressureTimeout(
+            f"{where} on bus {self.bus!r}: the uds data socket stayed full for {timeout}s "
+            "(the bridge waits for room in a full inbox); its reader is slow or stuck"
+        )
+
+    def send(self, name: str, kind: int, data: bytes, flags: int, priority: Any, ttl: Any,
+             timeout: float | None, request_id: int = 0, correlation_id: int = 0,
+             policy: str = "block", first_rc: int = 0, on_sent: Any = None) -> int:  # fmt: skip
+        priority = check_priority(priority)
+        ms = ttl_ms(ttl)
+        try:
+            info = self._recipient(name)
+        except UnknownRecipient as e:
+            msg_id = self._take(1)
+            frame = self.frame(kind, data, flags, msg_id, recipient=name, priority=priority,
+                               ttl=ms, request_id=request_id,
+                               correlation_id=correlation_id)  # fmt: skip
+            self._dead_letter(frame, f"no recipient: {e}")
+            raise
+        msg_id = self._take(1)
+        frames = self.frames(kind, [data], [flags], msg_id, recipient=name.encode(),
+                             recipient_id=info[0], priority=priority, ttl=ms,
+                             request_id=request_id, correlation_id=correlation_id)  # fmt: skip
+        if self._write(frames, f"the inbox of {name!r}", policy, timeout) and on_sent:
+            on_sent(msg_id, data, flags)
+        return msg_id
+
+    def send_many(self, name: str, kind: int, payloads: Sequence[Any], priority: Any, ttl: Any,
+                  requires_ack: bool, timeout: float | None, policy: str = "block",
+                  on_sent: Any = None) -> list[int]:  # fmt: skip
+        priority = check_priority(priority)
+        ms = ttl_ms(ttl)
+        blob, lens, flags = pack_many(payloads, FLAG_ACK if requires_ack else 0)
+        n = len(lens)
+        if not n:
+            return []
+        first = self._take(n)
+        try:
+            info = self._recipient(name)
+        except UnknownRecipient as e:
+            datas = list(_split(blob, lens))
+            for frame in self.frames(kind, datas, flags, first, recipient=name.encode(),
+                                     priority=priority, ttl=ms):  # fmt: skip
+                self._dead_letter(frame, f"no recipient: {e}")
+            raise
+        frames = self._build(kind, blob, lens, flags, first, recipient=name.encode(),
+                             recipient_id=info[0], priority=priority, ttl=ms)  # fmt: skip
+        if self._write(frames, f"the inbox of {name!r}", policy, timeout) and on_sent:
+            for i, data in enumerate(_split(blob, lens)):
+                on_sent(first + i, data, flags[i])
+        return list(range(first, first + n))
+
+    def publish(self, topic: str, kind: int, blob: bytes, lens: Any, flags: Any, priority: Any,
+                ttl: Any, timeout: float | None, rt: Any = None, rc: int = 0) -> int:  # fmt: skip
+        priority = check_priority(priority)
+        ms = ttl_ms(ttl)
+        raw = validate_topic(topic).encode()
+        first = self._take(len(lens))
+        frames = self._build(kind, blob, lens, flags, first, topic=raw, priority=priority, ttl=ms)
+        # A publish never raises for a full subscriber: the bridge dead-letters its copy.
+        policy = "block" if timeout is None or timeout > 0 else "drop"
+        self._write(frames, f"the subscribers of {topic!r}", policy, timeout)
+        return first
+
+    def close(self) -> None:
+        self.agents = {}
+
+
+def _split(blob: bytes, lens: Any) -> Any:
+    view = memoryview(blob)
+    pos = 0
+    for n in lens:
+        yield bytes(view[pos : pos + n])
+        pos += n
+
+
+class _Beats(threading.Thread):
+    """An empty record now and then while the agent sends nothing: the bridge
+    stores the beat in the agent's stats slot, so a stopped process is seen hung."""
+
+    def __init__(self, link: UdsLink) -> None:
+        super().__init__(name=f"shmbus-uds-beat-{link.name}", daemon=True)
+        self.link = weakref.ref(link)
+        self.stream = link.stream
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(BEAT_EVERY) and self.link() is not None:
+            stream = self.stream
+            if time.monotonic() - stream.last_write >= BEAT_EVERY / 2:
+                stream.ack()  # a beat, and our count (a sender that waits beats for us)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.is_alive():
+            self.join(5)
+
+
+class UdsLink:
+    kind = "uds"
+    stats_segment = None  # the bridge beats and counts for us
+
+    def __init__(self, ctl: Client, bus: str, name: str, *, inbox_capacity: int,
+                 dead_letter: Any) -> None:  # fmt: skip
+        self.name = name
+        self.ctl = ctl
+        reply = ctl.call("register", name=name, pid=os.getpid(), transport="uds",
+                         inbox_capacity=inbox_capacity)  # fmt: skip
+        self.id: int = reply["id"]
+        self.slot: int = reply.get("slot", 0)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(ctl._sock.gettimeout())
+            sock.connect(reply["data"])
+            send_msg(sock, {"op": "hello", "name": name, "token": reply["token"]})
+            answer = recv_msg(sock, Reader(), [])
+        except OSError as e:
+            sock.close()
+            raise CoordinatorUnavailable(
+                f"agent {name!r}: the bridge of bus {bus!r} did not take the data connection ({e})"
+            ) from None
+        if not answer.get("ok"):
+            sock.close()
+            raise CoordinatorUnavailable(f"agent {name!r}: the bridge refused the data "
+                                         f"connection: {answer.get('message')}")  # fmt: skip
+        self.stream = Stream(sock)
+        self.inbox = UdsInbox(self.stream)
+        self.out = UdsOutbox(bus=bus, name=name, agent_id=self.id, ctl=ctl, stream=self.stream,
+                             dead_letter=dead_letter)  # fmt: skip
+        self.out.refresh()
+        self._beats = _Beats(self)
+
+    def stats(self, bus: str) -> BusStats:
+        d = self.ctl.call("stats")["stats"]
+        return BusStats(
+            bus=d["bus"], totals=Counters(**d["totals"]),
+            agents={k: AgentStats(**v) for k, v in d["agents"].items()},
+            topics={k: TopicStats(**v) for k, v in d["topics"].items()},
+            dlq=d["dlq"], dlq_total=d["dlq_total"], dlq_evicted=d["dlq_evicted"],
+            departed=Counters(**d["departed"]),
+        )  # fmt: skip
+
+    def leave(self, dead_letter: Any) -> None:
+        """Before unregistering: finish writing, then take what the bridge had
+        sent us already (to the DLQ, unread), until it closes its side."""
+        self._beats.close()
+        inbox = self.inbox
+        try:
+            self.stream.flush(_LEAVE_WAIT)
+            self.stream.sock.shutdown(socket.SHUT_WR)  # the bridge routes all, then ends
+            deadline = time.monotonic() + _LEAVE_WAIT
+            while (left := deadline - time.monotonic()) > 0:
+                n = inbox.read_block(wire.MAX_COUNT, left)
+                if not n:
+                    break
+                for frame in inbox._split(n):
+                    dead_letter(frame, "unread: its recipient closed")
+        except (Closed, OSError):
+            pass  # the bridge is gone: the coordinator drains the inbox
+
+    def close(self) -> None:
+        self._beats.close()
+        self.stream.close()
+        self.out.close()
+
+
+open = UdsLink
