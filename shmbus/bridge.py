@@ -36,6 +36,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -398,28 +399,11 @@ class _Link:
         reader sees it); one write_many per group."""
         lanes: dict[tuple[str, int], tuple[Ring, list[Any]]] = {}
         counters = self.counters
-        stats = self.bridge.stats
         for view, kind, priority, where, attempts in frames:
             if attempts:
                 StatsSegment.add(counters, RETRIED)
-            if kind == _PUBLISH:
-                topic_counters = stats.topic(where.encode())
-                StatsSegment.add(topic_counters, _PUBLISHED)
-                StatsSegment.add(topic_counters, _TOPIC_BYTES, len(view))
-                names, topic = routes.of_topic(where), where
-            elif where not in routes.agents:
-                StatsSegment.add(counters, FAILED)
-                self._dead_letter(bytes(view), f"no recipient: no agent named {where!r} on bus "
-                                  f"{self.bridge.bus!r}")  # fmt: skip
-                continue
-            else:
-                names, topic = [where], None
-            for name in names:
-                ring = routes.ring(name)
-                if ring is None:
-                    StatsSegment.add(counters, FAILED)
-                    self._dead_letter(bytes(view), f"no recipient: {name!r} left the bus")
-                    continue
+            for name, ring, topic in self._targets(routes, kind, where, 1, len(view),
+                                                   lambda view=view: [bytes(view)]):  # fmt: skip
                 lane = ring.lane(priority)
                 key = (name, id(lane))
                 if key not in lanes:
@@ -427,6 +411,35 @@ class _Link:
                 lanes[key][1].append((view, topic))
         for (name, _), (lane, items) in lanes.items():
             self._write(routes, name, lane, items, policy, wait)
+
+    def _targets(self, routes: _Routes, kind: int, where: str, n: int, size: int,
+                 frames: Any) -> Iterator[tuple[str, Ring, str | None]]:  # fmt: skip
+        """(name, inbox, topic) of each recipient of ``n`` frames (``size``
+        bytes) sent to ``where``: a topic's subscribers for a publish, else
+        the agent. ``frames()`` gives them, to dead-letter for any who is not
+        (or no longer) on the bus."""
+        counters = self.counters
+        if kind == _PUBLISH:
+            topic_counters = self.bridge.stats.topic(where.encode())
+            StatsSegment.add(topic_counters, _PUBLISHED, n)
+            StatsSegment.add(topic_counters, _TOPIC_BYTES, size)
+            names, topic = routes.of_topic(where), where
+        elif where not in routes.agents:
+            StatsSegment.add(counters, FAILED, n)
+            for frame in frames():
+                self._dead_letter(frame, f"no recipient: no agent named {where!r} on bus "
+                                  f"{self.bridge.bus!r}")  # fmt: skip
+            return
+        else:
+            names, topic = [where], None
+        for name in names:
+            ring = routes.ring(name)
+            if ring is None:
+                StatsSegment.add(counters, FAILED, n)
+                for frame in frames():
+                    self._dead_letter(frame, f"no recipient: {name!r} left the bus")
+                continue
+            yield name, ring, topic
 
     def _write(self, routes: _Routes, name: str, lane: Ring, items: list[Any], policy: str,
                wait: float | None) -> None:  # fmt: skip
@@ -471,26 +484,8 @@ class _Link:
         if resent:
             StatsSegment.add(counters, RETRIED, resent)
         at = 16 + 4 * n
-        if kind == _PUBLISH:
-            topic_counters = self.bridge.stats.topic(where.encode())
-            StatsSegment.add(topic_counters, _PUBLISHED, n)
-            StatsSegment.add(topic_counters, _TOPIC_BYTES, len(body) - at)
-            names, topic = routes.of_topic(where), where
-        elif where not in routes.agents:
-            StatsSegment.add(counters, FAILED, n)
-            for frame in _split(body, at, lens):
-                self._dead_letter(frame, f"no recipient: no agent named {where!r} on bus "
-                                  f"{self.bridge.bus!r}")  # fmt: skip
-            return
-        else:
-            names, topic = [where], None
-        for name in names:
-            ring = routes.ring(name)
-            if ring is None:
-                StatsSegment.add(counters, FAILED, n)
-                for frame in _split(body, at, lens):
-                    self._dead_letter(frame, f"no recipient: {name!r} left the bus")
-                continue
+        for name, ring, topic in self._targets(routes, kind, where, n, len(body) - at,
+                                               lambda: _split(body, at, lens)):  # fmt: skip
             self._write_many(routes, name, ring.lane(priority), body, at, lens, policy, wait,
                              topic)  # fmt: skip
 

@@ -298,11 +298,25 @@ class Coordinator:
         next coordinator instead (``shmbus coordinator`` on SIGHUP, and
         ``runner.coordinator.restart()``): the routes, stats, inboxes and
         history stay; the agents keep talking and rejoin the successor."""
-        if hand_over and self.agents:
-            self._hand_over()
-            return
+        if hand_over:
+            # uds agents cannot rejoin: their messages went through our bridge,
+            # which stops with us. They leave as if they had died.
+            for agent in [a for a in self.agents.values() if a.transport == "uds"]:
+                self._forget_agent(agent, reason="recipient died: its bridge stopped with the "
+                                   "coordinator")  # fmt: skip
+        keep = hand_over and bool(self.agents)  # else nobody is left to hand the bus to
+        if keep:
+            # What the successor must finish, else nobody would: deaths not yet
+            # certain, and inboxes a dead writer may still block (with each
+            # lane's tail at the death), which only a coordinator unblocks.
+            self._publish(pending=True)
         for agent in list(self.agents.values()):
-            if agent.conn is None:
+            if keep:
+                if agent.conn is not None:
+                    with contextlib.suppress(KeyError, ValueError):
+                        self._sel.unregister(agent.conn.sock)
+                    agent.conn.sock.close()  # its agent rejoins whoever comes next
+            elif agent.conn is None:
                 self._forget_agent(agent, publish=False)
             else:
                 self._drop(agent.conn, closing=True)
@@ -310,57 +324,27 @@ class Coordinator:
             ring.close()
         self._watch.clear()
         if self.history is not None:
-            self.history.close()
+            self.history.close(unlink=not keep)
         self.bridge.close()
         self._sel.close()
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             socket_path(self.bus).unlink()
         self.table.close()
-        self.table.unlink()
         self.stats.close()
-        self.stats.unlink()
         self.dlq.close()
+        if keep:
+            os.close(self._lock_fd)  # the lock goes with it: a successor may start
+            log.warning("handed bus %s over with %d agents on it: the next coordinator takes "
+                        "it over", self.bus, len(self.agents))  # fmt: skip
+            return
+        self.table.unlink()
+        self.stats.unlink()
         with contextlib.suppress(FileNotFoundError):
             lock_path(self.bus).unlink()
         os.close(self._lock_fd)
         with contextlib.suppress(OSError):  # left alone if anything else is in it
             runtime_dir(self.bus).rmdir()
-
-    def _hand_over(self) -> None:
-        # uds agents cannot rejoin: their messages went through our bridge,
-        # which stops with us. They leave as if they had died.
-        for agent in [a for a in self.agents.values() if a.transport == "uds"]:
-            self._forget_agent(agent, reason="recipient died: its bridge stopped with the "
-                               "coordinator")  # fmt: skip
-        if not self.agents:
-            self.close()  # nobody left to hand the bus to
-            return
-        self.bridge.close()
-        # What the successor must finish, else nobody would: deaths not yet
-        # certain, and inboxes a dead writer may still block (with each
-        # lane's tail at the death), which only a coordinator unblocks.
-        self._publish(pending=True)
-        for agent in self.agents.values():
-            if agent.conn is not None:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._sel.unregister(agent.conn.sock)
-                agent.conn.sock.close()  # its agent rejoins whoever comes next
-        for ring, _ in self._watch.values():
-            ring.close()
-        self._watch.clear()
-        if self.history is not None:
-            self.history.close(unlink=False)
-        self._sel.close()
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            socket_path(self.bus).unlink()
-        self.table.close()
-        self.stats.close()
-        self.dlq.close()
-        os.close(self._lock_fd)  # the lock goes with it: a successor may start
-        log.warning("handed bus %s over with %d agents on it: the next coordinator takes "
-                    "it over", self.bus, len(self.agents))  # fmt: skip
 
     def _accept(self) -> None:
         try:
