@@ -114,6 +114,11 @@ def lock_path(bus: str) -> Path:
     return runtime_dir(bus) / "coordinator.lock"
 
 
+def pending_path(bus: str) -> Path:
+    """What the coordinator has yet to finish (deaths, unblocks), for a successor."""
+    return runtime_dir(bus) / "pending"
+
+
 def bus_is_live(bus: str) -> bool:
     """Does a coordinator hold this bus's lock? (The kernel drops the lock when
     its holder dies, so this never mistakes a killed bus for a live one.)"""

@@ -32,6 +32,7 @@ from .control import (
     inbox_name,
     lock_path,
     make_runtime_dir,
+    pending_path,
     runtime_dir,
     socket_path,
     stats_name,
@@ -198,7 +199,9 @@ class Coordinator:
                     "agent %s closed its connection, but pid %d lives on: its writes may "
                     "resume, so no inbox is unblocked", agent.name, agent.pid,
                 )  # fmt: skip
-        self._dying = still
+        if len(still) != len(self._dying):
+            self._dying = still
+            self._save_pending()
 
     def _orphans(self) -> bool:
         return any(a.conn is None for a in self.agents.values())
@@ -269,6 +272,7 @@ class Coordinator:
             except ShmbusError:
                 continue
             self._watch[name] = (ring, [lane.positions[1] for lane in ring.lanes])
+        self._save_pending()
 
     def _unblock_watched(self) -> None:
         for name, (ring, tails_at_death) in list(self._watch.items()):
@@ -287,6 +291,7 @@ class Coordinator:
             if done:
                 self._watch.pop(name)
                 ring.close()
+                self._save_pending()
 
     def stop(self) -> None:
         self._stopping = True
@@ -309,7 +314,7 @@ class Coordinator:
             # What the successor must finish, else nobody would: deaths not yet
             # certain, and inboxes a dead writer may still block (with each
             # lane's tail at the death), which only a coordinator unblocks.
-            self._publish(pending=True)
+            self._save_pending()
         for agent in list(self.agents.values()):
             if keep:
                 if agent.conn is not None:
@@ -340,6 +345,8 @@ class Coordinator:
             return
         self.table.unlink()
         self.stats.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            pending_path(self.bus).unlink()
         with contextlib.suppress(FileNotFoundError):
             lock_path(self.bus).unlink()
         os.close(self._lock_fd)
@@ -389,7 +396,7 @@ class Coordinator:
 
     # ------------------------------------------------------------ state
 
-    def _routes(self, *, pending: bool = False) -> dict[str, Any]:
+    def _routes(self) -> dict[str, Any]:
         agents = {
             a.name: [a.id, a.inbox, a.pid, a.slot, a.transport]
             for a in self.agents.values()
@@ -403,13 +410,29 @@ class Coordinator:
             routes["history"] = self.history.patterns()
         routes["subs"] = {p: sorted(names) for p, names in self.subs.items() if names}
         routes["next_id"] = self._next_id  # for a coordinator that takes over: never reused
-        if pending:  # see _hand_over; read back by takeover.adopt
-            routes["watch"] = {n: tails for n, (_, tails) in self._watch.items() if n in agents}
-            routes["dying"] = {a.name: a.pid for a, _ in self._dying}
         return routes
 
-    def _publish(self, *, pending: bool = False) -> None:
-        self.table.write(self._routes(pending=pending))
+    def _publish(self) -> None:
+        self.table.write(self._routes())
+
+    def _save_pending(self) -> None:
+        """What a successor must finish if we go now, however we go: deaths
+        not yet certain, and inboxes a dead writer may still block (each
+        lane's tail at the death), which only a coordinator unblocks. A file
+        beside the socket, replaced whole on every change (deaths are rare);
+        takeover.adopt reads it back."""
+        path = pending_path(self.bus)
+        if not self._watch and not self._dying:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
+        state = {
+            "watch": {n: tails for n, (_, tails) in self._watch.items()},
+            "dying": {a.name: a.pid for a, _ in self._dying},
+        }
+        side = path.with_name("pending.new")
+        side.write_bytes(msgpack.packb(state))
+        os.replace(side, path)
 
     def _bridge_dead_letter(self, sender: str, frame: bytes, reason: str) -> None:
         """What the bridge could not deliver for a uds agent (or to one)."""
@@ -452,13 +475,16 @@ class Coordinator:
             self._sel.unregister(conn.sock)
         conn.sock.close()
         dead = self.agents.get(conn.agent) if conn.agent else None
-        self._forget(conn, publish=not closing, reason="recipient died")
         # Not `self._stopping`: a stop signal that lands during the drain
-        # above must not lose a death a hand-over passes on.
+        # below must not lose a death a hand-over passes on.
         if dead is not None and not closing:
             # Its socket closes while the process exits: its death is certain
             # only once the process is gone (or a zombie), a moment later.
+            # Noted (and saved) before the routes move: killed in between, we
+            # would leave a successor no trace of it.
             self._dying.append((dead, time.monotonic() + 5.0))
+            self._save_pending()
+        self._forget(conn, publish=not closing, reason="recipient died")
 
     def _forget(self, conn: _Conn, *, publish: bool = True, reason: str = "recipient left") -> None:
         """Take the connection's agent off the bus: routes, subscriptions, inbox, stats slot."""

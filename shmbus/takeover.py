@@ -29,8 +29,10 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from ._native import lib
-from .control import inbox_name, routes_name, stats_name, validate_bus_or_agent
+from .control import inbox_name, pending_path, routes_name, stats_name, validate_bus_or_agent
 from .errors import NotFound, RejoinRefused, ShmbusError
 from .ring import LANES as _LANES
 from .ring import Ring
@@ -170,14 +172,19 @@ def _attach(bus: str) -> tuple[Table, StatsSegment, Any] | None:
     try:
         _, routes = table.read()
         base = _parse(bus, routes)
-        parsed = (*base, *_parse_pending(routes, base[0]))
     except (ShmbusError, ValueError, TypeError) as e:
         table.close()
         stats.close()
         log.warning("bus %s: the routes table left behind is corrupt (%s): starting a fresh "
                     "bus; agents of the old one must connect again", bus, e)  # fmt: skip
         return None
-    return table, stats, parsed
+    try:
+        pending = _parse_pending(_load_pending(bus), base[0])
+    except (ValueError, TypeError) as e:
+        log.warning("bus %s: what the last coordinator left pending is unusable (%s): a dead "
+                    "writer's record it was watching may stay blocked", bus, e)  # fmt: skip
+        pending = ({}, {})
+    return table, stats, (*base, *pending)
 
 
 def _parse(bus: str, routes: Any) -> tuple[dict[str, tuple[Any, ...]], dict[str, list[str]], int]:
@@ -216,16 +223,34 @@ def _parse(bus: str, routes: Any) -> tuple[dict[str, tuple[Any, ...]], dict[str,
     return out, subs, next_id
 
 
-def _parse_pending(routes: Any, agents: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
-    """What a coordinator that handed over left pending (see _resume), checked."""
-    if routes is None:
+def _load_pending(bus: str) -> Any:
+    """The predecessor's pending file (Coordinator._save_pending), or None."""
+    try:
+        data = pending_path(bus).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return msgpack.unpackb(data, max_bin_len=0, max_str_len=1024, max_array_len=1 << 16,
+                               max_map_len=1 << 16, strict_map_key=True)  # fmt: skip
+    except Exception as e:  # its own file, but a torn or foreign one must not stop us
+        log.warning("bus %s: what the last coordinator left pending is unreadable (%s): "
+                    "a dead writer's record it was watching may stay blocked", bus, e)  # fmt: skip
+        return None
+
+
+def _parse_pending(pending: Any, agents: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """What the predecessor left pending (see _resume), checked; entries for
+    inboxes that are gone meanwhile are dropped."""
+    if pending is None:
         return {}, {}
-    watch, dying = routes.get("watch", {}), routes.get("dying", {})
+    if not isinstance(pending, dict):
+        raise ValueError("the pending state is not a map")
+    watch, dying = pending.get("watch", {}), pending.get("dying", {})
     if not isinstance(watch, dict) or not isinstance(dying, dict):
         raise ValueError("watch and dying are not maps")
     for name, tails in watch.items():
         if not (
-            name in agents and isinstance(tails, list) and 0 < len(tails) <= _LANES
+            isinstance(tails, list) and 0 < len(tails) <= _LANES
             and all(type(t) is int and 0 <= t < 1 << 64 for t in tails)
         ):  # fmt: skip
             raise ValueError(f"watch of {name!r}: {tails!r}")
@@ -233,7 +258,7 @@ def _parse_pending(routes: Any, agents: dict[str, Any]) -> tuple[dict[str, Any],
         validate_bus_or_agent(name, "agent")
         if type(pid) is not int or not 0 < pid < 1 << 31:
             raise ValueError(f"dying {name!r}: {pid!r}")
-    return watch, dying
+    return {n: t for n, t in watch.items() if n in agents}, dying
 
 
 def _look_at_orphan(coord: Coordinator, agent: Any) -> None:
