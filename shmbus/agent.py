@@ -67,6 +67,7 @@ _RESPONSE = int(MessageType.RESPONSE)
 _CONTROL = MessageType.CONTROL
 _ACK = MessageType.ACK
 _READ_AHEAD = 64  # frames taken from the inbox per C call when they are there
+_SERVICE_AHEAD = 1024  # read-ahead the heartbeat thread leaves alone (see _service_acks)
 
 
 BEAT_EVERY = 0.5  # seconds between heartbeats
@@ -80,7 +81,9 @@ class _Beater(threading.Thread):
 
     It also looks at the control connection on each beat: once the
     coordinator is gone, it tries to rejoin a new one (backing off from
-    0.05 s to 1 s), then hands over the dead letters kept meanwhile.
+    0.05 s to 1 s), then hands over the dead letters kept meanwhile. And
+    it takes in ACKs and resends what is due for an agent that only sends
+    (Agent._service_acks).
 
     It holds the stats segment, so the mapping it writes to lives as long as
     it runs, and it ends with its agent: closed, or collected without close."""
@@ -110,6 +113,10 @@ class _Beater(threading.Thread):
                 backoff = agent._keep_connected(backoff)
             except Exception as e:  # never let the beats stop
                 log.error("agent %s: rejoining the bus failed: %r", agent.name, e)
+            try:
+                agent._service_acks()
+            except Exception as e:
+                log.error("agent %s: taking in ACKs failed: %r", agent.name, e)
             del agent
         self.stats = None  # type: ignore[assignment]  # let the mapping go
 
@@ -193,6 +200,8 @@ class Agent:
         self._name_b = name.encode()
         self._closed = False
         self._subscriptions: set[str] = set()  # told again to a coordinator that takes over
+        self._reading = threading.Lock()  # the inbox has one reader at a time
+        self._events: collections.deque[Any] = collections.deque()  # see _service_acks
         # Dead letters made while no coordinator runs, sent once one took over.
         self._dlq_lock = threading.Lock()
         # (frame, reason, maybe_added): the last is True for a letter whose
@@ -524,6 +533,37 @@ class Agent:
         False if nothing arrived within ``timeout``."""
         if self._to_ack:
             self._flush_acks()  # before a wait: what was handed over is acked now
+        if self._events:
+            self._run_events()
+        with self._reading:  # the heartbeat thread's _service_acks reads too
+            return self._read_ahead(max_count, timeout, self._bus_event)
+
+    def _service_acks(self) -> None:
+        """From the heartbeat thread: an agent that only sends still takes in
+        its ACKs and resends what falls due, though it never calls a
+        receiving method. Only while none runs (they do this themselves), and
+        not past a backlog the application has yet to receive: the inbox then
+        fills and its senders feel it, as they should."""
+        acks = getattr(self, "_acks", None)  # None: still connecting
+        if acks is None or not acks.pending or len(self._ahead) >= _SERVICE_AHEAD:
+            return
+        if not self._reading.acquire(blocking=False):
+            return
+        try:
+            if not self._closed:
+                self._read_ahead(_READ_AHEAD, 0, self._events.append)
+        finally:
+            self._reading.release()
+        acks.resend_due(time.monotonic())
+
+    def _run_events(self) -> None:
+        """Notices the heartbeat thread read: their callbacks run here, in the
+        receiving thread, as documented."""
+        while self._events:
+            self._bus_event(self._events.popleft())
+
+    def _read_ahead(self, max_count: int, timeout: float | None,
+                    on_event: Callable[[Any], Any]) -> bool:  # fmt: skip
         inbox = self.inbox
         n = inbox.read_block(max_count, timeout)
         if n > 0:
@@ -550,7 +590,7 @@ class Agent:
                 for msg_id in ids if isinstance(ids, list) else (item.request_id,):
                     self._acks.acked(msg_id)
             elif item.type is _CONTROL and not item.sender:
-                self._bus_event(item.payload)  # from the coordinator: not for recv
+                on_event(item.payload)  # from the coordinator: not for recv
             else:
                 ahead.append(item)
         return True

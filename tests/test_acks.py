@@ -53,6 +53,42 @@ def test_retries_exhausted_go_to_the_dlq(bus):
         assert sender.stats().agents["sender"].retried == 2
 
 
+def test_an_agent_that_only_sends_still_resends_and_takes_in_its_acks(bus, children):
+    """It never calls recv, wait_acked or serve: its heartbeat thread does the work."""
+    with shmbus.connect(bus=bus, name="sender", ack_timeout=0.2, max_attempts=50) as sender:
+        children.start(_late_reader, bus, 1.5, 5)
+        deadline = time.monotonic() + 20
+        while "reader" not in sender.peers():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for i in range(5):
+            sender.send("reader", i, requires_ack=True)
+        while not sender.wait_acked(timeout=0):  # only looks: reads and resends nothing
+            assert time.monotonic() < deadline, "the ACKs were never taken in"
+            time.sleep(0.05)
+        assert sender.stats().agents["sender"].retried > 0  # resent while the reader slept
+        assert sender.dlq() == []
+        got = [m.payload for m in sender.recv_many(10, timeout=20)]
+        while len(got) < 3:
+            got += [m.payload for m in sender.recv_many(10, timeout=20)]
+        assert got == ["ready", [0, 1, 2, 3, 4], 0]  # each handed over once
+
+
+def test_an_agent_that_only_sends_dead_letters_when_retries_run_out(bus):
+    with (
+        shmbus.connect(bus=bus, name="sender", ack_timeout=0.1, max_attempts=3) as sender,
+        shmbus.connect(bus=bus, name="deaf") as deaf,
+    ):
+        msg_id = sender.send("deaf", "hello?", requires_ack=True)
+        deadline = time.monotonic() + 20
+        while not sender.dlq():
+            assert time.monotonic() < deadline, "never dead-lettered"
+            time.sleep(0.05)
+        (dead,) = sender.dlq()
+        assert dead.message.id == msg_id and dead.reason.startswith("retries exhausted: 3 sends")
+        assert len(deaf.recv_many(100, timeout=1)) == 1  # three copies, handed over once
+
+
 def _server(bus: str) -> None:
     with shmbus.connect(bus=bus, name="server") as agent:
         agent.route(RoutingRule(), lambda msg: agent.send("sender", ["handled", msg.payload]))
