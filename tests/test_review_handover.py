@@ -1,4 +1,6 @@
-"""Review repro: a hand-over (SIGHUP) while a dead writer's record still blocks an inbox."""
+"""A dead writer's record still blocking an inbox, or a death not yet certain,
+when the coordinator goes: handed over (SIGHUP) or killed (SIGKILL), the next
+one finishes the job (the coordinator's pending file)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import os
 import signal
 import time
 
+import pytest
 from conftest import start_coordinator
 
 import shmbus
@@ -29,7 +32,18 @@ def _dies_mid_record(bus: str, victim_inbox: str) -> None:
             time.sleep(60)  # killed here
 
 
-def test_a_dead_writers_record_is_unblocked_after_a_hand_over(names, children, runtime) -> None:
+GOES = pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL], ids=["SIGHUP", "SIGKILL"])
+
+
+def stop(old, sig: int) -> None:  # noqa: ANN001 - a Popen
+    old.send_signal(sig)
+    code = old.wait(10)
+    assert code == 0 or sig == signal.SIGKILL
+
+
+@GOES
+def test_a_dead_writers_record_is_unblocked_after_a_hand_over(names, children, runtime,
+                                                             sig) -> None:  # fmt: skip
     bus = names("bus")
     old = start_coordinator(children, bus)
     with (
@@ -43,8 +57,7 @@ def test_a_dead_writers_record_is_unblocked_after_a_hand_over(names, children, r
         wait_for(lambda: "writer" not in other.peers())
         # The coordinator watches the victim's inbox: it cannot unblock it
         # until the victim has read "before". It is handed over meanwhile.
-        old.send_signal(signal.SIGHUP)
-        assert old.wait(10) == 0
+        stop(old, sig)
         socket_path(bus).unlink(missing_ok=True)
         new = start_coordinator(children, bus)
         try:
@@ -68,8 +81,9 @@ def _leaves_mid_record(bus: str, victim_inbox: str) -> None:
         time.sleep(60)  # killed here
 
 
+@GOES
 def test_a_death_not_yet_certain_at_a_hand_over_is_finished_by_the_next(
-    names, children, runtime
+    names, children, runtime, sig
 ) -> None:
     bus = names("bus")
     old = start_coordinator(children, bus)
@@ -80,8 +94,7 @@ def test_a_death_not_yet_certain_at_a_hand_over_is_finished_by_the_next(
         proc = children.start(_leaves_mid_record, bus, victim.inbox.name)
         assert other.recv(timeout=20).payload == "reserved"
         wait_for(lambda: "writer" not in other.peers())  # its connection ended; it lives
-        old.send_signal(signal.SIGHUP)
-        assert old.wait(10) == 0
+        stop(old, sig)
         socket_path(bus).unlink(missing_ok=True)
         new = start_coordinator(children, bus)
         try:
