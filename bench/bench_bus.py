@@ -61,8 +61,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
-import importlib
 import json
 import multiprocessing as mp
 import multiprocessing.connection
@@ -81,7 +79,17 @@ from typing import Any
 
 import _bus_peers
 from _bus_peers import Spec, roles
-from bench_ring import BenchError, CpuMeter, _sigint_ignored, headline, machine_info
+from bench_ring import (
+    BenchError,
+    CpuMeter,
+    _alive,
+    _collect,
+    _fmt,
+    _sigint_ignored,
+    headline,
+    machine_info,
+    missing_module,
+)
 
 from shmbus import AgentProcess, Runner, ShmbusError
 from shmbus.control import (
@@ -332,30 +340,6 @@ def _run_children(
             rx.close()
 
 
-def _collect(procs: list[tuple[AgentProcess, Any]], deadline: float) -> list[dict[str, Any]]:
-    """Each child's result, or BenchError on the first failure, death or the deadline."""
-    results: dict[int, dict[str, Any]] = {}
-    pending = {rx: i for i, (_, rx) in enumerate(procs)}
-    while pending:
-        left = deadline - time.monotonic()
-        ready = mp.connection.wait(list(pending), timeout=max(left, 0))
-        if not ready:
-            names = ", ".join(procs[i][0].name for i in pending.values())
-            raise BenchError(f"no result from {names} in the time allowed (--timeout); killed")
-        for rx in ready:
-            i = pending.pop(rx)
-            proc = procs[i][0]
-            try:
-                status, data = rx.recv()
-            except EOFError:
-                time.sleep(0.5)
-                raise BenchError(f"{proc.name} died with exit code {proc.exitcode}") from None
-            if status != "ok":
-                raise BenchError(data)
-            results[i] = data
-    return [results[i] for i in range(len(procs))]
-
-
 def summarize(spec: Spec, results: list[dict[str, Any]]) -> dict[str, Any]:
     """One run's figures from the children's results (in roles(spec) order)."""
     if spec.mode == "request":
@@ -383,17 +367,9 @@ def summarize(spec: Spec, results: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------ a whole run
 
 
-@functools.cache
 def _missing(kind: str) -> str | None:
     """Why a peer cannot be used here, or None if it can."""
-    module = PEERS.get(kind)
-    if module is None:
-        return None
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        return f"{module} not importable ({e}); install it with pip install -e '.[bench]'"
-    return None
+    return missing_module(PEERS.get(kind))
 
 
 @dataclass
@@ -529,10 +505,6 @@ def _trim_profile(text: str) -> str:
 UNITS = {"p50_us": "p50 us", "p99_us": "p99 us", "mmsg_per_s": "M msg/s"}
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
-
-
 def table(case: Case, results: list[RowResult], runs: int) -> str:
     spec = results[0].spec  # the shmbus row's
     what = "round trips" if case.mode == "request" else "messages"
@@ -643,16 +615,6 @@ def sweep_buses(only_pid: int | None = None) -> list[str]:
             runtime_dir(bus).rmdir()
         removed.append(bus)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------- main

@@ -243,9 +243,9 @@ def measure(kind: str, spec: Spec, ctx: Any, tmpdir: str, tag: str) -> tuple[dic
                 p.start()
             tx.close()  # the child's copy is the only one left: EOF when it dies
             procs.append((p, rx))
-        results = _collect(procs, deadline)
+        a, b = _collect(procs, deadline)
         done = True
-        return results
+        return a, b
     finally:
         for p, _ in procs:
             if done:  # both reported: give them a moment to exit on their own
@@ -258,9 +258,11 @@ def measure(kind: str, spec: Spec, ctx: Any, tmpdir: str, tag: str) -> tuple[dic
         ends[2]()
 
 
-def _collect(procs: list[tuple[Any, Any]], deadline: float) -> tuple[dict, dict]:
-    """Each child's result, or BenchError on the first failure, death or the deadline."""
-    results: dict[int, dict] = {}
+def _collect(procs: list[tuple[Any, Any]], deadline: float) -> list[dict[str, Any]]:
+    """Each child's result, in order, or BenchError on the first failure, death
+    or the deadline. ``procs`` are (process, the read end of its result pipe):
+    a multiprocessing Process or a shmbus AgentProcess."""
+    results: dict[int, dict[str, Any]] = {}
     pending = {rx: i for i, (_, rx) in enumerate(procs)}
     while pending:
         left = deadline - time.monotonic()
@@ -274,12 +276,14 @@ def _collect(procs: list[tuple[Any, Any]], deadline: float) -> tuple[dict, dict]
             try:
                 status, data = rx.recv()
             except EOFError:
-                p.join(1)
+                until = time.monotonic() + 1  # its exit code, once it is gone
+                while p.exitcode is None and time.monotonic() < until:
+                    time.sleep(0.01)
                 raise BenchError(f"{p.name} died with exit code {p.exitcode}") from None
             if status != "ok":
                 raise BenchError(data)
             results[i] = data
-    return results[0], results[1]
+    return [results[i] for i in range(len(procs))]
 
 
 def summarize(mode: str, spec: Spec, a: dict, b: dict) -> dict[str, Any]:
@@ -300,10 +304,14 @@ def summarize(mode: str, spec: Spec, a: dict, b: dict) -> dict[str, Any]:
 # ------------------------------------------------------------------ a whole run
 
 
-@functools.cache
 def _missing(kind: str) -> str | None:
     """Why a transport's library cannot be used here, or None if it can."""
-    module = MODULES.get(kind)
+    return missing_module(MODULES.get(kind))
+
+
+@functools.cache
+def missing_module(module: str | None) -> str | None:
+    """Why a peer's library cannot be imported here, or None if it can (or needs none)."""
     if module is None:
         return None
     try:

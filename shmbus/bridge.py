@@ -441,6 +441,20 @@ class _Link:
                 continue
             yield name, ring, topic
 
+    def _given_up(self, name: str, lane: Ring, policy: str, wait: float | None,
+                  deadline: float | None) -> str | None:  # fmt: skip
+        """Why a write to a full lane stops now (the dead letter's reason), or
+        None while the policy still waits for room."""
+        if (
+            policy == "block"
+            and not self.stop.is_set()
+            and (deadline is None or time.monotonic() < deadline)
+        ):
+            return None
+        return ("inbox full" + (f" for {wait}s" if policy == "block" else "")
+                + f": {name!r} ({lane.used} of {lane.capacity} bytes in use); "
+                f"policy {policy!r}")  # fmt: skip
+
     def _write(self, routes: _Routes, name: str, lane: Ring, items: list[Any], policy: str,
                wait: float | None) -> None:  # fmt: skip
         views = [v for v, _ in items]
@@ -461,11 +475,8 @@ class _Link:
                 break
             if done == len(views):
                 break
-            if (policy != "block" or self.stop.is_set()
-                    or (deadline is not None and time.monotonic() >= deadline)):  # fmt: skip
-                why = ("inbox full" + (f" for {wait}s" if policy == "block" else "")
-                       + f": {name!r} ({lane.used} of {lane.capacity} bytes in use); "
-                       f"policy {policy!r}")  # fmt: skip
+            why = self._given_up(name, lane, policy, wait, deadline)
+            if why is not None:
                 self._undelivered(items[done:], name, why, DROPPED if policy == "drop" else FAILED)
                 break
             self._beat()  # blocked on a full inbox is alive, as an shm sender is
@@ -516,11 +527,8 @@ class _Link:
             if rc not in (lib.SHMBUS_EAGAIN, lib.SHMBUS_ETIMEDOUT):
                 why = f"the inbox of {name!r} failed: error {rc}"
                 break
-            if (policy != "block" or self.stop.is_set()
-                    or (deadline is not None and time.monotonic() >= deadline)):  # fmt: skip
-                why = ("inbox full" + (f" for {wait}s" if policy == "block" else "")
-                       + f": {name!r} ({lane.used} of {lane.capacity} bytes in use); "
-                       f"policy {policy!r}")  # fmt: skip
+            why = self._given_up(name, lane, policy, wait, deadline)
+            if why is not None:
                 break
             self._beat()
         if done < n:

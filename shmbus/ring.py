@@ -567,16 +567,10 @@ class Ring:
         """
         if max_count <= 0:
             return []
-        if self._out is None or max_count > self._lens_cap:
-            self._scratch(max_count)
-        ns = -1 if timeout is None else _ns(timeout)
-        n = _read_many(
-            self._r, self._out, self._out_cap, self._lens, max_count, ns, self.spin_ns,
-            self._count, self._bytes,
-        )  # fmt: skip
+        n = self.read_block(max_count, timeout)
         if n > 0:
             return self._split(n)
-        return self._read_slow(n, max_count, timeout)
+        return [self._read_large()] if n < 0 else []
 
     def read_block(self, max_count: int, timeout: float | None = None) -> int:
         """Up to ``max_count`` frames into the reader's scratch, for a decoder
