@@ -35,6 +35,7 @@ uint32_t shmbus_ring_lanes(const shmbus_ring_t *r);
 uint32_t shmbus_lane_of(uint32_t priority);
 shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane);
 void shmbus_ring_seal(shmbus_ring_t *r);
+void shmbus_ring_wake(shmbus_ring_t *r);
 int shmbus_ring_sealed(const shmbus_ring_t *r);
 /* Drops one reference, and the last unmaps.  retain adds one (for a buffer
  * handed out that must keep the mapping alive). */
@@ -172,3 +173,60 @@ int64_t shmbus_send_ex(shmbus_route_t *rt, uint32_t kind, uint32_t flags, uint32
 int64_t shmbus_send_many(shmbus_route_t *rt, uint32_t kind, uint32_t priority, uint32_t ttl_ms,
                          const char *blob, const uint32_t *lens, const uint8_t *flags,
                          uint32_t count, int64_t timeout_ns);
+
+/* shmbus_bridge.h */
+#define SHMBUS_LINK_STOP ...
+#define SHMBUS_LINK_EOF ...
+#define SHMBUS_LINK_BAD ...
+#define SHMBUS_LINK_IOERR ...
+#define SHMBUS_LINK_MISS ...
+#define SHMBUS_LINK_DEAD ...
+#define SHMBUS_LINK_PUBLISH ...
+#define SHMBUS_DEAD_NOAGENT ...
+#define SHMBUS_DEAD_LEFT ...
+#define SHMBUS_DEAD_FULL ...
+#define SHMBUS_DEAD_TOOBIG ...
+#define SHMBUS_DEAD_FAILED ...
+
+typedef struct shmbus_link shmbus_link_t;
+
+typedef struct {
+    const char *frame;
+    uint32_t len;
+    int32_t why;
+    int32_t rc;
+    uint32_t policy;
+    uint32_t wait_ms;
+    uint32_t name_len;
+    uint64_t used;
+    uint64_t capacity;
+    const char *name;
+} shmbus_dead_t;
+
+shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint32_t agent_id,
+                               uint64_t types, uint64_t *counters, uint64_t *beat,
+                               const shmbus_table_t *routes, shmbus_ring_t *inbox);
+void shmbus_link_stop(shmbus_link_t *l);
+void shmbus_link_free(shmbus_link_t *l);
+void shmbus_link_spin(shmbus_link_t *l, int64_t spin_ns);
+int shmbus_link_up(shmbus_link_t *l);
+int shmbus_link_down(shmbus_link_t *l);
+const char *shmbus_link_reason(const shmbus_link_t *l);
+int shmbus_link_errno(const shmbus_link_t *l);
+int shmbus_link_miss(const shmbus_link_t *l, const char **where, uint32_t *len);
+int shmbus_link_route(shmbus_link_t *l, int is_topic, const char *where, uint32_t len,
+                      uint64_t version, int known, uint64_t *topic_counters, uint32_t targets);
+int shmbus_link_route_target(shmbus_link_t *l, uint32_t i, shmbus_ring_t *ring,
+                             uint64_t *counters, const char *name, uint32_t name_len, int lossy);
+uint32_t shmbus_link_dead_count(const shmbus_link_t *l);
+const shmbus_dead_t *shmbus_link_dead(const shmbus_link_t *l, uint32_t i);
+uint32_t shmbus_link_lost_count(const shmbus_link_t *l);
+int shmbus_link_lost(const shmbus_link_t *l, uint32_t i, const char **frames, const uint32_t **lens,
+                     uint32_t *count);
+#define SHMBUS_LINK_HEAD ...
+int64_t shmbus_record_build(const char *names, uint32_t sender_len, uint32_t recipient_len,
+                            uint32_t topic_len, uint32_t sender_id, uint32_t recipient_id,
+                            uint32_t kind, uint32_t priority, uint32_t ttl_ms, uint32_t info,
+                            uint64_t first_id, uint64_t request_id, uint64_t correlation_id,
+                            int64_t timestamp_ns, const char *blob, const uint32_t *lens,
+                            const uint8_t *flags, uint32_t count, char *out, uint64_t cap);

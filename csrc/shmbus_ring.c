@@ -363,6 +363,12 @@ uint64_t shmbus_ring_next_correlation(shmbus_ring_t *r)
 
 /* ------------------------------------------------------------- doorbell */
 
+void shmbus_ring_wake(shmbus_ring_t *r)
+{
+    if (r)
+        sem_post(r->bell);
+}
+
 /* Called by a producer after it committed.  D1 pairs with S1 in
  * wait_for_data: both sides store, fence, then load the other's word, so
  * either the consumer sees the committed length or we see it sleeping. */

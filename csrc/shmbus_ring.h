@@ -120,6 +120,9 @@ shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane);
  * to the tail it read after sealing, nothing more can ever be committed:
  * a drain that gets that far has everything (X1/X2 below). */
 void shmbus_ring_seal(shmbus_ring_t *r);
+/* Post the bell once, whether or not the reader sleeps: a reader waiting in
+ * another thread of this process looks again (at a flag of its own, say). */
+void shmbus_ring_wake(shmbus_ring_t *r);
 int shmbus_ring_sealed(const shmbus_ring_t *r);
 /* Drops one reference, and the last unmaps.  retain adds one (for a buffer
  * handed out that must keep the mapping alive). */

@@ -18,6 +18,7 @@ by the bridge, with the reason. Counters are kept by the bridge.
 
 from __future__ import annotations
 
+import array
 import math
 import os
 import select
@@ -28,19 +29,18 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from .._native import ffi
+from .._native import ffi, lib
 from ..control import Client, Reader, recv_msg, send_msg
 from ..errors import (
     BackpressureTimeout,
     Closed,
     CoordinatorUnavailable,
     InboxFull,
+    InvalidArgument,
     MessageTooLarge,
     UnknownRecipient,
 )
-from ..message import FLAG_ACK, HEADER, MAGIC, VERSION
+from ..message import FLAG_ACK, HEADER, HEADER_SIZE, MAGIC, VERSION
 from ..outbox import check_priority, pack_many, ttl_ms
 from ..routes import validate_topic
 from ..stats import AgentStats, BusStats, Counters, TopicStats
@@ -52,14 +52,14 @@ _BUF = 1 << 20
 _SOCKBUF = 4 << 20
 BEAT_EVERY = 0.5
 _LEAVE_WAIT = 10.0
-_FULL = 256  # frames in a record the bridge filled: its reader is behind
-_AHEAD = 2  # records the bridge may send ahead of what we took
+_AHEAD = 8  # records the bridge may send ahead of what we took (its limit too)
+_QUIET = 1e-3  # seconds a wait lasts before it tells the bridge our counts
 ROUTES_TTL = 0.25  # seconds a uds agent trusts its copy of the routes for a direct send
-_NUMPY_FROM = 16  # frames in a batch from which numpy builds them
 _SLICE = 0.05
 _BURST = 50e-6  # a send this soon after the last is part of a burst: corked
 _CORK_WAIT = 200e-6  # the tail of a burst goes this late at the latest
 _CORK_BYTES = 64 << 10  # a cork this full goes at once
+_CORK_RECORD = 4096  # a record this large is a batch already: it goes at once
 _pack = HEADER.pack
 
 
@@ -117,11 +117,13 @@ class Stream:
                 if avail >= need:
                     self._start = start + need
                     self.taken += 1
-                    # Two more may come while this one is read (then the bridge never
-                    # waits for our word in a ping-pong); told at once if the inbox is
-                    # behind (a full record), else with our next write or wait.
+                    # More may come while this one is read. The counts ride on our
+                    # next record, or go on their own once the bridge has used most
+                    # of what we granted it, or when a wait goes on (below): a record
+                    # of its own costs a system call and wakes a bridge thread, so a
+                    # stream or a ping-pong must not pay one per record.
                     self.granted = self.taken + _AHEAD
-                    if int.from_bytes(buf[start + 4 : start + 8], "little") >= _FULL:
+                    if (self._told[1] - self.taken) & wire.MASK <= _AHEAD // 4:
                         self.ack()
                     return bytes(memoryview(buf)[start + 4 : start + need])
             if len(buf) - start < need or len(buf) - self._end < 4096:
@@ -145,9 +147,17 @@ class Stream:
                 self.kick()  # what we sent must not wait while we do
                 if self.granted == self.taken:
                     self.granted += 1  # nothing asked for: ask for the next record
-                if self._told != (self.taken, self.granted) and not self.ack():
+                told = self._told == (self.taken, self.granted)
+                if not told and (self._told[1] - self.taken) & wire.MASK > 0:
+                    # The bridge may still send: an answer near at hand comes before
+                    # the counts are worth a record of their own.
+                    quiet = _QUIET if left is None else min(left, _QUIET)
+                    if self._rpoll.poll(math.ceil(quiet * 1000)):
+                        continue
+                    left = None if deadline is None else deadline - time.monotonic()
+                if not told and not self.ack():
                     left = _SLICE if left is None else min(left, _SLICE)  # a sender has the socket
-                self._rpoll.poll(-1 if left is None else math.ceil(left * 1000))
+                self._rpoll.poll(-1 if left is None else max(math.ceil(left * 1000), 0))
                 continue
             except OSError as e:
                 raise Closed(f"the data connection broke: {e}") from None
@@ -181,15 +191,21 @@ class Stream:
             counts = (self.taken & wire.MASK, self.granted & wire.MASK)
             wire.COUNTS.pack_into(data, wire.COUNTS_AT, *counts)
             now = time.monotonic()
-            if cork and (self._corked or now - self.last_write < _BURST):
+            if (
+                cork
+                and len(data) < _CORK_RECORD
+                and (self._corked or now - self.last_write < _BURST)
+            ):
                 if self._corked_size + len(data) > _CORK_BYTES and not self._flush(deadline):
                     raise _Full
+                first = not self._corked
                 self._corked.append(bytes(data))
                 self._corked_size += len(data)
                 self.last_write = now
                 self._told = (self.taken, self.granted)
-                with self._cork_cv:
-                    self._cork_cv.notify()
+                if first:  # the flusher waits for the first only
+                    with self._cork_cv:
+                        self._cork_cv.notify()
                 return
             if (self._corked or self._pending) and not self._flush(deadline):
                 raise _Full
@@ -430,25 +446,30 @@ class UdsOutbox:
             for i, data in enumerate(datas)
         ]  # fmt: skip
 
-    def _build(self, kind: int, blob: bytes, lens: Any, flags: Any, first_id: int, *,
-               recipient: bytes = b"", recipient_id: int = 0, topic: bytes = b"",
-               priority: int = 0, ttl: int = 0) -> Any:  # fmt: skip
-        """Many frames at once: a list of frames for a few, (blob, lengths) for a batch."""
+    def _record(self, kind: int, blob: bytes, lens: Any, flags: Any, first_id: int, *,
+                recipient: bytes = b"", recipient_id: int = 0, topic: bytes = b"",
+                priority: int = 0, ttl: int = 0, request_id: int = 0, correlation_id: int = 0,
+                policy: str = "block", timeout: float | None = None) -> bytearray:  # fmt: skip
+        """The record of these frames, built in one C call (csrc/shmbus_bridge.c)."""
+        names = self._name_b + recipient + topic
+        if not isinstance(lens, array.array):
+            lens = array.array("I", lens)
+        if not isinstance(flags, bytes | bytearray):
+            flags = bytes(flags)
         n = len(lens)
-        if n < _NUMPY_FROM:
-            return self.frames(kind, list(_split(blob, lens)), flags, first_id,
-                               recipient=recipient, recipient_id=recipient_id, topic=topic,
-                               priority=priority, ttl=ttl)  # fmt: skip
-        # One header packed once and repeated: then only ids, flags and lengths differ.
-        one = _pack(MAGIC, VERSION, kind, priority, 0, 0, self.agent_id, recipient_id, 0, 0, 0,
-                    time.time_ns(), ttl, len(self._name_b), len(recipient), len(topic),
-                    0, 0)  # fmt: skip
-        hdr = np.frombuffer(bytearray(one * n), wire.HEADER_DTYPE)
-        hdr["flags"] = np.frombuffer(flags, np.uint8)
-        hdr["id"] = np.arange(first_id, first_id + n, dtype=np.uint64)
-        plens = np.frombuffer(lens, np.uint32)
-        hdr["payload_len"] = plens
-        return wire.build(hdr, self._name_b + recipient + topic, blob, plens)
+        size = wire.HEAD + 4 * n + n * (HEADER_SIZE + len(names)) + len(blob)
+        if size - 4 > wire.MAX_RECORD:
+            raise MessageTooLarge(size - 4, wire.MAX_RECORD, "a uds record")
+        out = bytearray(size)
+        rc = lib.shmbus_record_build(
+            names, len(self._name_b), len(recipient), len(topic), self.agent_id, recipient_id,
+            kind, priority, ttl, wire.info(policy, timeout), first_id, request_id, correlation_id,
+            0, blob, ffi.from_buffer("uint32_t[]", lens), ffi.from_buffer("uint8_t[]", flags), n,
+            ffi.from_buffer(out), size,
+        )  # fmt: skip
+        if rc != size:
+            raise InvalidArgument(f"a uds record could not be built: error {rc}")
+        return out
 
     def frame(self, kind: int, data: bytes, flags: int, msg_id: int, *, recipient: str = "",
               topic: str = "", **fields: Any) -> bytes:  # fmt: skip
@@ -456,22 +477,16 @@ class UdsOutbox:
         return self.frames(kind, [data], [flags], msg_id, recipient=recipient.encode(),
                            topic=topic.encode(), **fields)[0]  # fmt: skip
 
-    def _write(self, frames: Any, where: str, policy: str, timeout: float | None) -> bool:
-        """One record (of a list of frames, or of (blob, lengths) from ``_build``);
-        False if the socket was full and the policy is "drop"."""
-        if isinstance(frames, tuple):
-            data = wire.record_of(*frames, wire.info(policy, timeout))
-        else:
-            data = wire.record(frames, wire.info(policy, timeout))
-        if len(data) > wire.MAX_RECORD:
-            raise MessageTooLarge(len(data), wire.MAX_RECORD, "a uds record")
+    def _write(self, data: bytearray, where: str, policy: str, timeout: float | None) -> bool:
+        """One record (from ``_record``); False if the socket was full and the
+        policy is "drop"."""
         try:
             self.stream.write(data, timeout if policy == "block" else 0, policy == "block")
             return True
         except _Full:
             pass
         if policy == "drop":
-            for frame in wire.split(*frames) if isinstance(frames, tuple) else frames:
+            for frame in wire.frames_of(data):
                 self._dead_letter(frame, f"inbox full: {where} (the uds data socket is full); "
                                   "policy 'drop'")  # fmt: skip
             return False
@@ -500,10 +515,11 @@ class UdsOutbox:
             self._dead_letter(frame, f"no recipient: {e}")
             raise
         msg_id = self._take(1)
-        frames = self.frames(kind, [data], [flags], msg_id, recipient=name.encode(),
-                             recipient_id=info[0], priority=priority, ttl=ms,
-                             request_id=request_id, correlation_id=correlation_id)  # fmt: skip
-        if self._write(frames, f"the inbox of {name!r}", policy, timeout) and on_sent:
+        record = self._record(kind, data, array.array("I", (len(data),)), bytes((flags,)), msg_id,
+                              recipient=name.encode(), recipient_id=info[0], priority=priority,
+                              ttl=ms, request_id=request_id, correlation_id=correlation_id,
+                              policy=policy, timeout=timeout)  # fmt: skip
+        if self._write(record, f"the inbox of {name!r}", policy, timeout) and on_sent:
             on_sent(msg_id, data, flags)
         return msg_id
 
@@ -525,9 +541,10 @@ class UdsOutbox:
                                      priority=priority, ttl=ms):  # fmt: skip
                 self._dead_letter(frame, f"no recipient: {e}")
             raise
-        frames = self._build(kind, blob, lens, flags, first, recipient=name.encode(),
-                             recipient_id=info[0], priority=priority, ttl=ms)  # fmt: skip
-        if self._write(frames, f"the inbox of {name!r}", policy, timeout) and on_sent:
+        record = self._record(kind, blob, lens, flags, first, recipient=name.encode(),
+                              recipient_id=info[0], priority=priority, ttl=ms, policy=policy,
+                              timeout=timeout)  # fmt: skip
+        if self._write(record, f"the inbox of {name!r}", policy, timeout) and on_sent:
             for i, data in enumerate(_split(blob, lens)):
                 on_sent(first + i, data, flags[i])
         return list(range(first, first + n))
@@ -538,10 +555,11 @@ class UdsOutbox:
         ms = ttl_ms(ttl)
         raw = validate_topic(topic).encode()
         first = self._take(len(lens))
-        frames = self._build(kind, blob, lens, flags, first, topic=raw, priority=priority, ttl=ms)
         # A publish never raises for a full subscriber: the bridge dead-letters its copy.
         policy = "block" if timeout is None or timeout > 0 else "drop"
-        self._write(frames, f"the subscribers of {topic!r}", policy, timeout)
+        record = self._record(kind, blob, lens, flags, first, topic=raw, priority=priority, ttl=ms,
+                              policy=policy, timeout=timeout)  # fmt: skip
+        self._write(record, f"the subscribers of {topic!r}", policy, timeout)
         return first
 
     def close(self) -> None:

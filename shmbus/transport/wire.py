@@ -25,9 +25,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import numpy as np
-
-from ..message import HEADER, HEADER_SIZE
+from ..message import HEADER
 
 RECORD = struct.Struct("<IIIII")  # body length, count, info, taken, granted
 COUNTS = struct.Struct("<II")  # taken, granted: at COUNTS_AT in a record
@@ -61,75 +59,27 @@ def record(frames: list[bytes] | tuple[bytes, ...], word: int = 0) -> bytearray:
     return bytearray().join((RECORD.pack(body, len(frames), word, 0, 0), lens, *frames))
 
 
-#: The frame header (csrc/shmbus_frame.h) as a numpy record, for checking and
-#: building many frames at once; its layout comes from the C struct's format.
+#: The frame header's fields, in order (csrc/shmbus_frame.h).
 FIELDS = ("magic", "version", "type", "priority", "flags", "attempts", "sender_id",
           "recipient_id", "id", "request_id", "correlation_id", "timestamp_ns", "ttl_ms",
           "sender_len", "recipient_len", "topic_len", "payload_len", "reserved")  # fmt: skip
-HEADER_DTYPE = np.dtype(
-    [(f, "<" + c) for f, c in zip(FIELDS, HEADER.format.lstrip("<"), strict=True)]
-)
-assert HEADER_DTYPE.itemsize == HEADER_SIZE
-_COLS = np.arange(HEADER_SIZE)
+TYPE_AT = struct.calcsize(HEADER.format[: 1 + FIELDS.index("type")])  # the type's offset
 
 
-def headers(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The headers of the frames at ``offsets`` in ``buf`` (uint8), as HEADER_DTYPE records."""
-    return buf[offsets[:, None] + _COLS].view(HEADER_DTYPE).reshape(len(offsets))
-
-
-def strided(body: bytes, at: int, count: int, size: int, dtype: Any, width: int = 1) -> Any:
-    """A view of ``count`` frames of ``size`` bytes each from ``at``: their headers
-    (dtype HEADER_DTYPE) or ``width`` bytes of each (uint8), with no copy."""
-    shape, strides = ((count,), (size,)) if width == 1 else ((count, width), (size, 1))
-    return np.ndarray(shape, dtype, buffer=body, offset=at, strides=strides)
-
-
-def offsets(first: int, lens: np.ndarray) -> np.ndarray:
-    """Where each frame starts, frames back to back from ``first``."""
-    out = np.empty(len(lens), np.int64)
-    out[0] = first
-    np.cumsum(lens[:-1], out=out[1:])
-    out[1:] += first
-    return out
-
-
-def build(
-    hdr: np.ndarray, names: bytes, blob: bytes, plens: np.ndarray
-) -> tuple[bytes, np.ndarray]:
-    """Frames back to back (header, names, payload) and their lengths, built in a few
-    numpy calls: ``hdr`` holds every header, ``names`` is the same for all."""
-    n, nl = len(hdr), len(names)
-    flens = (HEADER_SIZE + nl + plens).astype("<u4")
-    data = np.frombuffer(blob, np.uint8)
-    if n and (plens == plens[0]).all():  # all of one size: a 2-D fill, no index arrays
-        out = np.empty((n, int(flens[0])), np.uint8)
-        out[:, :HEADER_SIZE] = hdr.view(np.uint8).reshape(n, HEADER_SIZE)
-        out[:, HEADER_SIZE : HEADER_SIZE + nl] = np.frombuffer(names, np.uint8)
-        out[:, HEADER_SIZE + nl :] = data.reshape(n, int(plens[0]))
-        return out.tobytes(), flens
-    total = int(flens.sum())
-    out = np.empty(total, np.uint8)
-    starts = offsets(0, flens)
-    out[starts[:, None] + _COLS] = hdr.view(np.uint8).reshape(n, HEADER_SIZE)
-    if nl:
-        out[starts[:, None] + HEADER_SIZE + np.arange(nl)] = np.frombuffer(names, np.uint8)
-    if len(data):
-        pstarts = offsets(0, plens)
-        shift = np.repeat(starts + HEADER_SIZE + nl - pstarts, plens)
-        out[shift + np.arange(len(data))] = data
-    return out.tobytes(), flens
-
-
-def record_of(blob: bytes, flens: np.ndarray, word: int = 0) -> bytearray:
-    """One record of frames already back to back in ``blob``."""
-    body = HEAD - 4 + 4 * len(flens) + len(blob)
-    return bytearray().join((RECORD.pack(body, len(flens), word, 0, 0), flens.tobytes(), blob))
-
-
-def split(blob: bytes, flens: np.ndarray) -> list[bytes]:
+def split(blob: bytes, flens: Any) -> list[bytes]:
     out, pos = [], 0
     for n in flens.tolist():
         out.append(blob[pos : pos + n])
         pos += n
+    return out
+
+
+def frames_of(data: bytes | bytearray) -> list[bytes]:
+    """The frames of a whole record (length prefix included), as built."""
+    count = int.from_bytes(data[4:8], "little")
+    pos = HEAD + 4 * count
+    out = []
+    for length in memoryview(data)[HEAD : HEAD + 4 * count].cast("I"):
+        out.append(bytes(data[pos : pos + length]))
+        pos += length
     return out

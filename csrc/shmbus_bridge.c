@@ -1,0 +1,843 @@
+/* shmbus bridge link: see shmbus_bridge.h. */
+#define _GNU_SOURCE
+#include "shmbus_bridge.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#include "shmbus_frame.h"
+#include "shmbus_stats.h"
+
+/* Record layout (wire.py): u32 body | u32 count | u32 info | u32 taken |
+ * u32 granted | count x u32 length | frames.  Limits as wire.py's. */
+#define HEAD SHMBUS_LINK_HEAD
+#define MAX_RECORD (64u << 20)
+#define MAX_COUNT (1u << 16)
+#define FOREVER_MS ((1u << 30) - 1)
+#define BLOCK 256        /* frames per record down */
+#define AHEAD 8          /* records sent and not yet taken, at most */
+#define SLICE_NS 100000000LL /* how often a wait looks whether it must stop */
+#define BUCKETS 256
+#define MAX_ROUTES 4096
+
+struct target {
+    shmbus_ring_t *ring;
+    uint64_t *counters;
+    uint32_t written;
+    int32_t rc;
+    uint8_t lossy;
+    uint8_t name_len;
+    char name[SHMBUS_FRAME_MAX_NAME];
+};
+
+struct route {
+    struct route *next;
+    uint64_t version;
+    uint64_t *topic_counters;
+    uint32_t targets;
+    uint8_t is_topic;
+    uint8_t known;
+    uint16_t where_len;
+    char where[SHMBUS_FRAME_MAX_TOPIC];
+    struct target t[];
+};
+
+struct record {
+    uint32_t seq;
+    uint32_t count;
+    uint64_t bytes;
+    uint64_t cap;
+    char *frames;
+    uint32_t lens[BLOCK];
+    uint32_t head[HEAD / 4];
+};
+
+struct frame_info {
+    uint64_t at; /* offset in the buffer */
+    struct route *route;
+    uint32_t len;
+    uint8_t kind;
+    uint8_t lane;
+    uint16_t where_len;
+    uint64_t where_at;
+};
+
+struct shmbus_link {
+    int fd;
+    uint32_t agent_id;
+    uint64_t types;
+    uint64_t *counters;
+    uint64_t *beat;
+    const shmbus_table_t *table;
+    shmbus_ring_t *inbox;
+    int64_t spin_ns;
+    uint32_t name_len;
+    char name[SHMBUS_FRAME_MAX_NAME];
+
+    _Atomic int stop;
+    _Atomic int eof;
+    _Atomic uint32_t taken, granted; /* the agent's counts of our records */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int starved; /* down waits for counts (under mu) */
+
+    char reason[256];
+    int err;
+
+    /* up */
+    char *buf;
+    uint64_t cap, start, end;
+    int in_record;
+    uint32_t body, count, policy, wait_ms;
+    uint32_t *lens;
+    uint32_t lens_cap;
+    struct frame_info *frames;
+    struct route *buckets[BUCKETS];
+    uint32_t routes;
+    struct route *installing;
+    const char *miss_where;
+    uint32_t miss_len;
+    int miss_topic;
+    shmbus_dead_t *dead;
+    uint32_t dead_n, dead_cap;
+
+    /* down */
+    struct record *recs[AHEAD];
+    uint32_t first, outstanding; /* the oldest record's slot, how many are out */
+};
+
+static inline int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline uint32_t rd32(const char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline void add(uint64_t *counters, uint32_t index, uint64_t n)
+{
+    if (counters && n)
+        atomic_fetch_add_explicit((_Atomic uint64_t *)&counters[index], n, memory_order_relaxed);
+}
+
+static inline void beat(shmbus_link_t *l)
+{
+    if (l->beat)
+        atomic_store_explicit((_Atomic uint64_t *)l->beat, (uint64_t)mono_ns(),
+                              memory_order_relaxed);
+}
+
+static int bad(shmbus_link_t *l, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(l->reason, sizeof l->reason, fmt, ap);
+    va_end(ap);
+    return SHMBUS_LINK_BAD;
+}
+
+shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint32_t agent_id,
+                               uint64_t types, uint64_t *counters, uint64_t *beat_at,
+                               const shmbus_table_t *routes, shmbus_ring_t *inbox)
+{
+    if (name_len > SHMBUS_FRAME_MAX_NAME || !routes || !inbox)
+        return NULL;
+    shmbus_link_t *l = calloc(1, sizeof *l);
+    if (!l)
+        return NULL;
+    l->fd = fd;
+    l->agent_id = agent_id;
+    l->types = types;
+    l->counters = counters;
+    l->beat = beat_at;
+    l->table = routes;
+    l->inbox = inbox;
+    shmbus_ring_retain(inbox);
+    l->name_len = name_len;
+    memcpy(l->name, name, name_len);
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&l->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    return l;
+}
+
+static void route_free(struct route *r)
+{
+    for (uint32_t i = 0; i < r->targets; i++)
+        if (r->t[i].ring)
+            shmbus_ring_close(r->t[i].ring);
+    free(r);
+}
+
+static void routes_clear(shmbus_link_t *l)
+{
+    for (int b = 0; b < BUCKETS; b++) {
+        while (l->buckets[b]) {
+            struct route *r = l->buckets[b];
+            l->buckets[b] = r->next;
+            route_free(r);
+        }
+    }
+    l->routes = 0;
+}
+
+void shmbus_link_free(shmbus_link_t *l)
+{
+    if (!l)
+        return;
+    routes_clear(l);
+    for (int i = 0; i < AHEAD; i++) {
+        if (l->recs[i]) {
+            free(l->recs[i]->frames);
+            free(l->recs[i]);
+        }
+    }
+    shmbus_ring_close(l->inbox);
+    free(l->buf);
+    free(l->lens);
+    free(l->frames);
+    free(l->dead);
+    pthread_mutex_destroy(&l->mu);
+    pthread_cond_destroy(&l->cv);
+    free(l);
+}
+
+static void wake_down(shmbus_link_t *l)
+{
+    pthread_mutex_lock(&l->mu);
+    pthread_cond_signal(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+}
+
+void shmbus_link_stop(shmbus_link_t *l)
+{
+    atomic_store(&l->stop, 1);
+    wake_down(l);
+    shmbus_ring_wake(l->inbox);
+}
+
+void shmbus_link_spin(shmbus_link_t *l, int64_t spin_ns) { l->spin_ns = spin_ns; }
+const char *shmbus_link_reason(const shmbus_link_t *l) { return l->reason; }
+int shmbus_link_errno(const shmbus_link_t *l) { return l->err; }
+
+/* ------------------------------------------------------------------ routes */
+
+static uint32_t hash(int is_topic, const char *p, uint32_t n)
+{
+    uint32_t h = 2166136261u ^ (uint32_t)is_topic;
+    for (uint32_t i = 0; i < n; i++)
+        h = (h ^ (uint8_t)p[i]) * 16777619u;
+    return h % BUCKETS;
+}
+
+static struct route **find(shmbus_link_t *l, int is_topic, const char *where, uint32_t len)
+{
+    struct route **at = &l->buckets[hash(is_topic, where, len)];
+    for (; *at; at = &(*at)->next) {
+        struct route *r = *at;
+        if (r->is_topic == is_topic && r->where_len == len && !memcmp(r->where, where, len))
+            return at;
+    }
+    return at;
+}
+
+int shmbus_link_miss(const shmbus_link_t *l, const char **where, uint32_t *len)
+{
+    *where = l->miss_where;
+    *len = l->miss_len;
+    return l->miss_topic;
+}
+
+int shmbus_link_route(shmbus_link_t *l, int is_topic, const char *where, uint32_t len,
+                      uint64_t version, int known, uint64_t *topic_counters, uint32_t targets)
+{
+    if (len > SHMBUS_FRAME_MAX_TOPIC || targets > (1u << 16) || (!is_topic && targets > 1))
+        return SHMBUS_EINVAL;
+    struct route *r = calloc(1, sizeof *r + targets * sizeof(struct target));
+    if (!r)
+        return SHMBUS_ESYS;
+    r->version = version;
+    r->topic_counters = topic_counters;
+    r->targets = targets;
+    r->is_topic = (uint8_t)is_topic;
+    r->known = (uint8_t)known;
+    r->where_len = (uint16_t)len;
+    memcpy(r->where, where, len);
+    if (l->routes >= MAX_ROUTES)
+        routes_clear(l);
+    struct route **at = find(l, is_topic, where, len);
+    if (*at) { /* replace the stale one */
+        struct route *old = *at;
+        *at = old->next;
+        route_free(old);
+        l->routes--;
+        at = find(l, is_topic, where, len);
+    }
+    *at = r;
+    l->routes++;
+    l->installing = r;
+    return SHMBUS_OK;
+}
+
+int shmbus_link_route_target(shmbus_link_t *l, uint32_t i, shmbus_ring_t *ring,
+                             uint64_t *counters, const char *name, uint32_t name_len, int lossy)
+{
+    struct route *r = l->installing;
+    if (!r || i >= r->targets || !ring || r->t[i].ring || name_len > SHMBUS_FRAME_MAX_NAME)
+        return SHMBUS_EINVAL;
+    shmbus_ring_retain(ring);
+    r->t[i].ring = ring;
+    r->t[i].counters = counters;
+    r->t[i].lossy = (uint8_t)!!lossy;
+    r->t[i].name_len = (uint8_t)name_len;
+    memcpy(r->t[i].name, name, name_len);
+    return SHMBUS_OK;
+}
+
+/* -------------------------------------------------------------------- up */
+
+/* A whole record at buf[start]; reads the socket until there is one. */
+static int fill_record(shmbus_link_t *l)
+{
+    for (;;) {
+        uint64_t avail = l->end - l->start, need = 4;
+        if (avail >= 4) {
+            uint32_t body = rd32(l->buf + l->start);
+            if (body > MAX_RECORD)
+                return bad(l, "a record of %u bytes (limit %u)", body, MAX_RECORD);
+            if (body < HEAD - 4)
+                return bad(l, "a record of %u bytes, shorter than its header", body);
+            need = 4 + (uint64_t)body;
+            if (avail >= need)
+                return SHMBUS_OK;
+        }
+        if (l->cap - l->start < need || l->cap - l->end < 65536) {
+            if (l->start) {
+                memmove(l->buf, l->buf + l->start, avail);
+                l->start = 0;
+                l->end = avail;
+            }
+            if (l->cap < need + 65536) {
+                uint64_t cap = need + (1u << 20);
+                char *grown = realloc(l->buf, cap);
+                if (!grown)
+                    return bad(l, "no memory for a record of %llu bytes", (unsigned long long)need);
+                l->buf = grown;
+                l->cap = cap;
+            }
+        }
+        ssize_t n = recv(l->fd, l->buf + l->end, l->cap - l->end, MSG_DONTWAIT);
+        if (n > 0) {
+            l->end += (uint64_t)n;
+            beat(l);
+            continue;
+        }
+        if (n == 0) {
+            if (avail)
+                return bad(l, "the connection ended inside a record (%llu bytes)",
+                           (unsigned long long)avail);
+            atomic_store(&l->eof, 1);
+            wake_down(l);
+            shmbus_ring_wake(l->inbox);
+            return SHMBUS_LINK_EOF;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            l->err = errno;
+            return SHMBUS_LINK_IOERR;
+        }
+        if (atomic_load(&l->stop))
+            return SHMBUS_LINK_STOP;
+        struct pollfd p = {.fd = l->fd, .events = POLLIN};
+        poll(&p, 1, (int)(SLICE_NS / 1000000));
+        if (atomic_load(&l->stop))
+            return SHMBUS_LINK_STOP;
+    }
+}
+
+/* Every length and header field of the record at buf[start], before any is used. */
+static int check_record(shmbus_link_t *l)
+{
+    const char *b = l->buf + l->start + 4;
+    uint32_t body = rd32(l->buf + l->start);
+    uint32_t count = rd32(b), info = rd32(b + 4);
+    if (count > MAX_COUNT)
+        return bad(l, "a record of %u frames (limit %u)", count, MAX_COUNT);
+    uint64_t at = 16 + 4 * (uint64_t)count;
+    if (at > body)
+        return bad(l, "a record of %u frames has no room for their lengths", count);
+    if ((info & 3) == 3)
+        return bad(l, "a record with policy code 3");
+    if (count > l->lens_cap) {
+        uint32_t cap = count < 256 ? 256 : count;
+        uint32_t *lens = realloc(l->lens, cap * sizeof *lens);
+        struct frame_info *fi = realloc(l->frames, cap * sizeof *fi);
+        if (lens)
+            l->lens = lens;
+        if (fi)
+            l->frames = fi;
+        if (!lens || !fi)
+            return bad(l, "no memory for a record of %u frames", count);
+        l->lens_cap = cap;
+    }
+    memcpy(l->lens, b + 16, 4 * (size_t)count);
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < count; i++)
+        sum += l->lens[i];
+    if (sum != body - at)
+        return bad(l, "a record whose frame lengths do not add up to its size");
+    uint64_t pos = l->start + 4 + at;
+    for (uint32_t i = 0; i < count; i++) {
+        uint32_t len = l->lens[i];
+        if (len < SHMBUS_FRAME_HEADER_SIZE)
+            return bad(l, "a frame of %u bytes, shorter than its header", len);
+        shmbus_frame_header h;
+        memcpy(&h, l->buf + pos, sizeof h);
+        if (h.magic != SHMBUS_FRAME_MAGIC || h.version != SHMBUS_FRAME_VERSION)
+            return bad(l, "a frame with magic %#x version %u: not a frame", h.magic, h.version);
+        if (h.type >= 64 || !(l->types >> h.type & 1) || h.priority > 100)
+            return bad(l, "a frame of type %u priority %u", h.type, h.priority);
+        if ((uint64_t)SHMBUS_FRAME_HEADER_SIZE + h.sender_len + h.recipient_len + h.topic_len +
+                h.payload_len != len)
+            return bad(l, "a frame whose field lengths do not add up to its size");
+        uint64_t names = pos + SHMBUS_FRAME_HEADER_SIZE;
+        if (h.sender_len != l->name_len || h.sender_id != l->agent_id ||
+            memcmp(l->buf + names, l->name, l->name_len))
+            return bad(l, "a frame that names another sender");
+        struct frame_info *f = &l->frames[i];
+        f->at = pos;
+        f->len = len;
+        f->kind = h.type;
+        f->lane = (uint8_t)shmbus_lane_of(h.priority);
+        f->route = NULL;
+        if (h.type == SHMBUS_LINK_PUBLISH) {
+            if (!h.topic_len || h.recipient_len)
+                return bad(l, "a publish without a topic, or with a recipient");
+            if (h.topic_len > SHMBUS_FRAME_MAX_TOPIC)
+                return bad(l, "a topic of %u bytes (limit %u)", h.topic_len,
+                           SHMBUS_FRAME_MAX_TOPIC);
+            f->where_at = names + h.sender_len + h.recipient_len;
+            f->where_len = h.topic_len;
+        } else {
+            if (!h.recipient_len)
+                return bad(l, "a direct frame without a recipient");
+            f->where_at = names + h.sender_len;
+            f->where_len = h.recipient_len;
+        }
+        if (h.attempts)
+            add(l->counters, SHMBUS_STAT_RETRIED, 1);
+        pos += len;
+    }
+    l->body = body;
+    l->count = count;
+    l->policy = info & 3;
+    l->wait_ms = info >> 2;
+    uint32_t taken = rd32(b + 8), granted = rd32(b + 12);
+    if (taken != atomic_load(&l->taken) || granted != atomic_load(&l->granted)) {
+        atomic_store(&l->taken, taken);
+        atomic_store(&l->granted, granted);
+        pthread_mutex_lock(&l->mu);
+        if (l->starved)
+            pthread_cond_signal(&l->cv);
+        pthread_mutex_unlock(&l->mu);
+    }
+    return SHMBUS_OK;
+}
+
+/* A current route for every frame of the record, or the first that has none. */
+static int resolve(shmbus_link_t *l)
+{
+    uint64_t version = shmbus_table_version(l->table);
+    struct route *last = NULL;
+    for (uint32_t i = 0; i < l->count; i++) {
+        struct frame_info *f = &l->frames[i];
+        int is_topic = f->kind == SHMBUS_LINK_PUBLISH;
+        const char *where = l->buf + f->where_at;
+        if (last && last->is_topic == is_topic && last->where_len == f->where_len &&
+            !memcmp(last->where, where, f->where_len)) {
+            f->route = last;
+            continue;
+        }
+        struct route *r = *find(l, is_topic, where, f->where_len);
+        if (!r || r->version != version) {
+            l->miss_where = where;
+            l->miss_len = f->where_len;
+            l->miss_topic = is_topic;
+            return SHMBUS_LINK_MISS;
+        }
+        f->route = last = r;
+    }
+    return SHMBUS_OK;
+}
+
+static int dead(shmbus_link_t *l, const struct frame_info *f, int why, int rc,
+                const struct target *t, shmbus_ring_t *lane)
+{
+    if (l->dead_n == l->dead_cap) {
+        uint32_t cap = l->dead_cap ? 2 * l->dead_cap : 64;
+        shmbus_dead_t *grown = realloc(l->dead, cap * sizeof *grown);
+        if (!grown)
+            return SHMBUS_ESYS;
+        l->dead = grown;
+        l->dead_cap = cap;
+    }
+    shmbus_dead_t *d = &l->dead[l->dead_n++];
+    memset(d, 0, sizeof *d);
+    d->frame = l->buf + f->at;
+    d->len = f->len;
+    d->why = why;
+    d->rc = rc;
+    d->policy = l->policy;
+    d->wait_ms = l->wait_ms;
+    if (t) {
+        d->name = t->name;
+        d->name_len = t->name_len;
+    }
+    if (lane) {
+        d->used = shmbus_ring_used(lane);
+        d->capacity = shmbus_ring_capacity(lane);
+    }
+    add(l->counters, l->policy == 2 && why == SHMBUS_DEAD_FULL ? SHMBUS_STAT_DROPPED
+                                                                : SHMBUS_STAT_FAILED, 1);
+    return SHMBUS_OK;
+}
+
+/* Write frames[first, first+n) (one run: one route, one lane) into target t,
+ * from what it has taken so far, waiting up to `left_ns` (0: a look). */
+static int write_run(shmbus_link_t *l, struct route *r, struct target *t, uint32_t first,
+                     uint32_t n, int64_t left_ns)
+{
+    shmbus_ring_t *lane = shmbus_ring_lane(t->ring, l->frames[first].lane);
+    for (;;) {
+        uint32_t done = t->written;
+        if (done == n)
+            return t->rc = SHMBUS_OK;
+        uint32_t written = 0;
+        const char *from = l->buf + l->frames[first + done].at;
+        int rc = shmbus_ring_write_many(lane, from, l->lens + first + done, n - done, left_ns,
+                                        &written);
+        uint64_t bytes = 0;
+        for (uint32_t i = first + done; i < first + done + written; i++)
+            bytes += l->lens[i];
+        t->written = done + written;
+        add(l->counters, SHMBUS_STAT_SENT, written);
+        add(l->counters, SHMBUS_STAT_BYTES_SENT, bytes);
+        add(t->counters, SHMBUS_STAT_DELIVERED, written);
+        add(t->counters, SHMBUS_STAT_DELIVERED_BYTES, bytes);
+        if (r->is_topic)
+            add(r->topic_counters, SHMBUS_STAT_TOPIC_DELIVERED, written);
+        if (rc == SHMBUS_ETOOBIG && !t->lossy) {
+            /* That one frame goes to the DLQ; the run goes on after it. */
+            dead(l, &l->frames[first + t->written], SHMBUS_DEAD_TOOBIG, rc, t, lane);
+            t->written++;
+            continue;
+        }
+        if (rc == SHMBUS_EINTR && t->written < n)
+            continue;
+        return t->rc = t->written == n ? SHMBUS_OK : rc;
+    }
+}
+
+/* One run of frames to every target of its route: each is tried without
+ * waiting first, so one full subscriber does not hold up the others; then
+ * the full ones again under the policy, sharing one deadline (as the shm
+ * sender's publish does). */
+static void deliver_run(shmbus_link_t *l, uint32_t first, uint32_t n)
+{
+    struct route *r = l->frames[first].route;
+    if (r->is_topic) {
+        uint64_t bytes = 0;
+        for (uint32_t i = first; i < first + n; i++)
+            bytes += l->lens[i];
+        add(r->topic_counters, SHMBUS_STAT_PUBLISHED, n);
+        add(r->topic_counters, SHMBUS_STAT_TOPIC_BYTES, bytes);
+    } else if (!r->known) {
+        for (uint32_t i = first; i < first + n; i++)
+            dead(l, &l->frames[i], SHMBUS_DEAD_NOAGENT, 0, NULL, NULL);
+        return;
+    }
+    int full = 0;
+    for (uint32_t k = 0; k < r->targets; k++) {
+        r->t[k].written = 0;
+        full |= write_run(l, r, &r->t[k], first, n, 0) == SHMBUS_EAGAIN && !r->t[k].lossy;
+    }
+    if (full && l->policy == 0) {
+        bool forever = l->wait_ms == FOREVER_MS;
+        int64_t deadline = forever ? INT64_MAX : mono_ns() + (int64_t)l->wait_ms * 1000000;
+        for (uint32_t k = 0; k < r->targets; k++) {
+            struct target *t = &r->t[k];
+            while (t->rc == SHMBUS_EAGAIN && !t->lossy && !atomic_load(&l->stop)) {
+                int64_t left = deadline - mono_ns();
+                if (left <= 0)
+                    break;
+                beat(l); /* blocked on a full inbox is alive, as an shm sender is */
+                write_run(l, r, t, first, n, left < SLICE_NS ? left : SLICE_NS);
+                if (t->rc == SHMBUS_ETIMEDOUT)
+                    t->rc = SHMBUS_EAGAIN;
+            }
+        }
+    }
+    for (uint32_t k = 0; k < r->targets; k++) {
+        struct target *t = &r->t[k];
+        if (t->written == n || t->lossy)
+            continue;
+        shmbus_ring_t *lane = shmbus_ring_lane(t->ring, l->frames[first].lane);
+        int why = t->rc == SHMBUS_ECLOSED                              ? SHMBUS_DEAD_LEFT
+                  : t->rc == SHMBUS_EAGAIN || t->rc == SHMBUS_ETIMEDOUT ? SHMBUS_DEAD_FULL
+                                                                        : SHMBUS_DEAD_FAILED;
+        for (uint32_t i = first + t->written; i < first + n; i++)
+            dead(l, &l->frames[i], why, t->rc, t, lane);
+    }
+}
+
+int shmbus_link_up(shmbus_link_t *l)
+{
+    l->dead_n = 0; /* the caller took them */
+    for (;;) {
+        if (atomic_load(&l->stop))
+            return SHMBUS_LINK_STOP;
+        if (!l->in_record) {
+            int rc = fill_record(l);
+            if (rc == SHMBUS_OK)
+                rc = check_record(l);
+            if (rc != SHMBUS_OK)
+                return rc;
+            l->in_record = 1;
+        }
+        int rc = resolve(l);
+        if (rc != SHMBUS_OK)
+            return rc;
+        for (uint32_t i = 0; i < l->count;) {
+            uint32_t j = i + 1;
+            while (j < l->count && l->frames[j].route == l->frames[i].route &&
+                   l->frames[j].lane == l->frames[i].lane)
+                j++;
+            deliver_run(l, i, j - i);
+            i = j;
+        }
+        l->in_record = 0;
+        l->start += 4 + (uint64_t)l->body; /* the bytes stay until the next call */
+        if (l->dead_n)
+            return SHMBUS_LINK_DEAD;
+    }
+}
+
+uint32_t shmbus_link_dead_count(const shmbus_link_t *l) { return l->dead_n; }
+
+const shmbus_dead_t *shmbus_link_dead(const shmbus_link_t *l, uint32_t i)
+{
+    return i < l->dead_n ? &l->dead[i] : NULL;
+}
+
+/* ------------------------------------------------------------------ down */
+
+static struct record *slot(shmbus_link_t *l, uint32_t k)
+{
+    uint32_t i = (l->first + k) % AHEAD;
+    if (!l->recs[i]) {
+        struct record *rec = calloc(1, sizeof *rec);
+        uint64_t cap = 1u << 20, most = 0;
+        for (uint32_t lane = 0; lane < SHMBUS_RING_LANES; lane++) {
+            uint64_t m = shmbus_ring_max_frame(shmbus_ring_lane(l->inbox, lane));
+            most = m > most ? m : most;
+        }
+        cap = most > cap ? most : cap;
+        if (rec)
+            rec->frames = malloc(cap);
+        if (!rec || !rec->frames) {
+            free(rec);
+            return NULL;
+        }
+        rec->cap = cap;
+        l->recs[i] = rec;
+    }
+    return l->recs[i];
+}
+
+/* Send all of a record, in slices that look for a stop. */
+static int send_record(shmbus_link_t *l, struct record *rec)
+{
+    struct iovec iov[3] = {
+        {.iov_base = rec->head, .iov_len = HEAD},
+        {.iov_base = rec->lens, .iov_len = 4 * (size_t)rec->count},
+        {.iov_base = rec->frames, .iov_len = rec->bytes},
+    };
+    int at = 0;
+    while (at < 3) {
+        struct msghdr m = {.msg_iov = iov + at, .msg_iovlen = (size_t)(3 - at)};
+        ssize_t n = sendmsg(l->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                l->err = errno;
+                return SHMBUS_LINK_IOERR;
+            }
+            if (atomic_load(&l->stop))
+                return SHMBUS_LINK_STOP;
+            struct pollfd p = {.fd = l->fd, .events = POLLOUT};
+            poll(&p, 1, (int)(SLICE_NS / 1000000));
+            continue;
+        }
+        while (at < 3 && (size_t)n >= iov[at].iov_len) {
+            n -= (ssize_t)iov[at].iov_len;
+            at++;
+        }
+        if (at < 3) {
+            iov[at].iov_base = (char *)iov[at].iov_base + n;
+            iov[at].iov_len -= (size_t)n;
+        }
+    }
+    return SHMBUS_OK;
+}
+
+int shmbus_link_down(shmbus_link_t *l)
+{
+    uint32_t seq = 0; /* records sent */
+    for (;;) {
+        if (atomic_load(&l->stop))
+            return SHMBUS_LINK_STOP;
+        if (atomic_load(&l->eof)) {
+            l->outstanding = 0; /* it dead-lettered what it had not read, and left */
+            shutdown(l->fd, SHUT_WR);
+            return SHMBUS_LINK_EOF;
+        }
+        uint32_t taken = atomic_load(&l->taken), granted = atomic_load(&l->granted);
+        while (l->outstanding && (int32_t)(taken - l->recs[l->first]->seq) >= 0) {
+            l->first = (l->first + 1) % AHEAD;
+            l->outstanding--;
+        }
+        if ((int32_t)(granted - seq) <= 0 || l->outstanding == AHEAD) {
+            /* Not asked for more: the backlog waits in the lanes. */
+            pthread_mutex_lock(&l->mu);
+            l->starved = 1;
+            if (atomic_load(&l->taken) == taken && atomic_load(&l->granted) == granted &&
+                !atomic_load(&l->stop) && !atomic_load(&l->eof)) {
+                struct timespec ts;
+                clock_gettime(CLOCK_MONOTONIC, &ts);
+                ts.tv_nsec += SLICE_NS;
+                if (ts.tv_nsec >= 1000000000L) {
+                    ts.tv_sec++;
+                    ts.tv_nsec -= 1000000000L;
+                }
+                pthread_cond_timedwait(&l->cv, &l->mu, &ts);
+            }
+            l->starved = 0;
+            pthread_mutex_unlock(&l->mu);
+            continue;
+        }
+        struct record *rec = slot(l, l->outstanding);
+        if (!rec)
+            return bad(l, "no memory for a record");
+        uint32_t count = 0;
+        uint64_t bytes = 0;
+        int rc = shmbus_ring_read_many(l->inbox, rec->frames, rec->cap, rec->lens, BLOCK,
+                                       SLICE_NS, l->spin_ns, &count, &bytes);
+        if (rc == SHMBUS_ETIMEDOUT || rc == SHMBUS_EINTR || rc == SHMBUS_EAGAIN)
+            continue;
+        if (rc < 0)
+            return bad(l, "its inbox failed: error %d", rc);
+        seq++;
+        rec->seq = seq;
+        rec->count = count;
+        rec->bytes = bytes;
+        uint32_t head[HEAD / 4] = {(uint32_t)(16 + 4 * (uint64_t)count + bytes), count, 0, 0, 0};
+        memcpy(rec->head, head, HEAD);
+        l->outstanding++;
+        rc = send_record(l, rec);
+        if (rc != SHMBUS_OK)
+            return rc;
+    }
+}
+
+uint32_t shmbus_link_lost_count(const shmbus_link_t *l) { return l->outstanding; }
+
+int shmbus_link_lost(const shmbus_link_t *l, uint32_t i, const char **frames,
+                     const uint32_t **lens, uint32_t *count)
+{
+    if (i >= l->outstanding)
+        return SHMBUS_EINVAL;
+    const struct record *rec = l->recs[(l->first + i) % AHEAD];
+    *frames = rec->frames;
+    *lens = rec->lens;
+    *count = rec->count;
+    return SHMBUS_OK;
+}
+
+/* ---------------------------------------------------------------- client */
+
+int64_t shmbus_record_build(const char *names, uint32_t sender_len, uint32_t recipient_len,
+                            uint32_t topic_len, uint32_t sender_id, uint32_t recipient_id,
+                            uint32_t kind, uint32_t priority, uint32_t ttl_ms, uint32_t info,
+                            uint64_t first_id, uint64_t request_id, uint64_t correlation_id,
+                            int64_t timestamp_ns, const char *blob, const uint32_t *lens,
+                            const uint8_t *flags, uint32_t count, char *out, uint64_t cap)
+{
+    uint32_t names_len = sender_len + recipient_len + topic_len;
+    if (sender_len > SHMBUS_FRAME_MAX_NAME || recipient_len > SHMBUS_FRAME_MAX_NAME ||
+        topic_len > SHMBUS_FRAME_MAX_TOPIC || kind > 255 || priority > 100 || count > MAX_COUNT)
+        return SHMBUS_EINVAL;
+    uint64_t size = HEAD + 4 * (uint64_t)count;
+    for (uint32_t i = 0; i < count; i++)
+        size += SHMBUS_FRAME_HEADER_SIZE + (uint64_t)names_len + lens[i];
+    if (size > cap)
+        return SHMBUS_ESMALL;
+    if (size - 4 > MAX_RECORD)
+        return SHMBUS_ETOOBIG;
+    if (!timestamp_ns) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        timestamp_ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    }
+    uint32_t head[HEAD / 4] = {(uint32_t)(size - 4), count, info, 0, 0};
+    memcpy(out, head, HEAD);
+    char *len_at = out + HEAD, *p = len_at + 4 * (uint64_t)count;
+    shmbus_frame_header h = {
+        .magic = SHMBUS_FRAME_MAGIC,
+        .version = SHMBUS_FRAME_VERSION,
+        .type = (uint8_t)kind,
+        .priority = (uint8_t)priority,
+        .sender_id = sender_id,
+        .recipient_id = recipient_id,
+        .request_id = request_id,
+        .correlation_id = correlation_id,
+        .timestamp_ns = timestamp_ns,
+        .ttl_ms = ttl_ms,
+        .sender_len = (uint8_t)sender_len,
+        .recipient_len = (uint8_t)recipient_len,
+        .topic_len = (uint16_t)topic_len,
+    };
+    for (uint32_t i = 0; i < count; i++) {
+        uint32_t frame_len = SHMBUS_FRAME_HEADER_SIZE + names_len + lens[i];
+        memcpy(len_at + 4 * (uint64_t)i, &frame_len, 4);
+        h.flags = flags[i];
+        h.id = first_id + i;
+        h.payload_len = lens[i];
+        memcpy(p, &h, sizeof h);
+        memcpy(p + sizeof h, names, names_len);
+        memcpy(p + sizeof h + names_len, blob, lens[i]);
+        blob += lens[i];
+        p += frame_len;
+    }
+    return (int64_t)size;
+}
