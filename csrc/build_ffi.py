@@ -12,8 +12,15 @@ HERE = Path(__file__).resolve().parent
 # setuptools wants source paths relative to the project root.
 CSRC = HERE.relative_to(Path.cwd()) if HERE.is_relative_to(Path.cwd()) else HERE
 
-UNITS = ["shmbus_seg", "shmbus_ring", "shmbus_frame", "shmbus_table", "shmbus_stats", "shmbus_send",
-         "shmbus_bridge"]
+UNITS = [
+    "shmbus_seg",
+    "shmbus_ring",
+    "shmbus_frame",
+    "shmbus_table",
+    "shmbus_stats",
+    "shmbus_send",
+    "shmbus_bridge",
+]
 
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "shmbus_cdef.h").read_text())

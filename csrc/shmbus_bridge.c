@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -32,6 +33,7 @@
 
 struct target {
     shmbus_ring_t *ring;
+    shmbus_link_t *peer; /* its link, when the recipient is on the uds transport too */
     uint64_t *counters;
     uint32_t written;
     int32_t rc;
@@ -81,15 +83,21 @@ struct shmbus_link {
     const shmbus_table_t *table;
     shmbus_ring_t *inbox;
     int64_t spin_ns;
+    int64_t last_in; /* when the socket last gave bytes */
     uint32_t name_len;
     char name[SHMBUS_FRAME_MAX_NAME];
 
     _Atomic int stop;
     _Atomic int eof;
+    _Atomic int closed; /* the socket is going: nobody may send on it (set under mu) */
+    _Atomic int refs;   /* the coordinator's, and each route's that sends straight here */
     _Atomic uint32_t taken, granted; /* the agent's counts of our records */
+    /* Held by whoever sends on the socket: our down thread, or another
+     * link's up thread sending straight to us (try_direct); never while
+     * waiting, so nobody blocks on it for long. */
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int starved; /* down waits for counts (under mu) */
+    _Atomic int starved; /* down waits for counts (it holds mu around the wait) */
 
     char reason[256];
     int err;
@@ -111,9 +119,12 @@ struct shmbus_link {
     shmbus_dead_t *dead;
     uint32_t dead_n, dead_cap;
 
-    /* down */
+    /* down (under mu) */
     struct record *recs[AHEAD];
     uint32_t first, outstanding; /* the oldest record's slot, how many are out */
+    uint32_t seq;                /* records sent */
+    struct record *sending;      /* a record the socket has taken only part of */
+    uint64_t sent;               /* of it, in bytes */
 };
 
 static inline int64_t mono_ns(void)
@@ -171,6 +182,7 @@ shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint
     shmbus_ring_retain(inbox);
     l->name_len = name_len;
     memcpy(l->name, name, name_len);
+    atomic_store(&l->refs, 1);
     pthread_mutex_init(&l->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -180,11 +192,16 @@ shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint
     return l;
 }
 
+static void release(shmbus_link_t *l);
+
 static void route_free(struct route *r)
 {
-    for (uint32_t i = 0; i < r->targets; i++)
+    for (uint32_t i = 0; i < r->targets; i++) {
         if (r->t[i].ring)
             shmbus_ring_close(r->t[i].ring);
+        if (r->t[i].peer)
+            release(r->t[i].peer);
+    }
     free(r);
 }
 
@@ -200,11 +217,26 @@ static void routes_clear(shmbus_link_t *l)
     l->routes = 0;
 }
 
+void shmbus_link_close(shmbus_link_t *l)
+{
+    pthread_mutex_lock(&l->mu);
+    atomic_store(&l->closed, 1);
+    pthread_mutex_unlock(&l->mu);
+}
+
 void shmbus_link_free(shmbus_link_t *l)
 {
     if (!l)
         return;
-    routes_clear(l);
+    shmbus_link_close(l);
+    routes_clear(l); /* its references on other links go now, not with the last of ours */
+    release(l);
+}
+
+static void release(shmbus_link_t *l)
+{
+    if (atomic_fetch_sub(&l->refs, 1) != 1)
+        return;
     for (int i = 0; i < AHEAD; i++) {
         if (l->recs[i]) {
             free(l->recs[i]->frames);
@@ -313,6 +345,16 @@ int shmbus_link_route_target(shmbus_link_t *l, uint32_t i, shmbus_ring_t *ring,
     return SHMBUS_OK;
 }
 
+int shmbus_link_route_peer(shmbus_link_t *l, uint32_t i, shmbus_link_t *peer)
+{
+    struct route *r = l->installing;
+    if (!r || i >= r->targets || !peer || r->t[i].peer || peer == l)
+        return SHMBUS_EINVAL;
+    atomic_fetch_add(&peer->refs, 1);
+    r->t[i].peer = peer;
+    return SHMBUS_OK;
+}
+
 /* -------------------------------------------------------------------- up */
 
 /* A whole record at buf[start]; reads the socket until there is one. */
@@ -349,6 +391,7 @@ static int fill_record(shmbus_link_t *l)
         if (n > 0) {
             l->end += (uint64_t)n;
             beat(l);
+            l->last_in = mono_ns();
             continue;
         }
         if (n == 0) {
@@ -368,6 +411,13 @@ static int fill_record(shmbus_link_t *l)
         }
         if (atomic_load(&l->stop))
             return SHMBUS_LINK_STOP;
+        if (l->spin_ns > 0 && mono_ns() - l->last_in < l->spin_ns) {
+            /* The next record of a busy agent is near, and a wake-up costs
+             * more than a short look: yield and look again (as a ring reader
+             * spins before it sleeps). */
+            sched_yield();
+            continue;
+        }
         struct pollfd p = {.fd = l->fd, .events = POLLIN};
         poll(&p, 1, (int)(SLICE_NS / 1000000));
         if (atomic_load(&l->stop))
@@ -454,12 +504,13 @@ static int check_record(shmbus_link_t *l)
     l->wait_ms = info >> 2;
     uint32_t taken = rd32(b + 8), granted = rd32(b + 12);
     if (taken != atomic_load(&l->taken) || granted != atomic_load(&l->granted)) {
-        atomic_store(&l->taken, taken);
+        atomic_store(&l->taken, taken); /* seq_cst: pairs with the down thread's */
         atomic_store(&l->granted, granted);
-        pthread_mutex_lock(&l->mu);
-        if (l->starved)
-            pthread_cond_signal(&l->cv);
-        pthread_mutex_unlock(&l->mu);
+        /* Only a starved down thread waits on the cond, and it holds mu only
+         * around that wait: never block on mu here while it sends (it may
+         * wait for this very agent to read). */
+        if (atomic_load(&l->starved))
+            wake_down(l);
     }
     return SHMBUS_OK;
 }
@@ -522,6 +573,22 @@ static int dead(shmbus_link_t *l, const struct frame_info *f, int why, int rc,
     return SHMBUS_OK;
 }
 
+static void count_written(shmbus_link_t *l, struct route *r, struct target *t, uint32_t from,
+                          uint32_t n)
+{
+    uint64_t bytes = 0;
+    for (uint32_t i = from; i < from + n; i++)
+        bytes += l->lens[i];
+    add(l->counters, SHMBUS_STAT_SENT, n);
+    add(l->counters, SHMBUS_STAT_BYTES_SENT, bytes);
+    add(t->counters, SHMBUS_STAT_DELIVERED, n);
+    add(t->counters, SHMBUS_STAT_DELIVERED_BYTES, bytes);
+    if (r->is_topic)
+        add(r->topic_counters, SHMBUS_STAT_TOPIC_DELIVERED, n);
+}
+
+static bool try_direct(shmbus_link_t *l, shmbus_link_t *p, uint32_t first, uint32_t n);
+
 /* Write frames[first, first+n) (one run: one route, one lane) into target t,
  * from what it has taken so far, waiting up to `left_ns` (0: a look). */
 static int write_run(shmbus_link_t *l, struct route *r, struct target *t, uint32_t first,
@@ -536,16 +603,8 @@ static int write_run(shmbus_link_t *l, struct route *r, struct target *t, uint32
         const char *from = l->buf + l->frames[first + done].at;
         int rc = shmbus_ring_write_many(lane, from, l->lens + first + done, n - done, left_ns,
                                         &written);
-        uint64_t bytes = 0;
-        for (uint32_t i = first + done; i < first + done + written; i++)
-            bytes += l->lens[i];
         t->written = done + written;
-        add(l->counters, SHMBUS_STAT_SENT, written);
-        add(l->counters, SHMBUS_STAT_BYTES_SENT, bytes);
-        add(t->counters, SHMBUS_STAT_DELIVERED, written);
-        add(t->counters, SHMBUS_STAT_DELIVERED_BYTES, bytes);
-        if (r->is_topic)
-            add(r->topic_counters, SHMBUS_STAT_TOPIC_DELIVERED, written);
+        count_written(l, r, t, first + done, written);
         if (rc == SHMBUS_ETOOBIG && !t->lossy) {
             /* That one frame goes to the DLQ; the run goes on after it. */
             dead(l, &l->frames[first + t->written], SHMBUS_DEAD_TOOBIG, rc, t, lane);
@@ -578,8 +637,15 @@ static void deliver_run(shmbus_link_t *l, uint32_t first, uint32_t n)
     }
     int full = 0;
     for (uint32_t k = 0; k < r->targets; k++) {
-        r->t[k].written = 0;
-        full |= write_run(l, r, &r->t[k], first, n, 0) == SHMBUS_EAGAIN && !r->t[k].lossy;
+        struct target *t = &r->t[k];
+        t->written = 0;
+        if (t->peer && try_direct(l, t->peer, first, n)) {
+            t->written = n;
+            t->rc = SHMBUS_OK;
+            count_written(l, r, t, first, n);
+            continue;
+        }
+        full |= write_run(l, r, t, first, n, 0) == SHMBUS_EAGAIN && !t->lossy;
     }
     if (full && l->policy == 0) {
         bool forever = l->wait_ms == FOREVER_MS;
@@ -674,15 +740,25 @@ static struct record *slot(shmbus_link_t *l, uint32_t k)
     return l->recs[i];
 }
 
-/* Send all of a record, in slices that look for a stop. */
-static int send_record(shmbus_link_t *l, struct record *rec)
+/* Send what is left of a record (l->sending, from l->sent bytes), under mu.
+ * With `wait` 0 it never blocks: what the socket did not take stays for
+ * the down thread, which finishes it before anything else. */
+static int send_rest(shmbus_link_t *l, int wait)
 {
+    struct record *rec = l->sending;
     struct iovec iov[3] = {
         {.iov_base = rec->head, .iov_len = HEAD},
         {.iov_base = rec->lens, .iov_len = 4 * (size_t)rec->count},
         {.iov_base = rec->frames, .iov_len = rec->bytes},
     };
+    uint64_t skip = l->sent;
     int at = 0;
+    while (at < 3 && skip >= iov[at].iov_len)
+        skip -= iov[at++].iov_len;
+    if (at < 3) {
+        iov[at].iov_base = (char *)iov[at].iov_base + skip;
+        iov[at].iov_len -= skip;
+    }
     while (at < 3) {
         struct msghdr m = {.msg_iov = iov + at, .msg_iovlen = (size_t)(3 - at)};
         ssize_t n = sendmsg(l->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -693,12 +769,15 @@ static int send_record(shmbus_link_t *l, struct record *rec)
                 l->err = errno;
                 return SHMBUS_LINK_IOERR;
             }
+            if (!wait)
+                return SHMBUS_EAGAIN;
             if (atomic_load(&l->stop))
                 return SHMBUS_LINK_STOP;
             struct pollfd p = {.fd = l->fd, .events = POLLOUT};
             poll(&p, 1, (int)(SLICE_NS / 1000000));
             continue;
         }
+        l->sent += (uint64_t)n;
         while (at < 3 && (size_t)n >= iov[at].iov_len) {
             n -= (ssize_t)iov[at].iov_len;
             at++;
@@ -708,29 +787,100 @@ static int send_record(shmbus_link_t *l, struct record *rec)
             iov[at].iov_len -= (size_t)n;
         }
     }
+    l->sending = NULL;
     return SHMBUS_OK;
+}
+
+/* Drop the records the agent counts taken; is there credit for one more? (under mu) */
+static bool may_send(shmbus_link_t *l)
+{
+    uint32_t taken = atomic_load(&l->taken), granted = atomic_load(&l->granted);
+    while (l->outstanding && (int32_t)(taken - l->recs[l->first]->seq) >= 0) {
+        l->first = (l->first + 1) % AHEAD;
+        l->outstanding--;
+    }
+    return (int32_t)(granted - l->seq) > 0 && l->outstanding < AHEAD;
+}
+
+/* The record just filled in goes out (under mu). */
+static int send_new(shmbus_link_t *l, struct record *rec, uint32_t count, uint64_t bytes, int wait)
+{
+    rec->seq = ++l->seq;
+    rec->count = count;
+    rec->bytes = bytes;
+    uint32_t head[HEAD / 4] = {(uint32_t)(16 + 4 * (uint64_t)count + bytes), count, 0, 0, 0};
+    memcpy(rec->head, head, HEAD);
+    l->outstanding++;
+    l->sending = rec;
+    l->sent = 0;
+    return send_rest(l, wait);
+}
+
+static bool lanes_empty(shmbus_ring_t *inbox)
+{
+    for (uint32_t k = 0; k < SHMBUS_RING_LANES; k++)
+        if (shmbus_ring_used(shmbus_ring_lane(inbox, k)))
+            return false;
+    return true;
+}
+
+/* Frames [first, first + n) of this record straight to the socket of a
+ * recipient on the uds transport, sparing its down thread a wake-up: only
+ * when nothing of it is in its inbox (so its order holds), it asked for a
+ * record, and nobody else sends to it now.  Never waits.  Returns whether
+ * they went (or are the down thread's to finish). */
+static bool try_direct(shmbus_link_t *l, shmbus_link_t *p, uint32_t first, uint32_t n)
+{
+    if (n > BLOCK || pthread_mutex_trylock(&p->mu))
+        return false;
+    bool sent = false;
+    uint64_t bytes = 0;
+    for (uint32_t i = first; i < first + n; i++)
+        bytes += l->lens[i];
+    struct record *rec;
+    if (!atomic_load(&p->closed) && !atomic_load(&p->stop) && !atomic_load(&p->eof) &&
+        !p->sending && may_send(p) && lanes_empty(p->inbox) &&
+        (rec = slot(p, p->outstanding)) && bytes <= rec->cap) {
+        memcpy(rec->frames, l->buf + l->frames[first].at, bytes);
+        memcpy(rec->lens, l->lens + first, 4 * (size_t)n);
+        int rc = send_new(p, rec, n, bytes, 0);
+        if (rc == SHMBUS_EAGAIN)
+            shmbus_ring_wake(p->inbox); /* its down thread finishes the record */
+        /* A broken socket: its down thread finds out; the record is among
+         * the ones never taken, for the DLQ. */
+        add(p->counters, SHMBUS_STAT_RECEIVED, n);
+        add(p->counters, SHMBUS_STAT_BYTES_RECEIVED, bytes);
+        sent = true;
+    }
+    pthread_mutex_unlock(&p->mu);
+    return sent;
 }
 
 int shmbus_link_down(shmbus_link_t *l)
 {
-    uint32_t seq = 0; /* records sent */
+    int rc = SHMBUS_OK;
+    pthread_mutex_lock(&l->mu);
     for (;;) {
-        if (atomic_load(&l->stop))
-            return SHMBUS_LINK_STOP;
+        if (atomic_load(&l->stop)) {
+            rc = SHMBUS_LINK_STOP;
+            break;
+        }
         if (atomic_load(&l->eof)) {
             l->outstanding = 0; /* it dead-lettered what it had not read, and left */
             shutdown(l->fd, SHUT_WR);
-            return SHMBUS_LINK_EOF;
+            rc = SHMBUS_LINK_EOF;
+            break;
         }
-        uint32_t taken = atomic_load(&l->taken), granted = atomic_load(&l->granted);
-        while (l->outstanding && (int32_t)(taken - l->recs[l->first]->seq) >= 0) {
-            l->first = (l->first + 1) % AHEAD;
-            l->outstanding--;
+        if (l->sending) { /* what a direct send left */
+            rc = send_rest(l, 1);
+            if (rc != SHMBUS_OK)
+                break;
+            continue;
         }
-        if ((int32_t)(granted - seq) <= 0 || l->outstanding == AHEAD) {
+        if (!may_send(l)) {
             /* Not asked for more: the backlog waits in the lanes. */
-            pthread_mutex_lock(&l->mu);
-            l->starved = 1;
+            uint32_t taken = atomic_load(&l->taken), granted = atomic_load(&l->granted);
+            atomic_store(&l->starved, 1); /* seq_cst: pairs with check_record's */
             if (atomic_load(&l->taken) == taken && atomic_load(&l->granted) == granted &&
                 !atomic_load(&l->stop) && !atomic_load(&l->eof)) {
                 struct timespec ts;
@@ -742,32 +892,37 @@ int shmbus_link_down(shmbus_link_t *l)
                 }
                 pthread_cond_timedwait(&l->cv, &l->mu, &ts);
             }
-            l->starved = 0;
-            pthread_mutex_unlock(&l->mu);
+            atomic_store(&l->starved, 0);
             continue;
         }
         struct record *rec = slot(l, l->outstanding);
-        if (!rec)
-            return bad(l, "no memory for a record");
+        if (!rec) {
+            rc = bad(l, "no memory for a record");
+            break;
+        }
         uint32_t count = 0;
         uint64_t bytes = 0;
-        int rc = shmbus_ring_read_many(l->inbox, rec->frames, rec->cap, rec->lens, BLOCK,
-                                       SLICE_NS, l->spin_ns, &count, &bytes);
-        if (rc == SHMBUS_ETIMEDOUT || rc == SHMBUS_EINTR || rc == SHMBUS_EAGAIN)
+        rc = shmbus_ring_read_many(l->inbox, rec->frames, rec->cap, rec->lens, BLOCK, 0, 0,
+                                   &count, &bytes);
+        if (rc == SHMBUS_EAGAIN) {
+            /* Sleep without mu: a direct send may come meanwhile. */
+            pthread_mutex_unlock(&l->mu);
+            shmbus_ring_wait(l->inbox, SLICE_NS, l->spin_ns);
+            pthread_mutex_lock(&l->mu);
             continue;
-        if (rc < 0)
-            return bad(l, "its inbox failed: error %d", rc);
-        seq++;
-        rec->seq = seq;
-        rec->count = count;
-        rec->bytes = bytes;
-        uint32_t head[HEAD / 4] = {(uint32_t)(16 + 4 * (uint64_t)count + bytes), count, 0, 0, 0};
-        memcpy(rec->head, head, HEAD);
-        l->outstanding++;
-        rc = send_record(l, rec);
+        }
+        if (rc == SHMBUS_EINTR)
+            continue;
+        if (rc < 0) {
+            rc = bad(l, "its inbox failed: error %d", rc);
+            break;
+        }
+        rc = send_new(l, rec, count, bytes, 1);
         if (rc != SHMBUS_OK)
-            return rc;
+            break;
     }
+    pthread_mutex_unlock(&l->mu);
+    return rc;
 }
 
 uint32_t shmbus_link_lost_count(const shmbus_link_t *l) { return l->outstanding; }

@@ -73,6 +73,9 @@ shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint
                                uint64_t types, uint64_t *counters, uint64_t *beat,
                                const shmbus_table_t *routes, shmbus_ring_t *inbox);
 void shmbus_link_stop(shmbus_link_t *l);
+/* No more sends on its socket from here on (by another link's direct send
+ * either): call it before closing the socket.  free does it too. */
+void shmbus_link_close(shmbus_link_t *l);
 void shmbus_link_free(shmbus_link_t *l);
 void shmbus_link_spin(shmbus_link_t *l, int64_t spin_ns);
 
@@ -90,6 +93,12 @@ int shmbus_link_route(shmbus_link_t *l, int is_topic, const char *where, uint32_
                       uint64_t version, int known, uint64_t *topic_counters, uint32_t targets);
 int shmbus_link_route_target(shmbus_link_t *l, uint32_t i, shmbus_ring_t *ring,
                              uint64_t *counters, const char *name, uint32_t name_len, int lossy);
+
+/* Target i of the route being installed is on the uds transport, through
+ * `peer`: a run of frames may go straight to its socket (its inbox empty, a
+ * record asked for), sparing its down thread a wake-up.  The route holds a
+ * reference on the peer until it goes. */
+int shmbus_link_route_peer(shmbus_link_t *l, uint32_t i, shmbus_link_t *peer);
 
 /* After SHMBUS_LINK_DEAD. */
 uint32_t shmbus_link_dead_count(const shmbus_link_t *l);

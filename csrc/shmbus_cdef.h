@@ -66,6 +66,7 @@ int shmbus_ring_read_many(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_
 /* One frame: returns its length (0 is a valid empty frame) or a negative code. */
 int64_t shmbus_ring_read_one(shmbus_ring_t *r, char *out, uint64_t out_cap, int64_t timeout_ns,
                              int64_t spin_ns);
+int shmbus_ring_wait(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns);
 int shmbus_ring_peek(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns, char **payload,
                      uint32_t *len);
 int shmbus_ring_release(shmbus_ring_t *r);
@@ -207,6 +208,7 @@ shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint
                                uint64_t types, uint64_t *counters, uint64_t *beat,
                                const shmbus_table_t *routes, shmbus_ring_t *inbox);
 void shmbus_link_stop(shmbus_link_t *l);
+void shmbus_link_close(shmbus_link_t *l);
 void shmbus_link_free(shmbus_link_t *l);
 void shmbus_link_spin(shmbus_link_t *l, int64_t spin_ns);
 int shmbus_link_up(shmbus_link_t *l);
@@ -218,6 +220,7 @@ int shmbus_link_route(shmbus_link_t *l, int is_topic, const char *where, uint32_
                       uint64_t version, int known, uint64_t *topic_counters, uint32_t targets);
 int shmbus_link_route_target(shmbus_link_t *l, uint32_t i, shmbus_ring_t *ring,
                              uint64_t *counters, const char *name, uint32_t name_len, int lossy);
+int shmbus_link_route_peer(shmbus_link_t *l, uint32_t i, shmbus_link_t *peer);
 uint32_t shmbus_link_dead_count(const shmbus_link_t *l);
 const shmbus_dead_t *shmbus_link_dead(const shmbus_link_t *l, uint32_t i);
 uint32_t shmbus_link_lost_count(const shmbus_link_t *l);

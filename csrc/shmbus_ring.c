@@ -459,6 +459,18 @@ static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
     }
 }
 
+int shmbus_ring_wait(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns)
+{
+    if (!r)
+        return SHMBUS_EINVAL;
+    if (any_data(r))
+        return SHMBUS_OK;
+    if (timeout_ns == 0)
+        return SHMBUS_EAGAIN;
+    beat(r);
+    return wait_for_data(r, deadline_after(timeout_ns), spin_ns);
+}
+
 /* Back off while the ring is full: spin, yield, then sleep up to 1 ms, so a
  * blocked producer never burns a core. */
 static int backoff(unsigned attempt, int64_t deadline)

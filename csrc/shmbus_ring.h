@@ -155,6 +155,9 @@ int shmbus_ring_read_many(shmbus_ring_t *r, char *out, uint64_t out_cap, uint32_
 /* One frame: returns its length (0 is a valid empty frame) or a negative code. */
 int64_t shmbus_ring_read_one(shmbus_ring_t *r, char *out, uint64_t out_cap, int64_t timeout_ns,
                              int64_t spin_ns);
+/* Wait until a lane has a frame (SHMBUS_OK), without taking it: for a
+ * reader that must not hold its lock while it sleeps. */
+int shmbus_ring_wait(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns);
 int shmbus_ring_peek(shmbus_ring_t *r, int64_t timeout_ns, int64_t spin_ns, char **payload,
                      uint32_t *len);
 int shmbus_ring_release(shmbus_ring_t *r);

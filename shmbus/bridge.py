@@ -161,6 +161,7 @@ class _Link:
             self.routes.close()
             raise BadPeer(f"no link for {who.name!r}")
         self.c = c
+        lib.shmbus_link_spin(c, int(os.environ.get("SHMBUS_BRIDGE_SPIN_NS", "0")))
         self.up = threading.Thread(target=self._up, name=f"shmbus-bridge-up-{who.name}",
                                    daemon=True)  # fmt: skip
         self.down = threading.Thread(target=self._down, name=f"shmbus-bridge-down-{who.name}",
@@ -266,6 +267,10 @@ class _Link:
             b = n.encode()
             lib.shmbus_link_route_target(self.c, i, ring._handle(), counters, b, len(b),
                                          n.startswith("."))  # fmt: skip
+            with self.bridge._lock:  # while it is in links, its link is not freed
+                peer = self.bridge.links.get(n)
+                if peer is not None and peer is not self and peer.who.inbox == info[1]:
+                    lib.shmbus_link_route_peer(self.c, i, peer.c)
 
     def _undelivered(self) -> None:
         """Dead-letter, with the reason, what C could not deliver."""
@@ -313,6 +318,7 @@ class _Link:
         for t in (self.up, self.down):
             if t is not threading.current_thread():
                 t.join(10)
+        lib.shmbus_link_close(self.c)  # no other link sends to this socket from now on
         if not (self.up.is_alive() or self.down.is_alive()):
             lib.shmbus_link_free(self.c)  # else leaked: a thread may still be inside it
             self.inbox.close()

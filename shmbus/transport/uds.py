@@ -98,7 +98,7 @@ class Stream:
         # Seconds of polling before a wait (the agent's ``spin``). None by default:
         # unlike an shm reader, a uds agent's answer needs the bridge's threads to
         # run, and on a busy machine a spinning reader takes their core.
-        self.spin = 0.0
+        self.spin = float(os.environ.get("SHMBUS_UDS_SPIN", "0"))
 
     # ------------------------------------------------------------ reading
 
@@ -168,8 +168,11 @@ class Stream:
     def _compact(self, need: int) -> None:
         avail = self._end - self._start
         if len(self._buf) < need or len(self._buf) - avail < 4096:
-            self._buf = bytearray(max(need, len(self._buf))) + bytearray(_BUF)
-            self._buf[:avail] = memoryview(self._buf)[self._start : self._end]  # pragma: no cover
+            old = self._buf  # a record larger than the buffer: a larger one
+            self._buf = bytearray(max(need, len(old)) + _BUF)
+            self._buf[:avail] = old[self._start : self._end]
+            self._start, self._end = 0, avail
+            return
         buf = self._buf
         buf[:avail] = buf[self._start : self._end]
         self._start, self._end = 0, avail
