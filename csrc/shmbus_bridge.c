@@ -4,7 +4,6 @@
 
 #include <errno.h>
 #include <poll.h>
-#include <sched.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -82,8 +81,6 @@ struct shmbus_link {
     uint64_t *beat;
     const shmbus_table_t *table;
     shmbus_ring_t *inbox;
-    int64_t spin_ns;
-    int64_t last_in; /* when the socket last gave bytes */
     uint32_t name_len;
     char name[SHMBUS_FRAME_MAX_NAME];
 
@@ -267,7 +264,6 @@ void shmbus_link_stop(shmbus_link_t *l)
     shmbus_ring_wake(l->inbox);
 }
 
-void shmbus_link_spin(shmbus_link_t *l, int64_t spin_ns) { l->spin_ns = spin_ns; }
 const char *shmbus_link_reason(const shmbus_link_t *l) { return l->reason; }
 int shmbus_link_errno(const shmbus_link_t *l) { return l->err; }
 
@@ -391,7 +387,6 @@ static int fill_record(shmbus_link_t *l)
         if (n > 0) {
             l->end += (uint64_t)n;
             beat(l);
-            l->last_in = mono_ns();
             continue;
         }
         if (n == 0) {
@@ -411,13 +406,6 @@ static int fill_record(shmbus_link_t *l)
         }
         if (atomic_load(&l->stop))
             return SHMBUS_LINK_STOP;
-        if (l->spin_ns > 0 && mono_ns() - l->last_in < l->spin_ns) {
-            /* The next record of a busy agent is near, and a wake-up costs
-             * more than a short look: yield and look again (as a ring reader
-             * spins before it sleeps). */
-            sched_yield();
-            continue;
-        }
         struct pollfd p = {.fd = l->fd, .events = POLLIN};
         poll(&p, 1, (int)(SLICE_NS / 1000000));
         if (atomic_load(&l->stop))
@@ -907,7 +895,7 @@ int shmbus_link_down(shmbus_link_t *l)
         if (rc == SHMBUS_EAGAIN) {
             /* Sleep without mu: a direct send may come meanwhile. */
             pthread_mutex_unlock(&l->mu);
-            shmbus_ring_wait(l->inbox, SLICE_NS, l->spin_ns);
+            shmbus_ring_wait(l->inbox, SLICE_NS, 0);
             pthread_mutex_lock(&l->mu);
             continue;
         }

@@ -77,7 +77,6 @@ void shmbus_link_stop(shmbus_link_t *l);
  * either): call it before closing the socket.  free does it too. */
 void shmbus_link_close(shmbus_link_t *l);
 void shmbus_link_free(shmbus_link_t *l);
-void shmbus_link_spin(shmbus_link_t *l, int64_t spin_ns);
 
 int shmbus_link_up(shmbus_link_t *l);
 int shmbus_link_down(shmbus_link_t *l);

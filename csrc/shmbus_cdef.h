@@ -210,7 +210,6 @@ shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint
 void shmbus_link_stop(shmbus_link_t *l);
 void shmbus_link_close(shmbus_link_t *l);
 void shmbus_link_free(shmbus_link_t *l);
-void shmbus_link_spin(shmbus_link_t *l, int64_t spin_ns);
 int shmbus_link_up(shmbus_link_t *l);
 int shmbus_link_down(shmbus_link_t *l);
 const char *shmbus_link_reason(const shmbus_link_t *l);

@@ -161,7 +161,6 @@ class _Link:
             self.routes.close()
             raise BadPeer(f"no link for {who.name!r}")
         self.c = c
-        lib.shmbus_link_spin(c, int(os.environ.get("SHMBUS_BRIDGE_SPIN_NS", "0")))
         self.up = threading.Thread(target=self._up, name=f"shmbus-bridge-up-{who.name}",
                                    daemon=True)  # fmt: skip
         self.down = threading.Thread(target=self._down, name=f"shmbus-bridge-down-{who.name}",

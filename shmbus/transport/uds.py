@@ -98,7 +98,7 @@ class Stream:
         # Seconds of polling before a wait (the agent's ``spin``). None by default:
         # unlike an shm reader, a uds agent's answer needs the bridge's threads to
         # run, and on a busy machine a spinning reader takes their core.
-        self.spin = float(os.environ.get("SHMBUS_UDS_SPIN", "0"))
+        self.spin = 0.0
 
     # ------------------------------------------------------------ reading
 
