@@ -784,6 +784,10 @@ static bool may_send(shmbus_link_t *l)
 {
     uint32_t taken = atomic_load(&l->taken), granted = atomic_load(&l->granted);
     while (l->outstanding && (int32_t)(taken - l->recs[l->first]->seq) >= 0) {
+        /* Received when the agent took it, as an shm reader counts: what
+         * waits in its socket is still pending. */
+        add(l->counters, SHMBUS_STAT_RECEIVED, l->recs[l->first]->count);
+        add(l->counters, SHMBUS_STAT_BYTES_RECEIVED, l->recs[l->first]->bytes);
         l->first = (l->first + 1) % AHEAD;
         l->outstanding--;
     }
@@ -836,8 +840,6 @@ static bool try_direct(shmbus_link_t *l, shmbus_link_t *p, uint32_t first, uint3
             shmbus_ring_wake(p->inbox); /* its down thread finishes the record */
         /* A broken socket: its down thread finds out; the record is among
          * the ones never taken, for the DLQ. */
-        add(p->counters, SHMBUS_STAT_RECEIVED, n);
-        add(p->counters, SHMBUS_STAT_BYTES_RECEIVED, bytes);
         sent = true;
     }
     pthread_mutex_unlock(&p->mu);

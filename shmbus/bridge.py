@@ -49,7 +49,7 @@ from .errors import ShmbusError
 from .message import HEADER, HEADER_SIZE, MessageType
 from .ring import Ring
 from .routes import Table, match
-from .stats import BYTES_RECEIVED, RECEIVED, StatsSegment
+from .stats import StatsSegment
 from .transport import wire
 
 __all__ = ["Bridge", "data_path"]
@@ -190,24 +190,18 @@ class _Link:
         taken: what a dying agent never took goes to the DLQ, as what is
         left in its inbox does."""
         c = self.c
-        lib.shmbus_ring_count_reads(
-            self.inbox._handle(), self.counters + RECEIVED, self.counters + BYTES_RECEIVED
-        )
-        try:
-            rc = lib.shmbus_link_down(c)
-            if rc == lib.SHMBUS_LINK_IOERR:
-                self._fail(f"its data connection broke: {os.strerror(lib.shmbus_link_errno(c))}")
-            elif rc == lib.SHMBUS_LINK_BAD:
-                self._fail(self._reason())
-            frames, lens, count = ffi.new("char **"), ffi.new("uint32_t **"), ffi.new("uint32_t *")
-            for i in range(lib.shmbus_link_lost_count(c)):  # never taken: for the DLQ, in order
-                lib.shmbus_link_lost(c, i, frames, lens, count)
-                pos = 0
-                for n in ffi.unpack(lens[0], count[0]):
-                    self.lost.append(ffi.buffer(frames[0] + pos, n)[:])
-                    pos += n
-        finally:
-            lib.shmbus_ring_count_reads(self.inbox._handle(), ffi.NULL, ffi.NULL)
+        rc = lib.shmbus_link_down(c)
+        if rc == lib.SHMBUS_LINK_IOERR:
+            self._fail(f"its data connection broke: {os.strerror(lib.shmbus_link_errno(c))}")
+        elif rc == lib.SHMBUS_LINK_BAD:
+            self._fail(self._reason())
+        frames, lens, count = ffi.new("char **"), ffi.new("uint32_t **"), ffi.new("uint32_t *")
+        for i in range(lib.shmbus_link_lost_count(c)):  # never taken: for the DLQ, in order
+            lib.shmbus_link_lost(c, i, frames, lens, count)
+            pos = 0
+            for n in ffi.unpack(lens[0], count[0]):
+                self.lost.append(ffi.buffer(frames[0] + pos, n)[:])
+                pos += n
 
     # ------------------------------------------------------------ up
 
