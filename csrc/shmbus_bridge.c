@@ -26,6 +26,7 @@
 #define FOREVER_MS ((1u << 30) - 1)
 #define BLOCK 256        /* frames per record down */
 #define AHEAD 8          /* records sent and not yet taken, at most */
+#define DIRECT_RUN 64    /* frames: a run this long is a record worth sending alone */
 #define SLICE_NS 100000000LL /* how often a wait looks whether it must stop */
 #define BUCKETS 256
 #define MAX_ROUTES 4096
@@ -819,8 +820,11 @@ static bool lanes_empty(shmbus_ring_t *inbox)
 /* Frames [first, first + n) of this record straight to the socket of a
  * recipient on the uds transport, sparing its down thread a wake-up: only
  * when nothing of it is in its inbox (so its order holds), it asked for a
- * record, and nobody else sends to it now.  Never waits.  Returns whether
- * they went (or are the down thread's to finish). */
+ * record, and nobody else sends to it now.  And, for a short run, only when
+ * it has taken all we sent: one that is behind gets short runs through its
+ * inbox, where its down thread gathers many into a record (a stream of
+ * single sends would otherwise reach it one frame per record).  Never
+ * waits.  Returns whether they went (or are the down thread's to finish). */
 static bool try_direct(shmbus_link_t *l, shmbus_link_t *p, uint32_t first, uint32_t n)
 {
     if (n > BLOCK || pthread_mutex_trylock(&p->mu))
@@ -831,7 +835,8 @@ static bool try_direct(shmbus_link_t *l, shmbus_link_t *p, uint32_t first, uint3
         bytes += l->lens[i];
     struct record *rec;
     if (!atomic_load(&p->closed) && !atomic_load(&p->stop) && !atomic_load(&p->eof) &&
-        !p->sending && may_send(p) && lanes_empty(p->inbox) &&
+        !p->sending && may_send(p) && (!p->outstanding || n >= DIRECT_RUN) &&
+        lanes_empty(p->inbox) &&
         (rec = slot(p, p->outstanding)) && bytes <= rec->cap) {
         memcpy(rec->frames, l->buf + l->frames[first].at, bytes);
         memcpy(rec->lens, l->lens + first, 4 * (size_t)n);
