@@ -101,6 +101,11 @@ struct shmbus_link {
     int err;
 
     /* up */
+    uint32_t records_in; /* records of the agent's, this one included */
+    /* The verdict on a record of policy "error", which its sender waits
+     * for: the first failure (a SHMBUS_DEAD_* code, 0: none), the frames
+     * delivered before it, and the full lane's number and fill (percent). */
+    uint32_t v_code, v_done, v_lane, v_pct;
     char *buf;
     uint64_t cap, start, end;
     int in_record;
@@ -489,6 +494,8 @@ static int check_record(shmbus_link_t *l)
     }
     l->body = body;
     l->count = count;
+    l->records_in++;
+    l->v_code = l->v_done = l->v_lane = l->v_pct = 0;
     l->policy = info & 3;
     l->wait_ms = info >> 2;
     uint32_t taken = rd32(b + 8), granted = rd32(b + 12);
@@ -578,6 +585,24 @@ static void count_written(shmbus_link_t *l, struct route *r, struct target *t, u
 
 static bool try_direct(shmbus_link_t *l, shmbus_link_t *p, uint32_t first, uint32_t n);
 
+/* The record's first failure, for its verdict: `done` frames of the run
+ * before it went. */
+static void note(shmbus_link_t *l, uint32_t why, uint32_t done, shmbus_ring_t *lane,
+                 uint32_t lane_no)
+{
+    if (l->v_code)
+        return;
+    l->v_code = why;
+    l->v_done += done;
+    l->v_lane = lane_no;
+    if (lane) {
+        uint64_t cap = shmbus_ring_capacity(lane);
+        l->v_pct = cap ? (uint32_t)(100 * shmbus_ring_used(lane) / cap) : 0;
+    }
+}
+
+static int send_rest(shmbus_link_t *l, int wait);
+
 /* Write frames[first, first+n) (one run: one route, one lane) into target t,
  * from what it has taken so far, waiting up to `left_ns` (0: a look). */
 static int write_run(shmbus_link_t *l, struct route *r, struct target *t, uint32_t first,
@@ -596,6 +621,7 @@ static int write_run(shmbus_link_t *l, struct route *r, struct target *t, uint32
         count_written(l, r, t, first + done, written);
         if (rc == SHMBUS_ETOOBIG && !t->lossy) {
             /* That one frame goes to the DLQ; the run goes on after it. */
+            note(l, SHMBUS_DEAD_TOOBIG, t->written, NULL, l->frames[first].lane);
             dead(l, &l->frames[first + t->written], SHMBUS_DEAD_TOOBIG, rc, t, lane);
             t->written++;
             continue;
@@ -620,6 +646,7 @@ static void deliver_run(shmbus_link_t *l, uint32_t first, uint32_t n)
         add(r->topic_counters, SHMBUS_STAT_PUBLISHED, n);
         add(r->topic_counters, SHMBUS_STAT_TOPIC_BYTES, bytes);
     } else if (!r->known) {
+        note(l, SHMBUS_DEAD_NOAGENT, 0, NULL, 0);
         for (uint32_t i = first; i < first + n; i++)
             dead(l, &l->frames[i], SHMBUS_DEAD_NOAGENT, 0, NULL, NULL);
         return;
@@ -660,9 +687,47 @@ static void deliver_run(shmbus_link_t *l, uint32_t first, uint32_t n)
         int why = t->rc == SHMBUS_ECLOSED                              ? SHMBUS_DEAD_LEFT
                   : t->rc == SHMBUS_EAGAIN || t->rc == SHMBUS_ETIMEDOUT ? SHMBUS_DEAD_FULL
                                                                         : SHMBUS_DEAD_FAILED;
+        note(l, why, t->written, lane, l->frames[first].lane);
+        if (why == SHMBUS_DEAD_FULL && l->policy == 1 && !r->is_topic) {
+            /* "error": its sender raises, and keeps the message, as an shm sender does */
+            add(l->counters, SHMBUS_STAT_FAILED, n - t->written);
+            continue;
+        }
         for (uint32_t i = first + t->written; i < first + n; i++)
             dead(l, &l->frames[i], why, t->rc, t, lane);
     }
+    if (!l->v_code)
+        l->v_done += n;
+}
+
+/* Tell the agent the verdict on its record of policy "error" (it waits for
+ * it): a record of no frames, kind 1 in its info word (wire.py).  After any
+ * record the socket took only in part. */
+static int send_verdict(shmbus_link_t *l)
+{
+    uint32_t v[HEAD / 4] = {HEAD - 4, 0, 1u | l->v_code << 2 | l->v_lane << 5 | l->v_pct << 7,
+                            l->records_in, l->v_done};
+    int rc = SHMBUS_OK;
+    pthread_mutex_lock(&l->mu);
+    if (l->sending)
+        rc = send_rest(l, 1);
+    size_t at = 0;
+    while (rc == SHMBUS_OK && at < sizeof v) {
+        ssize_t k = send(l->fd, (char *)v + at, sizeof v - at, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k > 0) {
+            at += (size_t)k;
+        } else if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            l->err = errno;
+            rc = SHMBUS_LINK_IOERR;
+        } else if (atomic_load(&l->stop)) {
+            rc = SHMBUS_LINK_STOP;
+        } else {
+            struct pollfd p = {.fd = l->fd, .events = POLLOUT};
+            poll(&p, 1, (int)(SLICE_NS / 1000000));
+        }
+    }
+    pthread_mutex_unlock(&l->mu);
+    return rc;
 }
 
 int shmbus_link_up(shmbus_link_t *l)
@@ -692,6 +757,11 @@ int shmbus_link_up(shmbus_link_t *l)
         }
         l->in_record = 0;
         l->start += 4 + (uint64_t)l->body; /* the bytes stay until the next call */
+        if (l->policy == 1 && l->count) {
+            rc = send_verdict(l);
+            if (rc != SHMBUS_OK)
+                return rc;
+        }
         if (l->dead_n)
             return SHMBUS_LINK_DEAD;
     }

@@ -355,3 +355,28 @@ def test_a_coordinator_restart_cuts_uds_agents_off_and_drains_their_inboxes(name
             driver.subscribe("t")
         finally:
             far.close()
+
+
+@pytest.mark.parametrize("tiny_transport", ["shm", "uds"])
+def test_policy_error_raises_in_a_uds_sender_as_in_an_shm_one(bus, tiny_transport):
+    """The sender waits for the bridge's verdict on a send of policy "error"."""
+    with shmbus.connect(bus=bus, name="u", transport="uds", backpressure="error") as u:
+        tiny = shmbus.connect(bus=bus, name="tiny", transport=tiny_transport,
+                              inbox_capacity=1 << 14)  # fmt: skip
+        blob = b"x" * 1500
+        sent = []
+        with pytest.raises(shmbus.InboxFull, match=r"'tiny'.*full.*% in use.*does not wait") as e:
+            for i in range(100):
+                sent.append(u.send("tiny", blob + bytes([i])))
+        assert not isinstance(e.value, TimeoutError)
+        assert 5 < len(sent) < 40  # the inbox's worth (one lane), then the error
+        with pytest.raises(shmbus.InboxFull, match=r"0 of 3 messages were sent"):
+            u.send_many("tiny", [blob] * 3)
+        wait_for(lambda: u.stats().agents["u"].failed == 1 + 3)
+        assert [m.id for m in tiny.recv_many(100, timeout=5)] == sent  # in order, none lost
+        assert not [d for d in u.dlq() if d.message.recipient == "tiny"]  # the caller has them
+        tiny.close()
+        # u still thinks 'tiny' is there (its routes are a copy): the bridge says otherwise.
+        with pytest.raises(shmbus.UnknownRecipient, match="'tiny'"):
+            u.send("tiny", "gone")
+        wait_for(lambda: any(d.message.payload == "gone" for d in u.dlq()))

@@ -19,6 +19,7 @@ by the bridge, with the reason. Counters are kept by the bridge.
 from __future__ import annotations
 
 import array
+import collections
 import math
 import os
 import select
@@ -38,6 +39,7 @@ from ..errors import (
     InboxFull,
     InvalidArgument,
     MessageTooLarge,
+    ShmbusError,
     UnknownRecipient,
 )
 from ..message import FLAG_ACK, HEADER, HEADER_SIZE, MAGIC, VERSION
@@ -60,6 +62,7 @@ _BURST = 50e-6  # a send this soon after the last is part of a burst: corked
 _CORK_WAIT = 200e-6  # the tail of a burst goes this late at the latest
 _CORK_BYTES = 64 << 10  # a cork this full goes at once
 _CORK_RECORD = 4096  # a record this large is a batch already: it goes at once
+_VERDICT_WAIT = 30.0  # seconds a send of policy "error" waits for the bridge's word
 _pack = HEADER.pack
 
 
@@ -95,6 +98,11 @@ class Stream:
         # Records taken from the bridge and asked for (wire.py), in every record we write.
         self.taken = self.granted = 0
         self._told = (0, 0)
+        self.written = 0  # records we wrote: a verdict names the record it is on
+        self._rlock = threading.Lock()  # one reader of the socket at a time
+        self._stash: collections.deque[bytes] = collections.deque()  # read while awaiting a verdict
+        self._verdicts: dict[int, tuple[int, int]] = {}
+        self._vcond = threading.Condition()
         # Seconds of polling before a wait (the agent's ``spin``). None by default:
         # unlike an shm reader, a uds agent's answer needs the bridge's threads to
         # run, and on a busy machine a spinning reader takes their core.
@@ -104,6 +112,38 @@ class Stream:
 
     def read_record(self, timeout: float | None) -> bytes | None:
         """The next record's body (count, info, lengths, frames); None on timeout."""
+        if self._stash:
+            return self._stash.popleft()
+        with self._rlock:
+            return self._read(timeout)
+
+    def verdict(self, number: int, timeout: float) -> tuple[int, int]:
+        """The bridge's verdict on our record ``number`` (a send of policy
+        "error"): (a SHMBUS_DEAD_* code or 0, and its info word's fill; the
+        frames it delivered). Reads the socket for it unless another thread
+        does; what else comes meanwhile waits for the reader."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._vcond:
+                found = self._verdicts.pop(number & wire.MASK, None)
+            if found is not None:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CoordinatorUnavailable(f"no word from the bridge on a send in {timeout}s")
+            if self._rlock.acquire(blocking=False):
+                try:
+                    body = self._read(min(left, _SLICE))
+                    if body is not None:
+                        self._stash.append(body)
+                finally:
+                    self._rlock.release()
+            else:  # the reader stores it and tells us
+                with self._vcond:
+                    if (number & wire.MASK) not in self._verdicts:
+                        self._vcond.wait(min(left, _SLICE))
+
+    def _read(self, timeout: float | None) -> bytes | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         spin_until = None if timeout != 0 else 0.0
         while True:
@@ -116,6 +156,12 @@ class Stream:
                 need = 4 + body
                 if avail >= need:
                     self._start = start + need
+                    if body == wire.HEAD - 4 and buf[start + 8] & 3 == wire.VERDICT:
+                        word, number, done = wire.VERDICT_FIELDS.unpack_from(buf, start + 8)
+                        with self._vcond:
+                            self._verdicts[number] = (word >> 2, done)
+                            self._vcond.notify_all()
+                        continue  # not one of the records the bridge counts
                     self.taken += 1
                     # More may come while this one is read. The counts ride on our
                     # next record, or go on their own once the bridge has used most
@@ -179,7 +225,7 @@ class Stream:
 
     # ------------------------------------------------------------ writing
 
-    def write(self, data: bytearray, wait: float | None, cork: bool = False) -> None:
+    def write(self, data: bytearray, wait: float | None, cork: bool = False) -> int:
         """Write one record, waiting up to ``wait`` (None: forever) for the
         socket to take its first byte; :class:`_Full` if it took none. A
         record taken in part is finished before the next one.
@@ -191,35 +237,36 @@ class Stream:
         if not self.wlock.acquire(timeout=-1 if wait is None else wait):
             raise _Full  # another sender holds the socket, waiting for room
         try:
-            counts = (self.taken & wire.MASK, self.granted & wire.MASK)
-            wire.COUNTS.pack_into(data, wire.COUNTS_AT, *counts)
-            now = time.monotonic()
-            if (
-                cork
-                and len(data) < _CORK_RECORD
-                and (self._corked or now - self.last_write < _BURST)
-            ):
-                if self._corked_size + len(data) > _CORK_BYTES and not self._flush(deadline):
-                    raise _Full
-                first = not self._corked
-                self._corked.append(bytes(data))
-                self._corked_size += len(data)
-                self.last_write = now
-                self._told = (self.taken, self.granted)
-                if first:  # the flusher waits for the first only
-                    with self._cork_cv:
-                        self._cork_cv.notify()
-                return
-            if (self._corked or self._pending) and not self._flush(deadline):
-                raise _Full
-            rest = self._send(data, deadline)
-            if rest is data:
-                raise _Full
-            self._pending = rest or b""
-            self.last_write = time.monotonic()
-            self._told = (self.taken, self.granted)
+            self._write(data, deadline, cork)
+            self.written += 1
+            return self.written
         finally:
             self.wlock.release()
+
+    def _write(self, data: bytearray, deadline: float | None, cork: bool) -> None:
+        counts = (self.taken & wire.MASK, self.granted & wire.MASK)
+        wire.COUNTS.pack_into(data, wire.COUNTS_AT, *counts)
+        now = time.monotonic()
+        if cork and len(data) < _CORK_RECORD and (self._corked or now - self.last_write < _BURST):
+            if self._corked_size + len(data) > _CORK_BYTES and not self._flush(deadline):
+                raise _Full
+            first = not self._corked
+            self._corked.append(bytes(data))
+            self._corked_size += len(data)
+            self.last_write = now
+            self._told = (self.taken, self.granted)
+            if first:  # the flusher waits for the first only
+                with self._cork_cv:
+                    self._cork_cv.notify()
+            return
+        if (self._corked or self._pending) and not self._flush(deadline):
+            raise _Full
+        rest = self._send(data, deadline)
+        if rest is data:
+            raise _Full
+        self._pending = rest or b""
+        self.last_write = time.monotonic()
+        self._told = (self.taken, self.granted)
 
     def _flush(self, deadline: float | None) -> bool:
         """Send what is pending and corked (the lock held); False if the socket took
@@ -484,10 +531,13 @@ class UdsOutbox:
         """One record (from ``_record``); False if the socket was full and the
         policy is "drop"."""
         try:
-            self.stream.write(data, timeout if policy == "block" else 0, policy == "block")
-            return True
+            number = self.stream.write(data, timeout if policy == "block" else 0, policy == "block")
         except _Full:
             pass
+        else:
+            if policy == "error":  # as for shm, it raises when the inbox is full: ask the bridge
+                self._verdict(data, number, where)
+            return True
         if policy == "drop":
             for frame in wire.frames_of(data):
                 self._dead_letter(frame, f"inbox full: {where} (the uds data socket is full); "
@@ -502,6 +552,30 @@ class UdsOutbox:
             f"{where} on bus {self.bus!r}: the uds data socket stayed full for {timeout}s "
             "(the bridge waits for room in a full inbox); its reader is slow or stuck"
         )
+
+    def _verdict(self, data: bytearray, number: int, where: str) -> None:
+        """Raise as an shm sender would for what the bridge could not deliver
+        of record ``number`` (policy "error"): the inbox was full (those
+        messages are not dead-lettered: the caller has them), the recipient
+        is gone, or a frame was too large (those are in the DLQ)."""
+        word, done = self.stream.verdict(number, _VERDICT_WAIT)
+        code, lane, pct = word & 7, word >> 3 & 3, word >> 5 & 127
+        if not code:
+            return
+        n = int.from_bytes(data[4:8], "little")
+        some = f"; {done} of {n} messages were sent" if n > 1 else ""
+        if code == lib.SHMBUS_DEAD_FULL:
+            raise InboxFull(
+                f"{where} on bus {self.bus!r} is full (priority lane {lane}: {pct}% in use); "
+                f"backpressure policy 'error' does not wait{some}"
+            )
+        if code in (lib.SHMBUS_DEAD_NOAGENT, lib.SHMBUS_DEAD_LEFT):
+            self.refresh()
+            raise UnknownRecipient(f"{where} on bus {self.bus!r} is gone (the message is in "
+                                   f"the DLQ){some}")  # fmt: skip
+        if code == lib.SHMBUS_DEAD_TOOBIG:
+            raise MessageTooLarge(len(data), 0, f"{where} (the message is in the DLQ){some}")
+        raise ShmbusError(f"{where} on bus {self.bus!r} failed (the message is in the DLQ){some}")
 
     def send(self, name: str, kind: int, data: bytes, flags: int, priority: Any, ttl: Any,
              timeout: float | None, request_id: int = 0, correlation_id: int = 0,

@@ -36,6 +36,14 @@ MAX_COUNT = 1 << 16
 POLICY_CODES = {"block": 0, "error": 1, "drop": 2}
 POLICY_NAMES = {v: k for k, v in POLICY_CODES.items()}
 FOREVER_MS = (1 << 30) - 1
+#: From the bridge, a record of no frames whose info word's bits 0-1 are 1 is
+#: a verdict on one of the client's records of policy "error" (which waits
+#: for it): bits 2-4 say what failed first (0: nothing; csrc/shmbus_bridge.h's
+#: SHMBUS_DEAD_*), 5-6 the full lane, 7-13 its fill in percent; ``taken``
+#: holds the number of the client's record (counting from 1, every record it
+#: wrote), ``granted`` the frames delivered before the failure.
+VERDICT = 1
+VERDICT_FIELDS = struct.Struct("<III")  # info, record number, frames delivered: at 8
 MASK = 0xFFFFFFFF
 
 
