@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 CSRC = HERE.relative_to(Path.cwd()) if HERE.is_relative_to(Path.cwd()) else HERE
 
 UNITS = ["shmbus_seg", "shmbus_ring", "shmbus_frame", "shmbus_table", "shmbus_stats", "shmbus_send"]
+UNITS += ["shmbus_waiter"]
 
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "shmbus_cdef.h").read_text())

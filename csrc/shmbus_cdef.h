@@ -172,3 +172,16 @@ int64_t shmbus_send_ex(shmbus_route_t *rt, uint32_t kind, uint32_t flags, uint32
 int64_t shmbus_send_many(shmbus_route_t *rt, uint32_t kind, uint32_t priority, uint32_t ttl_ms,
                          const char *blob, const uint32_t *lens, const uint8_t *flags,
                          uint32_t count, int64_t timeout_ns);
+
+/* shmbus_ring.h: waiting beside the reader (shmbus_waiter.h) */
+int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns);
+void shmbus_ring_wake(shmbus_ring_t *r);
+
+/* shmbus_waiter.h */
+typedef struct shmbus_waiter shmbus_waiter_t;
+
+int shmbus_waiter_new(shmbus_ring_t *inbox, shmbus_waiter_t **out);
+int shmbus_waiter_fd(const shmbus_waiter_t *w);
+int shmbus_waiter_arm(shmbus_waiter_t *w, int64_t spin_ns);
+int shmbus_waiter_clear(shmbus_waiter_t *w);
+void shmbus_waiter_free(shmbus_waiter_t *w);

@@ -168,4 +168,15 @@ void shmbus_ring_count_reads(shmbus_ring_t *r, uint64_t *frames, uint64_t *bytes
  * write_padding 0, even before the padding record a wrap needs). */
 int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len, int write_padding);
 
+/* For a thread that waits on behalf of a reader that never waits (an event
+ * loop's, see shmbus_waiter.h): spin up to spin_ns while no lane has a
+ * record, then raise every lane's sleeping flag, look again and sleep on the
+ * bell once.  SHMBUS_OK when a lane has a record; SHMBUS_EAGAIN when woken
+ * with none (a stale post, or shmbus_ring_wake); SHMBUS_EINTR; SHMBUS_ESYS.
+ * It never reads: records are the reader's to take. */
+int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns);
+/* Post the bell: a thread asleep in shmbus_ring_wait_once returns.  A post
+ * nobody waits for only makes the next wait look once more. */
+void shmbus_ring_wake(shmbus_ring_t *r);
+
 #endif
