@@ -23,6 +23,15 @@ def threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def settled(count: int) -> bool:
+    """Has this process ``count`` threads, now or soon? (A joined thread
+    leaves /proc/self/task a moment after its join.)"""
+    deadline = time.monotonic() + GUARD
+    while threads() != count and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return threads() == count
+
+
 def test_armed_it_fires_once_a_frame_comes_on_any_lane_and_reads_nothing(ring_name):
     with Ring.create(ring_name, 1 << 16, lanes=3) as inbox, Waiter(inbox) as waiter:
         writer = Ring.attach(ring_name, lanes=True)
@@ -74,7 +83,7 @@ def test_close_ends_its_thread_and_closes_its_fd(ring_name, armed):
             waiter.arm(spin_ns=0)  # asleep on the doorbell
             time.sleep(0.01)
         waiter.close()
-        assert threads() == before
+        assert settled(before)
         with pytest.raises(OSError):
             os.fstat(fd)
         waiter.close()  # idempotent
