@@ -97,7 +97,8 @@ class RingFeed:
             self.waiter.close()
             del agent._service_acks
             raise
-        self._read()  # what came before; then the waiter is armed
+        self._reading = True  # what came before, once the agent is made; then arm
+        loop.call_soon(self._read)
 
     # ---------------------------------------------------------- the loop's side
 
