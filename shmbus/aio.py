@@ -504,7 +504,7 @@ class Agent:
 
     async def wait_acked(self, timeout: float | None = None) -> bool:
         """Until every message sent with ``requires_ack`` is acknowledged or
-        dead-lettered (the reader thread takes the ACKs and resends); False
+        dead-lettered (ACKs are taken in as the inbox is read); False
         if some are still out after ``timeout``."""
         deadline = None if timeout is None else self._loop.time() + timeout
         while self._agent._acks.pending:
