@@ -20,6 +20,7 @@ UNITS = [
     "shmbus_stats",
     "shmbus_send",
     "shmbus_bridge",
+    "shmbus_waiter",
 ]
 
 ffibuilder = FFI()

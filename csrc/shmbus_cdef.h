@@ -232,3 +232,15 @@ int64_t shmbus_record_build(const char *names, uint32_t sender_len, uint32_t rec
                             uint64_t first_id, uint64_t request_id, uint64_t correlation_id,
                             int64_t timestamp_ns, const char *blob, const uint32_t *lens,
                             const uint8_t *flags, uint32_t count, char *out, uint64_t cap);
+
+/* shmbus_ring.h: waiting beside the reader (shmbus_waiter.h) */
+int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns);
+
+/* shmbus_waiter.h */
+typedef struct shmbus_waiter shmbus_waiter_t;
+
+int shmbus_waiter_new(shmbus_ring_t *inbox, shmbus_waiter_t **out);
+int shmbus_waiter_fd(const shmbus_waiter_t *w);
+int shmbus_waiter_arm(shmbus_waiter_t *w, int64_t spin_ns);
+int shmbus_waiter_clear(shmbus_waiter_t *w);
+void shmbus_waiter_free(shmbus_waiter_t *w);

@@ -1062,3 +1062,39 @@ int shmbus_ring_unblock(shmbus_ring_t *r, int64_t grace_ns)
     }
     return 0;
 }
+
+/* ---------------------------------------------- a waiter beside the reader */
+
+/* One round of wait_for_data, for a thread that waits on behalf of a reader
+ * that never waits itself (shmbus_waiter.c: an event loop's).  It only
+ * looks at the lanes and sleeps on the bell; the reader reads. */
+int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns)
+{
+    if (!r)
+        return SHMBUS_EINVAL;
+    int64_t spin_until = now_ns() + (spin_ns > 0 ? spin_ns : 0);
+    for (unsigned i = 0;; i++) {
+        if (any_data(r))
+            return SHMBUS_OK;
+        if ((i & 63) == 0) {
+            if (now_ns() >= spin_until)
+                break;
+            sched_yield();
+        }
+        cpu_relax();
+    }
+    beat(r);
+    set_sleeping(r, 1);
+    atomic_thread_fence(memory_order_seq_cst); /* S2: pairs with D1 in ring_doorbell */
+    if (any_data(r)) {
+        set_sleeping(r, 0);
+        return SHMBUS_OK;
+    }
+    int rc = sem_wait(r->bell);
+    set_sleeping(r, 0);
+    if (rc != 0)
+        return errno == EINTR ? SHMBUS_EINTR : SHMBUS_ESYS;
+    /* A post for a record the reader took meanwhile, or shmbus_ring_wake. */
+    return any_data(r) ? SHMBUS_OK : SHMBUS_EAGAIN;
+}
+

@@ -120,8 +120,10 @@ shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane);
  * to the tail it read after sealing, nothing more can ever be committed:
  * a drain that gets that far has everything (X1/X2 below). */
 void shmbus_ring_seal(shmbus_ring_t *r);
-/* Post the bell once, whether or not the reader sleeps: a reader waiting in
- * another thread of this process looks again (at a flag of its own, say). */
+/* Post the bell once, whether or not the reader sleeps: a thread asleep in
+ * shmbus_ring_wait_once or shmbus_ring_wait returns (to look at a flag of
+ * its own, say).  A post nobody waits for only makes the next wait look once
+ * more. */
 void shmbus_ring_wake(shmbus_ring_t *r);
 int shmbus_ring_sealed(const shmbus_ring_t *r);
 /* Drops one reference, and the last unmaps.  retain adds one (for a buffer
@@ -173,5 +175,13 @@ void shmbus_ring_count_reads(shmbus_ring_t *r, uint64_t *frames, uint64_t *bytes
  * killed between its CAS and its first store would leave it (with
  * write_padding 0, even before the padding record a wrap needs). */
 int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len, int write_padding);
+
+/* For a thread that waits on behalf of a reader that never waits (an event
+ * loop's, see shmbus_waiter.h): spin up to spin_ns while no lane has a
+ * record, then raise every lane's sleeping flag, look again and sleep on the
+ * bell once.  SHMBUS_OK when a lane has a record; SHMBUS_EAGAIN when woken
+ * with none (a stale post, or shmbus_ring_wake); SHMBUS_EINTR; SHMBUS_ESYS.
+ * It never reads: records are the reader's to take. */
+int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns);
 
 #endif

@@ -1,12 +1,12 @@
-"""The threads behind :mod:`shmbus.aio`: the inbox reader, and calls that may block.
+"""The threads behind :mod:`shmbus.aio`: an inbox reader, and calls that may block.
 
-The inbox's doorbell is a POSIX semaphore, which an event loop cannot select
-on. So each asyncio agent has one reader thread that waits in the synchronous
-agent's receive path (the ring's short spin, then the semaphore: no busy
-core), and hands what it read to the loop in batches, one wake-up of the loop
-for many messages. It stops reading while the loop holds ``max_unread``
-messages and no request waits, so the inbox fills and senders feel the
-backpressure instead of Python buffering without bound.
+An asyncio agent whose inbox is not a shared-memory ring (the uds
+transport's socket) has one reader thread that waits in the synchronous
+agent's receive path and hands what it read to the loop in batches, one
+wake-up of the loop for many messages. (A ring inbox is read on the loop
+itself: :mod:`shmbus._aio_ring`.) It stops reading while the loop holds
+``max_unread`` messages and no request waits, so the inbox fills and
+senders feel the backpressure instead of Python buffering without bound.
 """
 
 from __future__ import annotations
@@ -66,6 +66,17 @@ class Reader(threading.Thread):
         if self.paused:
             with self.cond:
                 self.cond.notify()
+
+    def sent(self) -> None:
+        """A send from the loop: this thread resends what falls due itself."""
+
+    def spin_for(self, fut: asyncio.Future[Any]) -> bool:
+        """A request's answer comes from this thread: the loop never spins for it."""
+        return False
+
+    async def halt(self, left: set[threading.Thread]) -> list[Message]:
+        """:meth:`stop`, off the loop; what was read after it."""
+        return await off_loop(left, self.stop, 5.0)  # type: ignore[no-any-return]
 
     def stop(self, timeout: float) -> list[Message]:
         """Have the thread end (blocking up to ``timeout``: run it off the loop).

@@ -7,11 +7,14 @@
         async for msg in agent:
             ...
 
-One thread per agent reads its inbox (see :mod:`shmbus._aio_thread`) and
-hands messages to the loop; RESPONSEs go straight to the ``request`` that
-waits for them, the rest to ``recv``. Sends are direct calls on the loop;
-one that would wait for room in a full inbox ("block") waits in a thread of
-its own instead, so the loop never blocks.
+The loop reads a shared-memory inbox itself, never waiting: a small C
+thread waits on the inbox's doorbell and wakes the loop through an eventfd
+(see :mod:`shmbus._aio_ring`). An inbox of another transport (uds) is read
+by a thread of its own that hands messages over (:mod:`shmbus._aio_thread`).
+RESPONSEs go straight to the ``request`` that waits for them, the rest to
+``recv``. Sends are direct calls on the loop; one that would wait for room
+in a full inbox ("block") waits in a thread of its own instead, so the loop
+never blocks.
 
 Cancelling ``recv`` loses nothing: the message stays for the next ``recv``.
 Cancelling ``request`` abandons it: a response that comes later is dropped
@@ -23,14 +26,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
-import itertools
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import agent as _agent
+from ._aio_ring import RingFeed
 from ._aio_thread import MAX_UNREAD, Reader, join_left, off_loop
 from .errors import Closed, InboxFull, RecvTimeout, RequestTimeout, ShmbusError
 from .message import DeadLetter, Message, MessageType, RoutingRule, encode_message
@@ -69,7 +71,7 @@ class Agent:
     """An asyncio face of a :class:`shmbus.Agent`, which it owns (and closes).
 
     Use it from the loop it was made in only. ``await close()`` (or ``async
-    with``) when done: it stops the reader thread and leaves the bus."""
+    with``) when done: it stops what waits on the inbox and leaves the bus."""
 
     def __init__(self, agent: _agent.Agent, *, max_unread: int = MAX_UNREAD) -> None:
         self._agent = agent
@@ -88,14 +90,16 @@ class Agent:
         self._closing: asyncio.Future[None] | None = None
         #: Responses that came after their request was cancelled or timed out.
         self.late_responses = 0
-        # Batches the reader handed over, oldest first; a request that waits
-        # on an idle loop spins on the bell (in C, without the GIL) for them.
+        # Batches a reader thread handed over, oldest first (a uds inbox).
         self._inbound: collections.deque[list[Message]] = collections.deque()
-        self._spinning = False
-        self._spin = agent.inbox.spin_ns / 1e9
-        self._bell = _private_bell(agent) if self._spin else None
-        self._reader = Reader(agent, self._hand, self._requests.__len__, max_unread)
-        self._reader.start()
+        self._feed: RingFeed | Reader
+        inbox = agent.inbox
+        if isinstance(inbox, Ring):
+            self._feed = RingFeed(agent, inbox, self._loop, self._deliver,
+                                  self._requests.__len__, max_unread)  # fmt: skip
+        else:
+            self._feed = Reader(agent, self._hand, self._requests.__len__, max_unread)
+            self._feed.start()
 
     @property
     def name(self) -> str:
@@ -107,7 +111,7 @@ class Agent:
 
     @property
     def sync(self) -> _agent.Agent:
-        """The synchronous agent underneath (its receiving side is the reader thread's)."""
+        """The synchronous agent underneath (its receiving side is this agent's)."""
         return self._agent
 
     # ------------------------------------------------------------ send
@@ -117,13 +121,16 @@ class Agent:
         if self._closed:
             self._check_open()
         policy = kw.get("backpressure") or self._agent.backpressure
-        if policy != "block":
-            return fn(*args, **kw)
         try:
-            return fn(*args, **{**kw, "backpressure": "error"})
-        except InboxFull:
-            self._unfail()  # full now: wait for room as "block" says, in a thread
-        return await off_loop(self._left, fn, *args, **kw)
+            if policy != "block":
+                return fn(*args, **kw)
+            try:
+                return fn(*args, **{**kw, "backpressure": "error"})
+            except InboxFull:
+                self._unfail()  # full now: wait for room as "block" says, in a thread
+            return await off_loop(self._left, fn, *args, **kw)
+        finally:
+            self._feed.sent()
 
     def _unfail(self) -> None:
         """Take back the failure the outbox counted for a try that is not the
@@ -150,9 +157,12 @@ class Agent:
         if self._closed:
             self._check_open()
         policy = kw.get("backpressure") or self._agent.backpressure
-        if policy != "block" or self._room(names, batch):
-            return fn(*args, **kw)
-        return await off_loop(self._left, fn, *args, **kw)
+        try:
+            if policy != "block" or self._room(names, batch):
+                return fn(*args, **kw)
+            return await off_loop(self._left, fn, *args, **kw)
+        finally:
+            self._feed.sent()
 
     async def send(self, recipient: str, payload: Any, **kw: Any) -> int:
         """:meth:`shmbus.Agent.send`, never blocking the loop."""
@@ -216,14 +226,16 @@ class Agent:
             self._sending_requests -= 1
             early = self._early.pop(msg_id, None)
             if early is not None:
-                self._reader.taken(1)
+                del self._requests[msg_id]  # answered: it waits no more
+                self._feed.taken(1)
                 fut.set_result(early)
             if not self._sending_requests:
                 self._release_early()
-        self._reader.need()
+        self._feed.need()
+        self._feed.sent()
+        if not fut.done() and self._feed.spin_for(fut):
+            return fut.result()  # answered while it spun: no timer, no turn of the loop
         timer = loop.call_at(deadline, _expire, fut, recipient, timeout, self.name)
-        if self._bell is not None and not fut.done() and not getattr(loop, "_ready", True):
-            self._spin_for_answers()
         try:
             return await fut
         except BaseException:
@@ -245,7 +257,7 @@ class Agent:
             self._sending_requests -= 1
             if msg_id:
                 if self._early.pop(msg_id, None) is not None:
-                    self._reader.taken(1)
+                    self._feed.taken(1)
                     self.late_responses += 1
                 else:
                     self._abandon(msg_id)
@@ -279,20 +291,6 @@ class Agent:
                 self._release_early()
             raise
 
-    def _spin_for_answers(self) -> None:
-        """The loop has nothing else to run: wait up to the inbox's spin for
-        what the reader hands over, in C (no GIL held), as the ring's reader
-        spins before it sleeps. Saves waking a sleeping loop, which costs
-        more than the whole round trip on a machine whose CPUs idle deeply."""
-        self._spinning = True
-        try:
-            if not self._inbound:
-                self._bell.read_many(64, timeout=self._spin)  # type: ignore[union-attr]
-        finally:
-            self._spinning = False
-        if self._inbound:
-            self._drain()
-
     def _abandon(self, msg_id: int) -> None:
         self._abandoned[msg_id] = None
         if len(self._abandoned) > _ABANDONED:
@@ -307,12 +305,8 @@ class Agent:
     # --------------------------------------------------------- receive
 
     def _hand(self, batch: list[Message]) -> None:
-        """In the reader thread: pass ``batch`` to the loop. A request spinning
-        on the bell sees it at once; else the loop is woken."""
+        """In a reader thread: pass ``batch`` to the loop."""
         self._inbound.append(batch)
-        # After the append: a spin that ends now checks _inbound after it ends.
-        if self._spinning and self._bell is not None and self._bell.try_write(b"\0"):
-            return
         self._loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
@@ -321,7 +315,7 @@ class Agent:
             self._deliver(inbound.popleft())
 
     def _deliver(self, batch: list[Message]) -> None:
-        """On the loop: a batch from the reader thread."""
+        """On the loop: a batch read from the inbox."""
         requests = self._requests
         queue = self._queue
         dropped = added = 0
@@ -347,7 +341,7 @@ class Agent:
             queue.append(msg)
             added += 1
         if dropped:
-            self._reader.taken(dropped)
+            self._feed.taken(dropped)
         if added:
             self._wake(added)
 
@@ -385,7 +379,7 @@ class Agent:
     def _take(self) -> Message | None:
         """The next queued message still in its TTL (an expired one goes to the DLQ)."""
         msg = self._queue.popleft()
-        self._reader.taken(1)
+        self._feed.taken(1)
         if msg.ttl is not None and self._agent._expired(msg):
             return None
         return msg
@@ -510,7 +504,7 @@ class Agent:
 
     async def wait_acked(self, timeout: float | None = None) -> bool:
         """Until every message sent with ``requires_ack`` is acknowledged or
-        dead-lettered (the reader thread takes the ACKs and resends); False
+        dead-lettered (ACKs are taken in as the inbox is read); False
         if some are still out after ``timeout``."""
         deadline = None if timeout is None else self._loop.time() + timeout
         while self._agent._acks.pending:
@@ -538,7 +532,7 @@ class Agent:
     # ----------------------------------------------------------- close
 
     async def close(self) -> None:
-        """Stop the reader, end what waits (:class:`shmbus.Closed`), leave the
+        """Stop reading, end what waits (:class:`shmbus.Closed`), leave the
         bus. Messages read but not handed over go to the DLQ. Idempotent."""
         if self._closing is None:
             self._closed = True
@@ -550,8 +544,8 @@ class Agent:
 
     async def _close(self) -> None:
         """The body of :meth:`close`, run once, as a task."""
-        after = await off_loop(self._left, self._reader.stop, 5.0)
-        self._drain()  # what the reader handed over last
+        after = await self._feed.halt(self._left)
+        self._drain()  # what a reader thread handed over last
         error = Closed(f"agent {self.name!r} was closed")
         waiting: list[asyncio.Future[Any]] = [*self._waiters, *self._requests.values()]
         for fut in waiting:
@@ -563,13 +557,11 @@ class Agent:
         unread = [*self._queue, *self._early.values(), *after]
         self._queue.clear()
         self._early.clear()
-        if self._reader.is_alive():  # wedged: its agent is not ours to close under it
+        if self._feed.is_alive():  # wedged: its agent is not ours to close under it
             log.error("agent %s: its reader did not stop; not closed", self.name)
             return
         # The sync agent dead-letters what it kept; these are its to keep.
         self._agent._kept.extendleft(reversed(unread))
-        if self._bell is not None:
-            self._bell.close()
         await off_loop(self._left, self._agent.close)
 
     async def __aenter__(self) -> Agent:
@@ -581,17 +573,6 @@ class Agent:
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
         return f"<shmbus.aio.Agent {self.name!r} on bus {self.bus!r}{state}>"
-
-
-def _private_bell(agent: _agent.Agent) -> Ring:
-    """A small ring only this process knows: its name goes as soon as it is made."""
-    bell = Ring.create(f"{agent.inbox.name}.aio{os.getpid()}x{next(_bells)}", 1 << 12)
-    bell.unlink()
-    bell.spin_ns = agent.inbox.spin_ns
-    return bell
-
-
-_bells = itertools.count()
 
 
 def _expire(fut: asyncio.Future[Message], recipient: str, timeout: float, name: str) -> None:
