@@ -115,6 +115,9 @@ class Stream:
         if self._stash:
             return self._stash.popleft()
         with self._rlock:
+            # A verdict's waiter may have stashed one while we waited for the lock.
+            if self._stash:
+                return self._stash.popleft()
             return self._read(timeout)
 
     def verdict(self, number: int, timeout: float) -> tuple[int, int]:
