@@ -931,6 +931,7 @@ int shmbus_link_down(shmbus_link_t *l)
             break;
         }
         if (atomic_load(&l->eof)) {
+            may_send(l); /* what its last record counts taken is received */
             l->outstanding = 0; /* it dead-lettered what it had not read, and left */
             shutdown(l->fd, SHUT_WR);
             rc = SHMBUS_LINK_EOF;

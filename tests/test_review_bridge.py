@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 from shmbus.transport import wire
 from shmbus.transport.uds import Stream
@@ -62,3 +63,22 @@ def test_a_record_read_while_waiting_for_a_verdict_reaches_the_reader_waiting_th
     finally:
         stream.close()
         bridge.close()
+
+
+def test_what_a_uds_agent_took_before_it_left_is_counted_received(bus):
+    """Its counts of the records it took ride lazily on its next record: one
+    that leaves before it wrote again still has them counted."""
+    import shmbus
+
+    with shmbus.connect(bus=bus, name="obs") as obs:
+        with shmbus.connect(bus=bus, name="rx", transport="uds") as rx:
+            for i in range(3):
+                obs.send("rx", i)
+                assert rx.recv(timeout=10).payload == i
+        deadline = time.monotonic() + 10
+        while "rx" in obs.stats().agents:
+            assert time.monotonic() < deadline, "rx never left"
+            time.sleep(0.02)
+        stats = obs.stats()
+        assert stats.dlq == 0
+        assert stats.departed.received == 3

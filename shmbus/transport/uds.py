@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import math
 import os
 import select
@@ -728,6 +729,8 @@ class UdsLink:
         inbox = self.inbox
         try:
             self.stream.flush(_LEAVE_WAIT)
+            with contextlib.suppress(_Full):  # our last counts: what we took is received
+                self.stream.write(wire.record([]), _LEAVE_WAIT)
             self.stream.sock.shutdown(socket.SHUT_WR)  # the bridge routes all, then ends
             deadline = time.monotonic() + _LEAVE_WAIT
             while (left := deadline - time.monotonic()) > 0:
