@@ -82,3 +82,24 @@ def test_what_a_uds_agent_took_before_it_left_is_counted_received(bus):
         stats = obs.stats()
         assert stats.dlq == 0
         assert stats.departed.received == 3
+
+
+def test_a_uds_resend_keeps_no_verdict_nobody_waits_for(bus):
+    """A resend goes as a record of policy "error" (never waiting), whose
+    verdict nobody waits for: it must not be kept for ever."""
+    import shmbus
+    from shmbus.transport.uds import _Peer
+
+    with (
+        shmbus.connect(bus=bus, name="rx") as rx,
+        shmbus.connect(bus=bus, name="tx", transport="uds") as tx,
+    ):
+        out = tx._link.out
+        for _ in range(5):
+            frame = out.frame(int(shmbus.MessageType.DIRECT), b"\xa1x", 0, out._take(1),
+                              recipient="rx", recipient_id=out._recipient("rx")[0])  # fmt: skip
+            assert _Peer(out).try_write(frame)
+            assert rx.recv(timeout=10) is not None
+        tx.send("rx", "last", backpressure="error")  # waits for its own verdict, after theirs
+        assert rx.recv(timeout=10).payload == "last"
+        assert tx._link.stream._verdicts == {}
