@@ -115,6 +115,7 @@ struct shmbus_link {
     struct frame_info *frames;
     struct route *buckets[BUCKETS];
     uint32_t routes;
+    uint32_t misses; /* routes asked for by this record */
     struct route *installing;
     const char *miss_where;
     uint32_t miss_len;
@@ -494,6 +495,7 @@ static int check_record(shmbus_link_t *l)
     }
     l->body = body;
     l->count = count;
+    l->misses = 0;
     l->records_in++;
     l->v_code = l->v_done = l->v_lane = l->v_pct = 0;
     l->policy = info & 3;
@@ -745,6 +747,10 @@ int shmbus_link_up(shmbus_link_t *l)
             l->in_record = 1;
         }
         int rc = resolve(l);
+        /* Its routes would evict each other for ever (a client sends one
+         * destination per record; a change of the table costs a few more). */
+        if (rc == SHMBUS_LINK_MISS && ++l->misses > MAX_ROUTES)
+            return bad(l, "a record to more destinations than %u", MAX_ROUTES);
         if (rc != SHMBUS_OK)
             return rc;
         for (uint32_t i = 0; i < l->count;) {
@@ -931,6 +937,7 @@ int shmbus_link_down(shmbus_link_t *l)
             break;
         }
         if (atomic_load(&l->eof)) {
+            may_send(l); /* what its last record counts taken is received */
             l->outstanding = 0; /* it dead-lettered what it had not read, and left */
             shutdown(l->fd, SHUT_WR);
             rc = SHMBUS_LINK_EOF;

@@ -146,6 +146,29 @@ def test_malformed_and_oversized_records_disconnect_the_peer_and_nobody_else(log
         assert text.count("disconnected") >= 5
 
 
+def test_a_record_to_more_destinations_than_the_route_cache_holds_disconnects_the_peer(bus):
+    """Its routes would evict each other for ever: the up thread spun, and
+    nothing the peer sent after it was read. A client sends one destination
+    per record."""
+    with shmbus.connect(bus=bus, name="good", transport="shm") as good:
+        ctl, data, my_id = raw_uds_agent(bus, "evil")
+        with ctl, data:
+            frames = [
+                encode_frame(
+                    int(MessageType.PUBLISH),
+                    sender=b"evil",
+                    sender_id=my_id,
+                    topic=b"t%d" % i,
+                    payload=b"\xa0",
+                )  # fmt: skip
+                for i in range(4200)
+            ]
+            data.sendall(bytes(wire.record(frames)))
+            data.settimeout(30)
+            assert data.recv(1 << 16) == b""  # the bridge hung up
+        wait_for(lambda: "evil" not in good.peers())
+
+
 def test_a_hello_with_a_wrong_token_is_refused(bus):
     ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     ctl.settimeout(10)

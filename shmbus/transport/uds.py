@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import math
 import os
 import select
@@ -102,6 +103,7 @@ class Stream:
         self._rlock = threading.Lock()  # one reader of the socket at a time
         self._stash: collections.deque[bytes] = collections.deque()  # read while awaiting a verdict
         self._verdicts: dict[int, tuple[int, int]] = {}
+        self._unwaited: set[int] = set()  # records whose verdict nobody waits for
         self._vcond = threading.Condition()
         # Seconds of polling before a wait (the agent's ``spin``). None by default:
         # unlike an shm reader, a uds agent's answer needs the bridge's threads to
@@ -115,6 +117,9 @@ class Stream:
         if self._stash:
             return self._stash.popleft()
         with self._rlock:
+            # A verdict's waiter may have stashed one while we waited for the lock.
+            if self._stash:
+                return self._stash.popleft()
             return self._read(timeout)
 
     def verdict(self, number: int, timeout: float) -> tuple[int, int]:
@@ -130,6 +135,7 @@ class Stream:
                 return found
             left = deadline - time.monotonic()
             if left <= 0:
+                self.forget(number)
                 raise CoordinatorUnavailable(f"no word from the bridge on a send in {timeout}s")
             if self._rlock.acquire(blocking=False):
                 try:
@@ -142,6 +148,14 @@ class Stream:
                 with self._vcond:
                     if (number & wire.MASK) not in self._verdicts:
                         self._vcond.wait(min(left, _SLICE))
+
+    def forget(self, number: int) -> None:
+        """Nobody waits for the verdict on our record ``number``: drop it,
+        whether it came already or comes later."""
+        number &= wire.MASK
+        with self._vcond:
+            if self._verdicts.pop(number, None) is None:
+                self._unwaited.add(number)
 
     def _read(self, timeout: float | None) -> bytes | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -159,8 +173,11 @@ class Stream:
                     if body == wire.HEAD - 4 and buf[start + 8] & 3 == wire.VERDICT:
                         word, number, done = wire.VERDICT_FIELDS.unpack_from(buf, start + 8)
                         with self._vcond:
-                            self._verdicts[number] = (word >> 2, done)
-                            self._vcond.notify_all()
+                            if number in self._unwaited:
+                                self._unwaited.discard(number)
+                            else:
+                                self._verdicts[number] = (word >> 2, done)
+                                self._vcond.notify_all()
                         continue  # not one of the records the bridge counts
                     self.taken += 1
                     # More may come while this one is read. The counts ride on our
@@ -425,9 +442,10 @@ class _Peer:
     def try_write(self, frame: bytes) -> bool:
         try:
             stream = self.out.stream
-            stream.write(wire.record([frame], wire.info("error", 0)), 0)
+            number = stream.write(wire.record([frame], wire.info("error", 0)), 0)
         except _Full:
             return False
+        stream.forget(number)  # not delivered: no ACK comes, and it is resent
         return True
 
 
@@ -725,6 +743,8 @@ class UdsLink:
         inbox = self.inbox
         try:
             self.stream.flush(_LEAVE_WAIT)
+            with contextlib.suppress(_Full):  # our last counts: what we took is received
+                self.stream.write(wire.record([]), _LEAVE_WAIT)
             self.stream.sock.shutdown(socket.SHUT_WR)  # the bridge routes all, then ends
             deadline = time.monotonic() + _LEAVE_WAIT
             while (left := deadline - time.monotonic()) > 0:
