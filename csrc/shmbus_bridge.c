@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -90,12 +91,14 @@ struct shmbus_link {
     _Atomic int closed; /* the socket is going: nobody may send on it (set under mu) */
     _Atomic int refs;   /* the coordinator's, and each route's that sends straight here */
     _Atomic uint32_t taken, granted; /* the agent's counts of our records */
-    /* Held by whoever sends on the socket: our down thread, or another
-     * link's up thread sending straight to us (try_direct); never while
-     * waiting, so nobody blocks on it for long. */
+    /* Held by whoever sends on the socket: our down thread (also while the
+     * socket is full, until the agent reads), another link's up thread
+     * sending straight to us (try_direct: trylock, never waits), or our up
+     * thread sending a verdict (the agent waits for it, so it reads).  Not
+     * held while waiting for records or counts. */
     pthread_mutex_t mu;
-    pthread_cond_t cv;
-    _Atomic int starved; /* down waits for counts (it holds mu around the wait) */
+    sem_t credit;        /* posted when the counts move while down waits for them */
+    _Atomic int starved; /* down waits for counts (without mu) */
 
     char reason[256];
     int err;
@@ -188,11 +191,7 @@ shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint
     memcpy(l->name, name, name_len);
     atomic_store(&l->refs, 1);
     pthread_mutex_init(&l->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&l->cv, &ca);
-    pthread_condattr_destroy(&ca);
+    sem_init(&l->credit, 0, 0);
     return l;
 }
 
@@ -253,16 +252,13 @@ static void release(shmbus_link_t *l)
     free(l->frames);
     free(l->dead);
     pthread_mutex_destroy(&l->mu);
-    pthread_cond_destroy(&l->cv);
+    sem_destroy(&l->credit);
     free(l);
 }
 
-static void wake_down(shmbus_link_t *l)
-{
-    pthread_mutex_lock(&l->mu);
-    pthread_cond_signal(&l->cv);
-    pthread_mutex_unlock(&l->mu);
-}
+/* Never takes mu: the down thread may hold it while it waits for this very
+ * agent to read (a post it does not need only makes it look once more). */
+static void wake_down(shmbus_link_t *l) { sem_post(&l->credit); }
 
 void shmbus_link_stop(shmbus_link_t *l)
 {
@@ -504,9 +500,6 @@ static int check_record(shmbus_link_t *l)
     if (taken != atomic_load(&l->taken) || granted != atomic_load(&l->granted)) {
         atomic_store(&l->taken, taken); /* seq_cst: pairs with the down thread's */
         atomic_store(&l->granted, granted);
-        /* Only a starved down thread waits on the cond, and it holds mu only
-         * around that wait: never block on mu here while it sends (it may
-         * wait for this very agent to read). */
         if (atomic_load(&l->starved))
             wake_down(l);
     }
@@ -962,7 +955,9 @@ int shmbus_link_down(shmbus_link_t *l)
                     ts.tv_sec++;
                     ts.tv_nsec -= 1000000000L;
                 }
-                pthread_cond_timedwait(&l->cv, &l->mu, &ts);
+                pthread_mutex_unlock(&l->mu); /* a direct send may come meanwhile */
+                sem_clockwait(&l->credit, CLOCK_MONOTONIC, &ts);
+                pthread_mutex_lock(&l->mu);
             }
             atomic_store(&l->starved, 0);
             continue;
@@ -993,6 +988,9 @@ int shmbus_link_down(shmbus_link_t *l)
         if (rc != SHMBUS_OK)
             break;
     }
+    /* Nobody sends here any more, however this ended: what is out stays as
+     * it is for shmbus_link_lost. */
+    atomic_store(&l->closed, 1);
     pthread_mutex_unlock(&l->mu);
     return rc;
 }
