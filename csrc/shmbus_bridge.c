@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdarg.h>
@@ -12,7 +13,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <unistd.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -103,7 +107,13 @@ struct shmbus_link {
     char reason[256];
     int err;
 
-    /* up */
+    /* up: its state is the up thread's, or the hub's while it reads the
+     * socket (owner, under up_mu) */
+    pthread_mutex_t up_mu;
+    _Atomic int owner;    /* HUB: the hub reads the socket; OWN: the up thread */
+    int own_fd;           /* eventfd: the up thread's turn (or a stop) */
+    shmbus_hub_t *hub;
+    int pending;          /* what the hub met for the up thread to return (EOF, BAD, IOERR) */
     uint32_t records_in; /* records of the agent's, this one included */
     /* The verdict on a record of policy "error", which its sender waits
      * for: the first failure (a SHMBUS_DEAD_* code, 0: none), the frames
@@ -132,6 +142,16 @@ struct shmbus_link {
     uint32_t seq;                /* records sent */
     struct record *sending;      /* a record the socket has taken only part of */
     uint64_t sent;               /* of it, in bytes */
+};
+
+enum { HUB = 0, OWN = 1 };
+
+struct shmbus_hub {
+    int ep;             /* epoll: every link's socket (one-shot) */
+    pthread_mutex_t mu; /* held while events are served: a link leaves only between */
+    int64_t spin_ns;
+    _Atomic int64_t active; /* when a record last went through */
+    _Atomic int stop;
 };
 
 static inline int64_t mono_ns(void)
@@ -190,6 +210,14 @@ shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint
     l->name_len = name_len;
     memcpy(l->name, name, name_len);
     atomic_store(&l->refs, 1);
+    atomic_store(&l->owner, OWN); /* until shmbus_link_hub */
+    l->own_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (l->own_fd < 0) {
+        shmbus_ring_close(inbox);
+        free(l);
+        return NULL;
+    }
+    pthread_mutex_init(&l->up_mu, NULL);
     pthread_mutex_init(&l->mu, NULL);
     sem_init(&l->credit, 0, 0);
     return l;
@@ -253,6 +281,8 @@ static void release(shmbus_link_t *l)
     free(l->dead);
     pthread_mutex_destroy(&l->mu);
     sem_destroy(&l->credit);
+    pthread_mutex_destroy(&l->up_mu);
+    close(l->own_fd);
     free(l);
 }
 
@@ -260,10 +290,18 @@ static void release(shmbus_link_t *l)
  * agent to read (a post it does not need only makes it look once more). */
 static void wake_down(shmbus_link_t *l) { sem_post(&l->credit); }
 
+static void own_turn(shmbus_link_t *l)
+{
+    uint64_t one = 1;
+    ssize_t n = write(l->own_fd, &one, sizeof one);
+    (void)n; /* a full counter is a post already */
+}
+
 void shmbus_link_stop(shmbus_link_t *l)
 {
     atomic_store(&l->stop, 1);
     wake_down(l);
+    own_turn(l);
     shmbus_ring_wake(l->inbox);
 }
 
@@ -357,7 +395,7 @@ int shmbus_link_route_peer(shmbus_link_t *l, uint32_t i, shmbus_link_t *peer)
 /* -------------------------------------------------------------------- up */
 
 /* A whole record at buf[start]; reads the socket until there is one. */
-static int fill_record(shmbus_link_t *l)
+static int fill_record(shmbus_link_t *l, int wait)
 {
     for (;;) {
         uint64_t avail = l->end - l->start, need = 4;
@@ -407,6 +445,8 @@ static int fill_record(shmbus_link_t *l)
             l->err = errno;
             return SHMBUS_LINK_IOERR;
         }
+        if (!wait)
+            return SHMBUS_EAGAIN;
         if (atomic_load(&l->stop))
             return SHMBUS_LINK_STOP;
         struct pollfd p = {.fd = l->fd, .events = POLLIN};
@@ -725,27 +765,223 @@ static int send_verdict(shmbus_link_t *l)
     return rc;
 }
 
-int shmbus_link_up(shmbus_link_t *l)
+/* ------------------------------------------------------------------ hub */
+
+static void rearm(shmbus_link_t *l)
 {
-    l->dead_n = 0; /* the caller took them */
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.ptr = l};
+    epoll_ctl(l->hub->ep, EPOLL_CTL_MOD, l->fd, &ev);
+}
+
+/* The up thread has nothing to do: the hub reads the socket again. */
+static void hand_back(shmbus_link_t *l)
+{
+    atomic_store(&l->owner, HUB);
+    pthread_mutex_unlock(&l->up_mu);
+    rearm(l);
+}
+
+/* Wait for the up thread's turn, then hold up_mu: at once without a hub. */
+static int take_turn(shmbus_link_t *l)
+{
     for (;;) {
         if (atomic_load(&l->stop))
             return SHMBUS_LINK_STOP;
+        if (atomic_load(&l->owner) == OWN) {
+            pthread_mutex_lock(&l->up_mu);
+            return SHMBUS_OK;
+        }
+        struct pollfd p = {.fd = l->own_fd, .events = POLLIN};
+        if (poll(&p, 1, (int)(SLICE_NS / 1000000)) > 0) {
+            uint64_t n;
+            ssize_t k = read(l->own_fd, &n, sizeof n);
+            (void)k;
+        }
+    }
+}
+
+/* The hub's share: records it can deliver at once, without waiting and
+ * without Python (in a ping-pong, every one): a single frame into an inbox
+ * with room, or a run straight to a uds recipient.  1 when a record needs
+ * the up thread (it is left as it is, nothing of it delivered). */
+static int serve_fast(shmbus_link_t *l)
+{
+    for (;;) {
         if (!l->in_record) {
-            int rc = fill_record(l);
+            int rc = fill_record(l, 0);
+            if (rc == SHMBUS_EAGAIN)
+                return 0;
+            if (rc == SHMBUS_OK)
+                rc = check_record(l);
+            if (rc != SHMBUS_OK) {
+                l->pending = rc;
+                return 1;
+            }
+            l->in_record = 1;
+        }
+        if (!l->count) { /* its counts, or a heartbeat: check_record took them */
+            l->in_record = 0;
+            l->start += 4 + (uint64_t)l->body;
+            continue;
+        }
+        if (l->policy == 1 || resolve(l) != SHMBUS_OK)
+            return 1;
+        struct frame_info *f = &l->frames[0];
+        struct route *r = f->route;
+        if (r->is_topic || !r->known || r->targets != 1 ||
+            f[l->count - 1].route != r || f[l->count - 1].lane != f->lane)
+            return 1;
+        struct target *t = &r->t[0];
+        bool done = false;
+        if (t->peer && try_direct(l, t->peer, 0, l->count)) {
+            done = true;
+        } else if (l->count == 1) {
+            uint32_t written = 0;
+            int rc = shmbus_ring_write_many(shmbus_ring_lane(t->ring, f->lane), l->buf + f->at,
+                                            l->lens, 1, 0, &written);
+            done = rc == SHMBUS_OK && written == 1;
+        }
+        if (!done)
+            return 1;
+        t->written = l->count;
+        t->rc = SHMBUS_OK;
+        count_written(l, r, t, 0, l->count);
+        l->in_record = 0;
+        l->start += 4 + (uint64_t)l->body;
+        atomic_store(&l->hub->active, mono_ns());
+    }
+}
+
+static void serve(shmbus_link_t *l)
+{
+    if (atomic_load(&l->owner) != HUB)
+        return; /* the up thread has it, and re-arms when it hands it back */
+    if (pthread_mutex_trylock(&l->up_mu)) {
+        rearm(l); /* the up thread is just handing it back */
+        return;
+    }
+    if (atomic_load(&l->stop) || !serve_fast(l)) {
+        pthread_mutex_unlock(&l->up_mu);
+        if (!atomic_load(&l->stop))
+            rearm(l);
+        return;
+    }
+    atomic_store(&l->owner, OWN);
+    pthread_mutex_unlock(&l->up_mu);
+    own_turn(l);
+}
+
+shmbus_hub_t *shmbus_hub_new(int64_t spin_ns)
+{
+    shmbus_hub_t *h = calloc(1, sizeof *h);
+    if (!h)
+        return NULL;
+    h->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (h->ep < 0) {
+        free(h);
+        return NULL;
+    }
+    h->spin_ns = spin_ns;
+    pthread_mutex_init(&h->mu, NULL);
+    return h;
+}
+
+void shmbus_hub_stop(shmbus_hub_t *h) { atomic_store(&h->stop, 1); }
+
+void shmbus_hub_free(shmbus_hub_t *h)
+{
+    if (!h)
+        return;
+    close(h->ep);
+    pthread_mutex_destroy(&h->mu);
+    free(h);
+}
+
+int shmbus_hub_run(shmbus_hub_t *h)
+{
+    struct epoll_event ev[32];
+    while (!atomic_load(&h->stop)) {
+        bool spinning = mono_ns() - atomic_load(&h->active) < h->spin_ns;
+        /* mu from the wait to the last event served: an event names a link
+         * that unhub (which takes mu) has not let go of. */
+        pthread_mutex_lock(&h->mu);
+        int n = epoll_wait(h->ep, ev, 32, spinning ? 0 : (int)(SLICE_NS / 1000000));
+        for (int i = 0; i < n; i++)
+            serve(ev[i].data.ptr);
+        pthread_mutex_unlock(&h->mu);
+        if (n <= 0 && spinning)
+            sched_yield(); /* a thread that has work takes the CPU first */
+    }
+    return SHMBUS_OK;
+}
+
+int shmbus_link_hub(shmbus_link_t *l, shmbus_hub_t *h)
+{
+    if (l->hub || !h)
+        return SHMBUS_EINVAL;
+    pthread_mutex_lock(&l->up_mu);
+    l->hub = h;
+    atomic_store(&l->owner, HUB);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.ptr = l};
+    int rc = epoll_ctl(h->ep, EPOLL_CTL_ADD, l->fd, &ev);
+    if (rc) {
+        l->hub = NULL;
+        atomic_store(&l->owner, OWN);
+    }
+    pthread_mutex_unlock(&l->up_mu);
+    return rc ? SHMBUS_ESYS : SHMBUS_OK;
+}
+
+void shmbus_link_unhub(shmbus_link_t *l)
+{
+    shmbus_hub_t *h = l->hub;
+    if (!h)
+        return;
+    pthread_mutex_lock(&h->mu); /* not while the hub serves it */
+    epoll_ctl(h->ep, EPOLL_CTL_DEL, l->fd, NULL);
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* -------------------------------------------------------------------- up */
+
+int shmbus_link_up(shmbus_link_t *l)
+{
+    l->dead_n = 0; /* the caller took them */
+    int rc = take_turn(l);
+    if (rc != SHMBUS_OK)
+        return rc;
+    for (;;) {
+        if (atomic_load(&l->stop)) {
+            rc = SHMBUS_LINK_STOP;
+            break;
+        }
+        if (l->pending) { /* the hub met it */
+            rc = l->pending;
+            l->pending = 0;
+            break;
+        }
+        if (!l->in_record) {
+            rc = fill_record(l, !l->hub);
+            if (rc == SHMBUS_EAGAIN) { /* nothing for us: the hub reads until there is */
+                hand_back(l);
+                rc = take_turn(l);
+                if (rc != SHMBUS_OK)
+                    return rc;
+                continue;
+            }
             if (rc == SHMBUS_OK)
                 rc = check_record(l);
             if (rc != SHMBUS_OK)
-                return rc;
+                break;
             l->in_record = 1;
         }
-        int rc = resolve(l);
+        rc = resolve(l);
         /* Its routes would evict each other for ever (a client sends one
          * destination per record; a change of the table costs a few more). */
         if (rc == SHMBUS_LINK_MISS && ++l->misses > MAX_ROUTES)
-            return bad(l, "a record to more destinations than %u", MAX_ROUTES);
+            rc = bad(l, "a record to more destinations than %u", MAX_ROUTES);
         if (rc != SHMBUS_OK)
-            return rc;
+            break;
         for (uint32_t i = 0; i < l->count;) {
             uint32_t j = i + 1;
             while (j < l->count && l->frames[j].route == l->frames[i].route &&
@@ -756,14 +992,20 @@ int shmbus_link_up(shmbus_link_t *l)
         }
         l->in_record = 0;
         l->start += 4 + (uint64_t)l->body; /* the bytes stay until the next call */
+        if (l->hub)
+            atomic_store(&l->hub->active, mono_ns()); /* an answer may come: the hub looks */
         if (l->policy == 1 && l->count) {
             rc = send_verdict(l);
             if (rc != SHMBUS_OK)
-                return rc;
+                break;
         }
-        if (l->dead_n)
-            return SHMBUS_LINK_DEAD;
+        if (l->dead_n) {
+            rc = SHMBUS_LINK_DEAD;
+            break;
+        }
     }
+    pthread_mutex_unlock(&l->up_mu); /* still its turn: the hub leaves it alone */
+    return rc;
 }
 
 uint32_t shmbus_link_dead_count(const shmbus_link_t *l) { return l->dead_n; }

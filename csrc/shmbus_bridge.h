@@ -53,6 +53,7 @@
 #define SHMBUS_DEAD_FAILED 5  /* its ring returned the error in rc */
 
 typedef struct shmbus_link shmbus_link_t;
+typedef struct shmbus_hub shmbus_hub_t;
 
 typedef struct {
     const char *frame; /* valid until the next shmbus_link_up */
@@ -82,6 +83,21 @@ int shmbus_link_up(shmbus_link_t *l);
 int shmbus_link_down(shmbus_link_t *l);
 const char *shmbus_link_reason(const shmbus_link_t *l);
 int shmbus_link_errno(const shmbus_link_t *l);
+
+/* The hub: one thread (shmbus_hub_run) that reads every hubbed link's
+ * socket and delivers what needs neither a wait nor Python (a single frame
+ * into an inbox with room, a run straight to a uds recipient), handing the
+ * rest to the link's up thread, which hands the socket back once it has
+ * nothing left.  After a record went through it polls all the sockets for
+ * spin_ns (yielding) before it sleeps: in a round trip between uds agents
+ * the answer, then the next request, reach a thread that is awake, not one
+ * that must be woken.  A link leaves the hub (unhub) before it is closed. */
+shmbus_hub_t *shmbus_hub_new(int64_t spin_ns);
+int shmbus_hub_run(shmbus_hub_t *h);
+void shmbus_hub_stop(shmbus_hub_t *h);
+void shmbus_hub_free(shmbus_hub_t *h);
+int shmbus_link_hub(shmbus_link_t *l, shmbus_hub_t *h);
+void shmbus_link_unhub(shmbus_link_t *l);
 
 /* After SHMBUS_LINK_MISS: the destination (1 for a topic, 0 for an agent). */
 int shmbus_link_miss(const shmbus_link_t *l, const char **where, uint32_t *len);

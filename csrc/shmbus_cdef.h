@@ -190,6 +190,7 @@ int64_t shmbus_send_many(shmbus_route_t *rt, uint32_t kind, uint32_t priority, u
 #define SHMBUS_DEAD_FAILED ...
 
 typedef struct shmbus_link shmbus_link_t;
+typedef struct shmbus_hub shmbus_hub_t;
 
 typedef struct {
     const char *frame;
@@ -214,6 +215,12 @@ int shmbus_link_up(shmbus_link_t *l);
 int shmbus_link_down(shmbus_link_t *l);
 const char *shmbus_link_reason(const shmbus_link_t *l);
 int shmbus_link_errno(const shmbus_link_t *l);
+shmbus_hub_t *shmbus_hub_new(int64_t spin_ns);
+int shmbus_hub_run(shmbus_hub_t *h);
+void shmbus_hub_stop(shmbus_hub_t *h);
+void shmbus_hub_free(shmbus_hub_t *h);
+int shmbus_link_hub(shmbus_link_t *l, shmbus_hub_t *h);
+void shmbus_link_unhub(shmbus_link_t *l);
 int shmbus_link_miss(const shmbus_link_t *l, const char **where, uint32_t *len);
 int shmbus_link_route(shmbus_link_t *l, int is_topic, const char *where, uint32_t len,
                       uint64_t version, int known, uint64_t *topic_counters, uint32_t targets);
