@@ -147,7 +147,8 @@ struct shmbus_link {
 enum { HUB = 0, OWN = 1 };
 
 struct shmbus_hub {
-    int ep;             /* epoll: every link's socket (one-shot) */
+    int ep;             /* epoll: every link's socket (one-shot), and kick */
+    int kick;           /* eventfd: unhub wants mu now, not after the wait */
     pthread_mutex_t mu; /* held while events are served: a link leaves only between */
     int64_t spin_ns;
     _Atomic int64_t active; /* when a record last went through */
@@ -877,7 +878,13 @@ shmbus_hub_t *shmbus_hub_new(int64_t spin_ns)
     if (!h)
         return NULL;
     h->ep = epoll_create1(EPOLL_CLOEXEC);
-    if (h->ep < 0) {
+    h->kick = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (h->ep < 0 || h->kick < 0 || epoll_ctl(h->ep, EPOLL_CTL_ADD, h->kick, &ev)) {
+        if (h->ep >= 0)
+            close(h->ep);
+        if (h->kick >= 0)
+            close(h->kick);
         free(h);
         return NULL;
     }
@@ -886,13 +893,20 @@ shmbus_hub_t *shmbus_hub_new(int64_t spin_ns)
     return h;
 }
 
-void shmbus_hub_stop(shmbus_hub_t *h) { atomic_store(&h->stop, 1); }
+void shmbus_hub_stop(shmbus_hub_t *h)
+{
+    atomic_store(&h->stop, 1);
+    uint64_t one = 1;
+    ssize_t r = write(h->kick, &one, sizeof one);
+    (void)r;
+}
 
 void shmbus_hub_free(shmbus_hub_t *h)
 {
     if (!h)
         return;
     close(h->ep);
+    close(h->kick);
     pthread_mutex_destroy(&h->mu);
     free(h);
 }
@@ -906,8 +920,15 @@ int shmbus_hub_run(shmbus_hub_t *h)
          * that unhub (which takes mu) has not let go of. */
         pthread_mutex_lock(&h->mu);
         int n = epoll_wait(h->ep, ev, 32, spinning ? 0 : (int)(SLICE_NS / 1000000));
-        for (int i = 0; i < n; i++)
-            serve(ev[i].data.ptr);
+        for (int i = 0; i < n; i++) {
+            if (ev[i].data.ptr) {
+                serve(ev[i].data.ptr);
+            } else {
+                uint64_t k;
+                ssize_t r = read(h->kick, &k, sizeof k);
+                (void)r;
+            }
+        }
         pthread_mutex_unlock(&h->mu);
         if (n <= 0 && spinning)
             sched_yield(); /* a thread that has work takes the CPU first */
@@ -937,6 +958,9 @@ void shmbus_link_unhub(shmbus_link_t *l)
     shmbus_hub_t *h = l->hub;
     if (!h)
         return;
+    uint64_t one = 1;
+    ssize_t r = write(h->kick, &one, sizeof one); /* out of its wait */
+    (void)r;
     pthread_mutex_lock(&h->mu); /* not while the hub serves it */
     epoll_ctl(h->ep, EPOLL_CTL_DEL, l->fd, NULL);
     pthread_mutex_unlock(&h->mu);

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import time
 
+import pytest
+
 import shmbus
 
 LANES = (0, 50, 90)  # one priority in each lane
@@ -30,9 +32,13 @@ def _stream(bus: str, n: int) -> None:
         agent.send("rx", "done")
 
 
-def test_uds_to_uds_keeps_every_message_once_and_each_lane_in_order(bus, children):
+@pytest.mark.parametrize("rx_transport", ["uds", "shm"])
+def test_a_uds_stream_keeps_every_message_once_and_each_lane_in_order(bus, children, rx_transport):
+    """Single frames go through the hub while the inbox has room; batches, and
+    what must wait for room, through the sender's up thread: in one order."""
     n = 3000
-    with shmbus.connect(bus=bus, name="rx", transport="uds", inbox_capacity=1 << 15) as rx:
+    with shmbus.connect(bus=bus, name="rx", transport=rx_transport,
+                        inbox_capacity=1 << 15) as rx:  # fmt: skip
         children.start(_stream, bus, n)
         got: list[tuple[int, int]] = []
         deadline = time.monotonic() + 120
