@@ -402,6 +402,24 @@ static inline void set_sleeping(shmbus_ring_t *r, uint32_t value)
         atomic_store_explicit(&lane_ring(r, k)->seg->sleeping, value, memory_order_relaxed);
 }
 
+/* Look at the lanes until spin_until; true once one has a record.  Yield
+ * now and then while spinning: when the writer we wait for shares our CPU
+ * (a loaded or small machine), pure spinning would keep it from running for
+ * the whole spin; with a CPU to ourselves, a yield returns at once. */
+static bool spin_for_data(shmbus_ring_t *r, int64_t spin_until)
+{
+    for (unsigned i = 0;; i++) {
+        if (any_data(r))
+            return true;
+        if ((i & 63) == 0) {
+            if (now_ns() >= spin_until)
+                return false;
+            sched_yield();
+        }
+        cpu_relax();
+    }
+}
+
 /* Spin until spin_ns has passed, then sleep on the bell until deadline.
  * The lanes share the bell, so one wait covers them all. */
 static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
@@ -410,20 +428,8 @@ static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
     int64_t spin_until = spin_ns > 0 ? now + spin_ns : now;
     if (spin_until > deadline)
         spin_until = deadline;
-    /* Yield now and then while spinning: when the writer we wait for shares
-     * our CPU (a loaded or small machine), pure spinning would keep it from
-     * running for the whole spin; with a CPU to ourselves, a yield returns at
-     * once. */
-    for (unsigned i = 0;; i++) {
-        if (any_data(r))
-            return SHMBUS_OK;
-        if ((i & 63) == 0) {
-            if (now_ns() >= spin_until)
-                break;
-            sched_yield();
-        }
-        cpu_relax();
-    }
+    if (spin_for_data(r, spin_until))
+        return SHMBUS_OK;
     for (;;) {
         beat(r);
         set_sleeping(r, 1);
@@ -1072,17 +1078,8 @@ int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns)
 {
     if (!r)
         return SHMBUS_EINVAL;
-    int64_t spin_until = now_ns() + (spin_ns > 0 ? spin_ns : 0);
-    for (unsigned i = 0;; i++) {
-        if (any_data(r))
-            return SHMBUS_OK;
-        if ((i & 63) == 0) {
-            if (now_ns() >= spin_until)
-                break;
-            sched_yield();
-        }
-        cpu_relax();
-    }
+    if (spin_for_data(r, now_ns() + (spin_ns > 0 ? spin_ns : 0)))
+        return SHMBUS_OK;
     beat(r);
     set_sleeping(r, 1);
     atomic_thread_fence(memory_order_seq_cst); /* S2: pairs with D1 in ring_doorbell */

@@ -72,15 +72,19 @@ def _slow_echo(bus: str, name: str, seed: int | None) -> None:
                 return
 
 
+def _await_peer(agent: shmbus.Agent, target: str) -> None:
+    deadline = time.monotonic() + GUARD
+    while target not in agent.peers():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def _requester(bus: str, name: str, target: str, count: int, seed: int) -> None:
     """Requests one at a time with random pauses: each lands on an idle loop,
     anywhere in its re-arming; a lost wake-up is a RequestTimeout (exit 1)."""
     rnd = random.Random(seed)
     with shmbus.connect(bus=bus, name=name) as agent:
-        deadline = time.monotonic() + GUARD
-        while target not in agent.peers():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _await_peer(agent, target)
         for i in range(count):
             _pause(rnd)
             priority = (0, 50, 90)[i % 3]
@@ -92,10 +96,7 @@ def _sender(bus: str, name: str, target: str, count: int, seed: int) -> None:
     """``count`` messages on every lane in turn, in bursts with pauses."""
     rnd = random.Random(seed)
     with shmbus.connect(bus=bus, name=name) as agent:
-        deadline = time.monotonic() + GUARD
-        while target not in agent.peers():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _await_peer(agent, target)
         for i in range(count):
             agent.send(target, i, priority=(0, 50, 90)[i % 3])
             if rnd.random() < 0.1:
