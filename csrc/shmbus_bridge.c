@@ -829,9 +829,14 @@ static int serve_fast(shmbus_link_t *l)
             return 1;
         struct frame_info *f = &l->frames[0];
         struct route *r = f->route;
-        if (r->is_topic || !r->known || r->targets != 1 ||
-            f[l->count - 1].route != r || f[l->count - 1].lane != f->lane)
+        if (r->is_topic || !r->known || r->targets != 1)
             return 1;
+        /* One run, or the up thread splits it: a frame between two to one
+         * recipient may be another's (a client sends one per record; a
+         * hostile one need not). */
+        for (uint32_t i = 1; i < l->count; i++)
+            if (f[i].route != r || f[i].lane != f->lane)
+                return 1;
         struct target *t = &r->t[0];
         bool done = false;
         if (t->peer && try_direct(l, t->peer, 0, l->count)) {
