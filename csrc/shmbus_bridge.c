@@ -150,6 +150,8 @@ struct shmbus_hub {
     int ep;             /* epoll: every link's socket (one-shot), and kick */
     int kick;           /* eventfd: unhub wants mu now, not after the wait */
     pthread_mutex_t mu; /* held while events are served: a link leaves only between */
+    pthread_cond_t turn;     /* unhub's turn at mu: the hub waits while one wants it */
+    _Atomic int wanting;     /* unhub calls waiting for mu */
     int64_t spin_ns;
     _Atomic int64_t active; /* when a record last went through */
     _Atomic int stop;
@@ -777,6 +779,9 @@ static void rearm(shmbus_link_t *l)
 /* The up thread has nothing to do: the hub reads the socket again. */
 static void hand_back(shmbus_link_t *l)
 {
+    /* An answer to what went through may come: the hub looks for it.  Not
+     * after each record of a stream: the hub would spin beside it. */
+    atomic_store(&l->hub->active, mono_ns());
     atomic_store(&l->owner, HUB);
     pthread_mutex_unlock(&l->up_mu);
     rearm(l);
@@ -895,6 +900,7 @@ shmbus_hub_t *shmbus_hub_new(int64_t spin_ns)
     }
     h->spin_ns = spin_ns;
     pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->turn, NULL);
     return h;
 }
 
@@ -912,6 +918,7 @@ void shmbus_hub_free(shmbus_hub_t *h)
         return;
     close(h->ep);
     close(h->kick);
+    pthread_cond_destroy(&h->turn);
     pthread_mutex_destroy(&h->mu);
     free(h);
 }
@@ -924,6 +931,10 @@ int shmbus_hub_run(shmbus_hub_t *h)
         /* mu from the wait to the last event served: an event names a link
          * that unhub (which takes mu) has not let go of. */
         pthread_mutex_lock(&h->mu);
+        /* The hub takes mu back at once after each round: an unhub that wants
+         * it would lose that race round after round. */
+        while (atomic_load(&h->wanting))
+            pthread_cond_wait(&h->turn, &h->mu);
         int n = epoll_wait(h->ep, ev, 32, spinning ? 0 : (int)(SLICE_NS / 1000000));
         for (int i = 0; i < n; i++) {
             if (ev[i].data.ptr) {
@@ -963,11 +974,14 @@ void shmbus_link_unhub(shmbus_link_t *l)
     shmbus_hub_t *h = l->hub;
     if (!h)
         return;
+    atomic_fetch_add(&h->wanting, 1);
     uint64_t one = 1;
     ssize_t r = write(h->kick, &one, sizeof one); /* out of its wait */
     (void)r;
     pthread_mutex_lock(&h->mu); /* not while the hub serves it */
     epoll_ctl(h->ep, EPOLL_CTL_DEL, l->fd, NULL);
+    atomic_fetch_sub(&h->wanting, 1);
+    pthread_cond_broadcast(&h->turn);
     pthread_mutex_unlock(&h->mu);
 }
 
@@ -1021,8 +1035,6 @@ int shmbus_link_up(shmbus_link_t *l)
         }
         l->in_record = 0;
         l->start += 4 + (uint64_t)l->body; /* the bytes stay until the next call */
-        if (l->hub)
-            atomic_store(&l->hub->active, mono_ns()); /* an answer may come: the hub looks */
         if (l->policy == 1 && l->count) {
             rc = send_verdict(l);
             if (rc != SHMBUS_OK)
