@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import logging
 import threading
@@ -122,15 +123,30 @@ class Agent:
             self._check_open()
         policy = kw.get("backpressure") or self._agent.backpressure
         try:
+            if policy == "error" and self._agent._link.kind != "shm":
+                # uds: it waits for the bridge's verdict, a round trip: not on the loop
+                return await off_loop(self._left, fn, *args, **kw)
             if policy != "block":
                 return fn(*args, **kw)
             try:
-                return fn(*args, **{**kw, "backpressure": "error"})
+                with self._try_now():
+                    return fn(*args, **self._now_kw(kw))
             except InboxFull:
                 self._unfail()  # full now: wait for room as "block" says, in a thread
             return await off_loop(self._left, fn, *args, **kw)
         finally:
             self._feed.sent()
+
+    def _now_kw(self, kw: dict[str, Any]) -> dict[str, Any]:
+        """A send that must not wait: "error" on shm (it raises when the inbox
+        is full). A uds send keeps its policy, for the bridge to apply, and
+        raises only if its socket is full (``_try_now``): "error" would wait
+        for the bridge's verdict, a round trip with the loop blocked."""
+        return kw if self._agent._link.kind != "shm" else {**kw, "backpressure": "error"}
+
+    def _try_now(self) -> Any:
+        no_wait = getattr(self._agent._out, "no_wait", None)
+        return no_wait() if no_wait is not None else contextlib.nullcontext()
 
     def _unfail(self) -> None:
         """Take back the failure the outbox counted for a try that is not the
@@ -212,11 +228,15 @@ class Agent:
         kw.setdefault("timeout", timeout)
         policy = kw.get("backpressure") or self._agent._backpressure
         waited = False
-        if policy != "block":
+        if policy == "error" and self._agent._link.kind != "shm":  # a verdict: off the loop
+            msg_id = await self._send_request_off_loop(send, recipient, payload, kw)
+            waited = True
+        elif policy != "block":
             msg_id = send(recipient, payload, _REQUEST, **kw)
         else:
             try:  # the common case, inline: room in the inbox, no wait
-                msg_id = send(recipient, payload, _REQUEST, **{**kw, "backpressure": "error"})
+                with self._try_now():
+                    msg_id = send(recipient, payload, _REQUEST, **self._now_kw(kw))
             except InboxFull:
                 self._unfail()
                 msg_id = await self._send_request_off_loop(send, recipient, payload, kw)

@@ -362,6 +362,41 @@ def test_an_asyncio_agent_over_uds(bus, children):
     children.join_all(20)
 
 
+def test_an_asyncio_uds_agent_keeps_its_loop_free_under_policy_error(bus):
+    """A uds send of policy "error" waits for the bridge's verdict: the asyncio
+    agent waits off the loop, which keeps running, and raises as for shm."""
+    import asyncio
+
+    import shmbus.aio
+
+    async def main() -> None:
+        with shmbus.connect(bus=bus, name="tiny", transport="shm", inbox_capacity=1 << 14) as tiny:
+            agent = await shmbus.aio.connect(bus=bus, name="u", transport="uds",
+                                             backpressure="error")  # fmt: skip
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            task = asyncio.ensure_future(ticker())
+            try:
+                sent = []
+                with pytest.raises(shmbus.InboxFull, match="'tiny'"):
+                    for i in range(100):
+                        before = ticks
+                        sent.append(await agent.send("tiny", b"x" * 1500 + bytes([i])))
+                        assert ticks > before  # the loop ran while the send waited
+                assert [m.id for m in tiny.recv_many(100, timeout=5)] == sent
+            finally:
+                task.cancel()
+                await agent.close()
+
+    asyncio.run(main())
+
+
 def test_a_coordinator_restart_cuts_uds_agents_off_and_drains_their_inboxes(names, runtime):
     bus = names("bus")
     with shmbus.Runner(bus=bus) as runner:

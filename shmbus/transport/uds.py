@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .._native import ffi, lib
@@ -472,6 +472,7 @@ class UdsOutbox:
         self._seq = 0
         self._id_base = agent_id << 40  # as the C sender does: unique without asking anyone
         self._refreshed = 0.0
+        self._tls = threading.local()  # no_wait
 
     def _take(self, n: int) -> int:
         with self._ids:
@@ -545,9 +546,27 @@ class UdsOutbox:
         return self.frames(kind, [data], [flags], msg_id, recipient=recipient.encode(),
                            topic=topic.encode(), **fields)[0]  # fmt: skip
 
+    @contextlib.contextmanager
+    def no_wait(self) -> Iterator[None]:
+        """Sends of this thread in the block raise InboxFull at once when the
+        socket is full, whatever their policy (which the bridge still applies):
+        for an event loop, which must not wait here."""
+        self._tls.no_wait = True
+        try:
+            yield
+        finally:
+            self._tls.no_wait = False
+
     def _write(self, data: bytearray, where: str, policy: str, timeout: float | None) -> bool:
         """One record (from ``_record``); False if the socket was full and the
         policy is "drop"."""
+        if getattr(self._tls, "no_wait", False):
+            try:
+                self.stream.write(data, 0, False)
+            except _Full:
+                raise InboxFull(f"{where} on bus {self.bus!r}: the uds data socket is full "
+                                "now") from None  # fmt: skip
+            return True
         try:
             number = self.stream.write(data, timeout if policy == "block" else 0, policy == "block")
         except _Full:
