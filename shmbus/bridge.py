@@ -213,6 +213,13 @@ class _Link:
 
     def _up(self) -> None:
         """Socket -> inboxes."""
+        try:
+            self._up_loop()
+        except Exception as e:  # a bug of ours: this agent is cut off, not the bridge
+            log.exception("uds agent %s: the bridge's up thread failed", self.who.name)
+            self._fail(f"the bridge failed on its records: {e!r}")
+
+    def _up_loop(self) -> None:
         c = self.c
         where, size = ffi.new("char **"), ffi.new("uint32_t *")
         while True:
