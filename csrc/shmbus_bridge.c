@@ -397,6 +397,26 @@ int shmbus_link_route_peer(shmbus_link_t *l, uint32_t i, shmbus_link_t *peer)
 
 /* -------------------------------------------------------------------- up */
 
+/* After a socket call on the link failed (errno): SHMBUS_OK to try again,
+ * once the socket is ready for `events` or a slice passed (with `wait`), or
+ * what to return: SHMBUS_EAGAIN (without `wait`), a stop, a broken socket. */
+static int io_again(shmbus_link_t *l, short events, int wait)
+{
+    if (errno == EINTR)
+        return SHMBUS_OK;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        l->err = errno;
+        return SHMBUS_LINK_IOERR;
+    }
+    if (!wait)
+        return SHMBUS_EAGAIN;
+    if (atomic_load(&l->stop))
+        return SHMBUS_LINK_STOP;
+    struct pollfd p = {.fd = l->fd, .events = events};
+    poll(&p, 1, (int)(SLICE_NS / 1000000));
+    return atomic_load(&l->stop) ? SHMBUS_LINK_STOP : SHMBUS_OK;
+}
+
 /* A whole record at buf[start]; reads the socket until there is one. */
 static int fill_record(shmbus_link_t *l, int wait)
 {
@@ -442,20 +462,9 @@ static int fill_record(shmbus_link_t *l, int wait)
             shmbus_ring_wake(l->inbox);
             return SHMBUS_LINK_EOF;
         }
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK) {
-            l->err = errno;
-            return SHMBUS_LINK_IOERR;
-        }
-        if (!wait)
-            return SHMBUS_EAGAIN;
-        if (atomic_load(&l->stop))
-            return SHMBUS_LINK_STOP;
-        struct pollfd p = {.fd = l->fd, .events = POLLIN};
-        poll(&p, 1, (int)(SLICE_NS / 1000000));
-        if (atomic_load(&l->stop))
-            return SHMBUS_LINK_STOP;
+        int rc = io_again(l, POLLIN, wait);
+        if (rc != SHMBUS_OK)
+            return rc;
     }
 }
 
@@ -752,17 +761,10 @@ static int send_verdict(shmbus_link_t *l)
     size_t at = 0;
     while (rc == SHMBUS_OK && at < sizeof v) {
         ssize_t k = send(l->fd, (char *)v + at, sizeof v - at, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (k > 0) {
+        if (k >= 0)
             at += (size_t)k;
-        } else if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-            l->err = errno;
-            rc = SHMBUS_LINK_IOERR;
-        } else if (atomic_load(&l->stop)) {
-            rc = SHMBUS_LINK_STOP;
-        } else {
-            struct pollfd p = {.fd = l->fd, .events = POLLOUT};
-            poll(&p, 1, (int)(SLICE_NS / 1000000));
-        }
+        else
+            rc = io_again(l, POLLOUT, 1);
     }
     pthread_mutex_unlock(&l->mu);
     return rc;
@@ -1104,18 +1106,9 @@ static int send_rest(shmbus_link_t *l, int wait)
         struct msghdr m = {.msg_iov = iov + at, .msg_iovlen = (size_t)(3 - at)};
         ssize_t n = sendmsg(l->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                l->err = errno;
-                return SHMBUS_LINK_IOERR;
-            }
-            if (!wait)
-                return SHMBUS_EAGAIN;
-            if (atomic_load(&l->stop))
-                return SHMBUS_LINK_STOP;
-            struct pollfd p = {.fd = l->fd, .events = POLLOUT};
-            poll(&p, 1, (int)(SLICE_NS / 1000000));
+            int rc = io_again(l, POLLOUT, wait);
+            if (rc != SHMBUS_OK)
+                return rc;
             continue;
         }
         l->sent += (uint64_t)n;
