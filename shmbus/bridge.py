@@ -17,10 +17,12 @@ coordinator's control loop or another agent:
   cannot deliver.
 
 Both loops are C (csrc/shmbus_bridge.c), each run by a thread of ours inside
-one call that never holds the GIL: a frame crosses the bridge without Python
-and without waking a Python thread. Python resolves routes from the routes
-table when C asks for one, and turns what C could not deliver into dead
-letters.
+one call that never holds the GIL: a frame crosses the bridge without Python.
+One more thread, the *hub*, reads every uds agent's socket and delivers what
+needs no wait (a frame into an inbox with room, a run straight to a uds
+recipient), so in a round trip no up thread needs waking; it hands anything
+else to that agent's up thread. Python resolves routes from the routes table
+when C asks for one, and turns what C could not deliver into dead letters.
 
 A peer that sends a malformed or oversized record is disconnected with the
 reason logged, and the coordinator then drops the agent as dead. DLQ entries
@@ -60,7 +62,11 @@ _SLICE = 0.1  # seconds: how often a waiting thread looks whether it must stop
 # Nanoseconds the hub polls every uds socket after a record went through, before
 # it sleeps. An answer, then the next request, usually come sooner, and a thread
 # that polls (yielding) gets them without being woken, which costs 15-35 us here.
-_HUB_SPIN_NS = int(float(os.environ.get("SHMBUS_BRIDGE_SPIN_US", "100")) * 1000)
+try:
+    _HUB_SPIN_NS = max(int(float(os.environ.get("SHMBUS_BRIDGE_SPIN_US", "100")) * 1000), 0)
+except ValueError:
+    log.warning("SHMBUS_BRIDGE_SPIN_US is not a number of microseconds: 100 it is")
+    _HUB_SPIN_NS = 100_000
 _HELLO_WAIT = 5.0
 _SOCKBUF = 4 << 20
 _PUBLISH = int(MessageType.PUBLISH)
