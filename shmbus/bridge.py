@@ -50,7 +50,7 @@ from .control import ControlError, Reader, data_socket_path, encode, routes_name
 from .errors import ShmbusError
 from .message import HEADER, HEADER_SIZE, MessageType
 from .ring import Ring
-from .routes import Table, match
+from .routes import Table, subscribers
 from .stats import StatsSegment
 from .transport import wire
 
@@ -103,7 +103,6 @@ class _Routes:
         self.agents: dict[str, list[Any]] = {}
         self.subs: dict[str, list[str]] = {}
         self.rings: dict[str, Ring] = {}
-        self.subscribers: dict[str, list[str]] = {}
 
     def fresh(self) -> None:
         if self.table.version == self.version:
@@ -114,7 +113,6 @@ class _Routes:
         for name in [n for n in self.rings if agents.get(n) != self.agents.get(n)]:
             self.rings.pop(name).close()
         self.agents, self.subs = agents, routes["subs"]
-        self.subscribers.clear()
 
     def ring(self, name: str) -> Ring | None:
         ring = self.rings.get(name)
@@ -124,15 +122,6 @@ class _Routes:
             except ShmbusError:
                 return None
         return ring
-
-    def of_topic(self, topic: str) -> list[str]:
-        names = self.subscribers.get(topic)
-        if names is None:
-            if len(self.subscribers) > 4096:
-                self.subscribers.clear()
-            names = sorted({n for p, ns in self.subs.items() if match(p, topic) for n in ns})
-            self.subscribers[topic] = names
-        return names
 
     def close(self) -> None:
         for ring in self.rings.values():
@@ -151,7 +140,6 @@ class _Link:
         self.who = who
         self.sock = sock
         self.stop = threading.Event()  # the coordinator dropped the agent
-        self.eof = threading.Event()  # the agent finished writing (it leaves)
         self.lost: list[bytes] = []  # frames sent that it never took, for the DLQ
         stats = bridge.stats
         self.counters = stats.agent(who.slot)
@@ -243,7 +231,6 @@ class _Link:
             elif rc == lib.SHMBUS_LINK_DEAD:
                 self._undelivered()
             elif rc == lib.SHMBUS_LINK_EOF:
-                self.eof.set()
                 return
             elif rc == lib.SHMBUS_LINK_BAD:
                 reason = self._reason()
@@ -263,7 +250,7 @@ class _Link:
         key = where.encode()
         topic_counters = self.bridge.stats.topic(key) if is_topic else ffi.NULL
         if is_topic:
-            names = routes.of_topic(where)
+            names = subscribers(routes.subs, where)  # C caches the route it makes
         else:
             names = [where] if where in routes.agents and not where.startswith(".") else []
         targets = [(n, r) for n in names if (r := routes.ring(n)) is not None]

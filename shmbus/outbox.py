@@ -30,7 +30,7 @@ from .errors import (
 from .message import FLAG_ACK, FLAG_RAW, HEADER_SIZE, _packer, encode_frame
 from .message import pack_payload as _pack_payload
 from .ring import Ring, _deadline, _left_ns
-from .routes import Table, match, validate_topic
+from .routes import Table, subscribers, validate_topic
 from .stats import DROPPED, FAILED, StatsSegment
 
 _OK = lib.SHMBUS_OK
@@ -247,8 +247,7 @@ class Outbox:
             if len(self.topics) >= _MAX_TOPIC_ROUTES:
                 self.topics.clear()
                 self._subscribers.clear()
-            subs = self.subs.items()
-            names = sorted({n for p, members in subs if match(p, topic) for n in members})
+            names = subscribers(self.subs, topic)
             raw = topic.encode()
             rt, names = self._new_route(b"", 0, raw, self.stats.topic(raw), names)
             self.topics[topic] = rt
@@ -427,7 +426,7 @@ class Outbox:
                 rt = self.route_to(name)
             except UnknownRecipient as e:
                 self._failed(n)
-                for i, data in enumerate(_split(blob, lens)):
+                for i, data in enumerate(split_blob(blob, lens)):
                     msg_id = lib.shmbus_sender_next_id(self.sender)
                     self._dead_letter(
                         self.frame(
@@ -447,14 +446,14 @@ class Outbox:
             if rc != _OK:
                 written = lib.shmbus_route_written(rt, 0)
         if on_sent is not None:
-            for i, data in enumerate(_split(blob, lens)):
+            for i, data in enumerate(split_blob(blob, lens)):
                 if i >= written:
                     break
                 on_sent(first + i, data, flags[i])
         if written == n:
             return list(range(first, first + n))
         if rc in _FULL and policy == "drop":
-            for i, data in enumerate(_split(blob, lens)):
+            for i, data in enumerate(split_blob(blob, lens)):
                 if i >= written:
                     frame = self.frame(kind, data, flags[i], first + i, recipient=name,
                                        priority=priority, ttl=ms)  # fmt: skip
@@ -463,7 +462,7 @@ class Outbox:
         self._failed(n - written)
         if rc == _ECLOSED:
             self._forget_peer(name)
-            for i, data in enumerate(_split(blob, lens)):
+            for i, data in enumerate(split_blob(blob, lens)):
                 if i >= written:
                     frame = self.frame(kind, data, flags[i], first + i, recipient=name,
                                        priority=priority, ttl=ms)  # fmt: skip
@@ -523,7 +522,7 @@ class Outbox:
         # Some subscriber did not take it all: finish after signals, and
         # dead-letter what a full inbox refused, so nothing vanishes.
         names = self._subscribers.get(topic, [])
-        datas = list(_split(blob, lens))
+        datas = list(split_blob(blob, lens))
         for target, name in enumerate(names):
             if name.startswith("."):
                 # The coordinator's history inbox: a cache, best-effort. With
@@ -566,7 +565,8 @@ def _send_many(rt: Any, kind: int, priority: int, ms: int, blob: bytes, lens: An
     )  # fmt: skip
 
 
-def _split(blob: bytes, lens: Any) -> Any:
+def split_blob(blob: bytes, lens: Any) -> Any:
+    """The payloads back to back in ``blob`` (``lens``: their lengths), one by one."""
     pos = 0
     for n in lens:
         yield blob[pos : pos + n]

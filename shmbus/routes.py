@@ -20,7 +20,7 @@ from ._native import ffi, lib
 from .errors import CorruptFrame, InvalidName, MessageTooLarge, raise_for
 from .segment import Segment
 
-__all__ = ["Table", "match", "validate_pattern", "validate_topic"]
+__all__ = ["Table", "match", "subscribers", "validate_pattern", "validate_topic"]
 
 _TOKEN = re.compile(r"[A-Za-z0-9_\-:]+\Z")
 MAX_TOPIC: int = lib.SHMBUS_FRAME_MAX_TOPIC
@@ -74,6 +74,11 @@ def match(pattern: str, topic: str) -> bool:
         if i >= len(tw) or (word != "*" and word != tw[i]):
             return False
     return len(tw) == len(pw)
+
+
+def subscribers(subs: dict[str, list[str]], topic: str) -> list[str]:
+    """The agents subscribed to ``topic`` (``subs``: pattern -> agents), each once, sorted."""
+    return sorted({n for p, names in subs.items() if match(p, topic) for n in names})
 
 
 class Table(Segment):

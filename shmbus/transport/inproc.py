@@ -19,11 +19,9 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-
 from ..errors import Closed, NameTaken, ShmbusError
 from ..message import HEADER, HEADER_SIZE, MessageType
-from ..routes import match, validate_pattern
+from ..routes import subscribers, validate_pattern
 from ..stats import AgentStats, BusStats, Counters
 from . import wire
 from .uds import UdsInbox, UdsOutbox
@@ -60,7 +58,7 @@ class Hub:
                 at = HEADER_SIZE + sl
                 if kind == _PUBLISH:
                     topic = bytes(frame[at + rl : at + rl + tl]).decode()
-                    names = {n for p, ns in self.subs.items() if match(p, topic) for n in ns}
+                    names = set(subscribers(self.subs, topic))
                 else:
                     name = bytes(frame[at : at + rl]).decode()
                     if name not in self.queues:
@@ -164,8 +162,7 @@ class _Queue:
         self.last_write = time.monotonic()
 
     def write(self, data: bytearray, wait: float | None, cork: bool = False) -> int:
-        count = int.from_bytes(data[4:8], "little")
-        self.hub.deliver(wire.split(bytes(data[wire.HEAD + 4 * count :]), _lens(data, count)))
+        self.hub.deliver(wire.frames_of(data))
         return 0
 
     def verdict(self, number: int, timeout: float) -> tuple[int, int]:
@@ -208,10 +205,6 @@ def _merge(bodies: list[bytes]) -> bytes:
         frames.append(body[16 + 4 * count :])
     count = sum(len(x) for x in lens) // 4
     return b"".join((wire.RECORD.pack(0, count, 0, 0, 0)[4:], *lens, *frames))
-
-
-def _lens(data: bytearray, count: int) -> Any:
-    return np.frombuffer(bytes(data[wire.HEAD : wire.HEAD + 4 * count]), "<u4")
 
 
 class InprocLink:

@@ -44,7 +44,7 @@ from ..errors import (
     UnknownRecipient,
 )
 from ..message import FLAG_ACK, HEADER, HEADER_SIZE, MAGIC, VERSION
-from ..outbox import check_priority, pack_many, ttl_ms
+from ..outbox import check_priority, pack_many, split_blob, ttl_ms
 from ..routes import validate_topic
 from ..stats import AgentStats, BusStats, Counters, TopicStats
 from . import wire
@@ -650,7 +650,7 @@ class UdsOutbox:
         try:
             info = self._recipient(name)
         except UnknownRecipient as e:
-            datas = list(_split(blob, lens))
+            datas = list(split_blob(blob, lens))
             for frame in self.frames(kind, datas, flags, first, recipient=name.encode(),
                                      priority=priority, ttl=ms):  # fmt: skip
                 self._dead_letter(frame, f"no recipient: {e}")
@@ -659,7 +659,7 @@ class UdsOutbox:
                               recipient_id=info[0], priority=priority, ttl=ms, policy=policy,
                               timeout=timeout)  # fmt: skip
         if self._write(record, f"the inbox of {name!r}", policy, timeout) and on_sent:
-            for i, data in enumerate(_split(blob, lens)):
+            for i, data in enumerate(split_blob(blob, lens)):
                 on_sent(first + i, data, flags[i])
         return list(range(first, first + n))
 
@@ -678,14 +678,6 @@ class UdsOutbox:
 
     def close(self) -> None:
         self.agents = {}
-
-
-def _split(blob: bytes, lens: Any) -> Any:
-    view = memoryview(blob)
-    pos = 0
-    for n in lens:
-        yield bytes(view[pos : pos + n])
-        pos += n
 
 
 class _Beats(threading.Thread):

@@ -23,7 +23,6 @@ it reads the body; a peer that breaks them is disconnected.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from ..message import HEADER
 
@@ -72,14 +71,6 @@ FIELDS = ("magic", "version", "type", "priority", "flags", "attempts", "sender_i
           "recipient_id", "id", "request_id", "correlation_id", "timestamp_ns", "ttl_ms",
           "sender_len", "recipient_len", "topic_len", "payload_len", "reserved")  # fmt: skip
 TYPE_AT = struct.calcsize(HEADER.format[: 1 + FIELDS.index("type")])  # the type's offset
-
-
-def split(blob: bytes, flens: Any) -> list[bytes]:
-    out, pos = [], 0
-    for n in flens.tolist():
-        out.append(blob[pos : pos + n])
-        pos += n
-    return out
 
 
 def frames_of(data: bytes | bytearray) -> list[bytes]:
