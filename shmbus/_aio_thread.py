@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .agent import Agent
-from .errors import Closed, ShmbusError
-from .message import Message, MessageType, encode_message
+from .errors import Closed
+from .message import Message, encode_message
 
 log = logging.getLogger("shmbus.aio")
 
@@ -28,8 +28,7 @@ log = logging.getLogger("shmbus.aio")
 #: reading; it goes on once half of them are taken.
 MAX_UNREAD = 4096
 BATCH = 64  # messages per read, and per wake-up of the loop, at most
-IDLE = 0.5  # seconds a read waits at most: resends fall due, a lost wake-up is found
-WAKE = "shmbus.aio.wake"  # the payload of the frame that wakes a reader to stop
+IDLE = 0.5  # seconds a read waits at most: resends fall due, a stop is seen
 
 
 class Reader(threading.Thread):
@@ -47,10 +46,6 @@ class Reader(threading.Thread):
         self.backlog = 0  # handed to the loop, not yet taken by recv (under cond)
         self.paused = False
         self.stopping = False
-        self.wake_seen = False
-        self._wake = encode_message(
-            Message(type=MessageType.CONTROL, sender=agent.name, recipient=agent.name, payload=WAKE)
-        )
 
     # ------------------------------------------------------ loop's side
 
@@ -79,40 +74,14 @@ class Reader(threading.Thread):
         return await off_loop(left, self.stop, 5.0)  # type: ignore[no-any-return]
 
     def stop(self, timeout: float) -> list[Message]:
-        """Have the thread end (blocking up to ``timeout``: run it off the loop).
-        Returns what was read after it, looking for the wake-up frame left
-        behind when the thread was not waiting on the inbox."""
+        """Have the thread end (blocking up to ``timeout``: run it off the loop);
+        it sees the stop within its read's wait (IDLE). Nothing is read after
+        it: what is left stays in the inbox, as for a closing sync agent."""
         with self.cond:
             self.stopping = True
             self.cond.notify()
-        try:  # wake it now rather than at the end of its wait
-            # A ring inbox takes the wake-up frame; another transport's (uds)
-            # cannot be written to by its reader: IDLE bounds the wait then.
-            write = getattr(self.agent.inbox, "try_write", None)
-            woken = write is not None and write(self._wake)
-        except ShmbusError:
-            woken = False  # a full inbox wakes it anyway; else IDLE bounds the wait
         self.join(timeout)
-        after: list[Message] = []
-        if not woken or self.is_alive():
-            return after
-        while not self.wake_seen:  # the reader is gone: this thread reads now
-            got = self.agent.recv_many(BATCH, timeout=0)
-            if not got:
-                break
-            after += self._strip(got)
-        return after
-
-    def _strip(self, got: list[Message]) -> list[Message]:
-        """``got`` without the wake-up frame (noted as seen)."""
-        name = self.agent.name
-        out = []
-        for m in got:
-            if m.type is MessageType.CONTROL and m.sender == name and m.payload == WAKE:
-                self.wake_seen = True
-            else:
-                out.append(m)
-        return out
+        return []
 
     # ---------------------------------------------------- thread's side
 
@@ -146,9 +115,7 @@ class Reader(threading.Thread):
                 continue
             if not got:
                 continue
-            batch = self._strip(got)
-            if not batch:
-                continue
+            batch = got
             with self.cond:
                 self.backlog += len(batch)
             try:
