@@ -241,6 +241,32 @@ def test_a_uds_agent_killed_mid_stream(bus, children, driver_transport):
             assert again.recv(timeout=10).payload == "welcome back"
 
 
+def _burst_then_die(bus: str, n: int) -> None:
+    """Sends ``n`` messages one at a time, as fast as it can, then dies at once."""
+    agent = shmbus.connect(bus=bus, name="burst", transport="uds")
+    for i in range(n):
+        agent.send("driver", i)
+        agent.publish("burst.n", i)
+    os.kill(os.getpid(), signal.SIGKILL)  # no close, no flush: whatever send returned is out
+
+
+@pytest.mark.parametrize("n", [1, 2, 50])
+def test_a_uds_sender_killed_right_after_its_sends_returned_loses_none_of_them(bus, children, n):
+    with shmbus.connect(bus=bus, name="driver") as driver:
+        driver.subscribe("burst.>")
+        proc = children.start(_burst_then_die, bus, n)
+        proc.join(20)
+        assert proc.exitcode == -signal.SIGKILL
+        got: list[tuple[str, int]] = []
+        deadline = time.monotonic() + 20
+        while len(got) < 2 * n and time.monotonic() < deadline:
+            got += [(m.type.name, m.payload) for m in driver.recv_many(100, timeout=0.5)]
+        directs = [p for t, p in got if t == "DIRECT"]
+        publishes = [p for t, p in got if t == "PUBLISH"]
+        assert directs == list(range(n))
+        assert publishes == list(range(n))
+
+
 # -------------------------------------------------------- backpressure
 
 

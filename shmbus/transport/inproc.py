@@ -161,7 +161,7 @@ class _Queue:
         self.taken = self.granted = 0
         self.last_write = time.monotonic()
 
-    def write(self, data: bytearray, wait: float | None, cork: bool = False) -> int:
+    def write(self, data: bytearray, wait: float | None) -> int:
         self.hub.deliver(wire.frames_of(data))
         return 0
 

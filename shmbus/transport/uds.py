@@ -59,10 +59,6 @@ _AHEAD = 8  # records the bridge may send ahead of what we took (its limit too)
 _QUIET = 1e-3  # seconds a wait lasts before it tells the bridge our counts
 ROUTES_TTL = 0.25  # seconds a uds agent trusts its copy of the routes for a direct send
 _SLICE = 0.05
-_BURST = 50e-6  # a send this soon after the last is part of a burst: corked
-_CORK_WAIT = 200e-6  # the tail of a burst goes this late at the latest
-_CORK_BYTES = 64 << 10  # a cork this full goes at once
-_CORK_RECORD = 4096  # a record this large is a batch already: it goes at once
 _VERDICT_WAIT = 30.0  # seconds a send of policy "error" waits for the bridge's word
 _pack = HEADER.pack
 
@@ -89,12 +85,7 @@ class Stream:
         self._buf = bytearray(_BUF)
         self._start = self._end = 0
         self.wlock = threading.Lock()
-        self._pending = b""  # the rest of a record the socket took only part of
-        self._corked: list[bytes] = []  # records of a burst, to go in one system call
-        self._corked_size = 0
         self._closed = False
-        self._cork_cv = threading.Condition()
-        threading.Thread(target=self._flusher, name="shmbus-uds-flush", daemon=True).start()
         self.last_write = time.monotonic()
         # Records taken from the bridge and asked for (wire.py), in every record we write.
         self.taken = self.granted = 0
@@ -207,7 +198,6 @@ class Stream:
                     if self._told != (self.taken, self.granted):
                         self.ack()
                     return None
-                self.kick()  # what we sent must not wait while we do
                 if self.granted == self.taken:
                     self.granted += 1  # nothing asked for: ask for the next record
                 told = self._told == (self.taken, self.granted)
@@ -242,88 +232,35 @@ class Stream:
 
     # ------------------------------------------------------------ writing
 
-    def write(self, data: bytearray, wait: float | None, cork: bool = False) -> int:
+    def write(self, data: bytearray, wait: float | None) -> int:
         """Write one record, waiting up to ``wait`` (None: forever) for the
-        socket to take its first byte; :class:`_Full` if it took none. A
-        record taken in part is finished before the next one.
+        socket to take its first byte; :class:`_Full` if it took none.
 
-        With ``cork``, a record that comes in a burst (soon after the last) is
-        kept to go with the ones after it, in one system call: at the latest
-        ``_CORK_WAIT`` later, when the reader waits, or when enough gathered."""
+        A record the socket took in part is finished before this returns,
+        however long that takes: nothing a send returned for is left in this
+        process, so the kernel hands it to the bridge even if a SIGKILL comes
+        next (a user-space cork, once here, lost exactly those records;
+        batches are ``send_many``'s)."""
         deadline = None if wait is None else time.monotonic() + wait
         if not self.wlock.acquire(timeout=-1 if wait is None else wait):
             raise _Full  # another sender holds the socket, waiting for room
         try:
-            self._write(data, deadline, cork)
+            self._write(data, deadline)
             self.written += 1
             return self.written
         finally:
             self.wlock.release()
 
-    def _write(self, data: bytearray, deadline: float | None, cork: bool) -> None:
+    def _write(self, data: bytearray, deadline: float | None) -> None:
         counts = (self.taken & wire.MASK, self.granted & wire.MASK)
         wire.COUNTS.pack_into(data, wire.COUNTS_AT, *counts)
-        now = time.monotonic()
-        if cork and len(data) < _CORK_RECORD and (self._corked or now - self.last_write < _BURST):
-            if self._corked_size + len(data) > _CORK_BYTES and not self._flush(deadline):
-                raise _Full
-            first = not self._corked
-            self._corked.append(bytes(data))
-            self._corked_size += len(data)
-            self.last_write = now
-            self._told = (self.taken, self.granted)
-            if first:  # the flusher waits for the first only
-                with self._cork_cv:
-                    self._cork_cv.notify()
-            return
-        if (self._corked or self._pending) and not self._flush(deadline):
-            raise _Full
         rest = self._send(data, deadline)
         if rest is data:
             raise _Full
-        self._pending = rest or b""
+        if rest is not None:  # the frame boundaries must hold: the rest goes now
+            self._send(rest, None)
         self.last_write = time.monotonic()
         self._told = (self.taken, self.granted)
-
-    def _flush(self, deadline: float | None) -> bool:
-        """Send what is pending and corked (the lock held); False if the socket took
-        none of it by the deadline (what it took in part is pending)."""
-        if self._pending:
-            rest = self._send(self._pending, deadline)
-            if rest is not None:
-                self._pending = rest
-                return False
-            self._pending = b""
-        if self._corked:
-            blob = b"".join(self._corked)
-            rest = self._send(blob, deadline)
-            if rest is blob:
-                return False
-            self._corked.clear()
-            self._corked_size = 0
-            self._pending = rest or b""
-        return True
-
-    def _flusher(self) -> None:
-        """Sends the tail of a burst that nothing else sent."""
-        while not self._closed:
-            with self._cork_cv:
-                while not self._corked and not self._closed:
-                    self._cork_cv.wait(1.0)
-            time.sleep(_CORK_WAIT)
-            with self.wlock:
-                try:
-                    self._flush(None)
-                except Closed:
-                    return
-
-    def kick(self) -> None:
-        """Send what is corked now, if no sender has the socket (before a wait)."""
-        if self._corked and self.wlock.acquire(blocking=False):
-            try:
-                self._flush(0.0)
-            finally:
-                self.wlock.release()
 
     def ack(self) -> bool:
         """Tell the bridge our counts now, unless a sender has the socket (then
@@ -358,17 +295,8 @@ class Stream:
             self._wpoll.poll(100 if left is None else max(1, min(100, math.ceil(left * 1000))))
         return None
 
-    def flush(self, wait: float) -> None:
-        if self.wlock.acquire(timeout=wait):
-            try:
-                self._flush(time.monotonic() + wait)
-            finally:
-                self.wlock.release()
-
     def close(self) -> None:
         self._closed = True
-        with self._cork_cv:
-            self._cork_cv.notify()
         self.sock.close()
 
 
@@ -562,13 +490,13 @@ class UdsOutbox:
         policy is "drop"."""
         if getattr(self._tls, "no_wait", False):
             try:
-                self.stream.write(data, 0, False)
+                self.stream.write(data, 0)
             except _Full:
                 raise InboxFull(f"{where} on bus {self.bus!r}: the uds data socket is full "
                                 "now") from None  # fmt: skip
             return True
         try:
-            number = self.stream.write(data, timeout if policy == "block" else 0, policy == "block")
+            number = self.stream.write(data, timeout if policy == "block" else 0)
         except _Full:
             pass
         else:
@@ -748,12 +676,11 @@ class UdsLink:
         )  # fmt: skip
 
     def leave(self, dead_letter: Any) -> None:
-        """Before unregistering: finish writing, then take what the bridge had
+        """Before unregistering: tell the bridge our last counts, then take what the bridge had
         sent us already (to the DLQ, unread), until it closes its side."""
         self._beats.close()
         inbox = self.inbox
         try:
-            self.stream.flush(_LEAVE_WAIT)
             with contextlib.suppress(_Full):  # our last counts: what we took is received
                 self.stream.write(wire.record([]), _LEAVE_WAIT)
             self.stream.sock.shutdown(socket.SHUT_WR)  # the bridge routes all, then ends
