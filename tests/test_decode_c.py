@@ -229,7 +229,9 @@ def raw_frames(draw: st.DrawFn) -> bytes:
     if flags & m.FLAG_RAW:
         payload = draw(st.binary(max_size=32))
     else:
-        payload = m.pack_payload(draw(VALUES))[0]
+        # A bytes value packs raw: the frame must say so, or it is not valid.
+        payload, raw = m.pack_payload(draw(VALUES))
+        flags |= raw
     return encode_frame(
         draw(st.sampled_from([int(t) for t in MessageType])),
         sender=draw(NAMES).encode(),
