@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RELAY_C = r"""
@@ -80,37 +81,38 @@ def _echo_pipe(conn: object) -> None:
         pass
 
 
-def _p50(times: list[float]) -> float:
-    return statistics.median(times[WARMUP:]) * 1e6
-
-
-def _socket_rounds(fd: int, count: int) -> float:
+def _rounds(round_trip: Callable[[], object], count: int) -> float:
+    """The p50 of ``count`` round trips after the warm-up, in microseconds."""
     times = []
     for _ in range(count + WARMUP):
         t = time.perf_counter()
-        os.write(fd, MESSAGE)
-        os.read(fd, 1 << 16)
+        round_trip()
         times.append(time.perf_counter() - t)
-    return _p50(times)
+    return statistics.median(times[WARMUP:]) * 1e6
 
 
-def pipe(ctx: mp.context.BaseContext, count: int, relay: Path) -> float:
+def _stop(proc: mp.process.BaseProcess) -> None:
+    # Killed, not joined first: a forked echo holds our end too, so it never sees EOF.
+    proc.kill()
+    proc.join(5)
+
+
+def pipe(ctx: mp.context.BaseContext, count: int) -> float:
     here, there = ctx.Pipe()
     proc = ctx.Process(target=_echo_pipe, args=(there,), daemon=True)
     proc.start()
     there.close()
+    payload = {"id": 1, "body": "x" * 16}
+
+    def round_trip() -> object:
+        here.send(payload)
+        return here.recv()
+
     try:
-        times = []
-        for i in range(count + WARMUP):
-            t = time.perf_counter()
-            here.send({"id": i, "body": "x" * 16})
-            here.recv()
-            times.append(time.perf_counter() - t)
-        return _p50(times)
+        return _rounds(round_trip, count)
     finally:
         here.close()
-        proc.join(5)
-        proc.kill()
+        _stop(proc)
 
 
 def _through(ctx: mp.context.BaseContext, count: int, relay: Path | None, spin: int) -> float:
@@ -128,34 +130,28 @@ def _through(ctx: mp.context.BaseContext, count: int, relay: Path | None, spin: 
     proc = ctx.Process(target=_echo_fd, args=(far.fileno(),), daemon=True)
     proc.start()
     far.close()
+    fd = near.fileno()
+
+    def round_trip() -> bytes:
+        os.write(fd, MESSAGE)
+        return os.read(fd, 1 << 16)
+
     try:
-        return _socket_rounds(near.fileno(), count)
+        return _rounds(round_trip, count)
     finally:
         near.close()
-        proc.join(5)
-        proc.kill()
+        _stop(proc)
         if relay_proc:
             relay_proc.kill()
             relay_proc.wait(5)
 
 
-def socketpair(ctx: mp.context.BaseContext, count: int, relay: Path) -> float:
-    return _through(ctx, count, None, 0)
-
-
-def relayed(ctx: mp.context.BaseContext, count: int, relay: Path) -> float:
-    return _through(ctx, count, relay, 0)
-
-
-def relayed_spinning(ctx: mp.context.BaseContext, count: int, relay: Path) -> float:
-    return _through(ctx, count, relay, 1)
-
-
-ROWS = {
-    "pipe": pipe,
-    "socketpair": socketpair,
-    "relay": relayed,
-    "relay-spin": relayed_spinning,
+# name -> (ctx, count, relay binary) -> p50 in microseconds
+ROWS: dict[str, Callable[[mp.context.BaseContext, int, Path], float]] = {
+    "pipe": lambda ctx, count, relay: pipe(ctx, count),
+    "socketpair": lambda ctx, count, relay: _through(ctx, count, None, 0),
+    "relay": lambda ctx, count, relay: _through(ctx, count, relay, 0),
+    "relay-spin": lambda ctx, count, relay: _through(ctx, count, relay, 1),
 }
 
 
