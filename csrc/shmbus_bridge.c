@@ -92,6 +92,9 @@ struct shmbus_link {
 
     _Atomic int stop;
     _Atomic int eof;
+    /* The agent is gone (shmbus_link_drain): up reads what its socket holds,
+     * delivers it without waiting for room, and ends where the bytes end. */
+    _Atomic int draining;
     _Atomic int closed; /* the socket is going: nobody may send on it (set under mu) */
     _Atomic int refs;   /* the coordinator's, and each route's that sends straight here */
     _Atomic uint32_t taken, granted; /* the agent's counts of our records */
@@ -300,6 +303,12 @@ static void own_turn(shmbus_link_t *l)
     (void)n; /* a full counter is a post already */
 }
 
+void shmbus_link_drain(shmbus_link_t *l)
+{
+    atomic_store(&l->draining, 1);
+    own_turn(l); /* the up thread reads the rest, whoever had the socket */
+}
+
 void shmbus_link_stop(shmbus_link_t *l)
 {
     atomic_store(&l->stop, 1);
@@ -408,7 +417,9 @@ static int io_again(shmbus_link_t *l, short events, int wait)
         l->err = errno;
         return SHMBUS_LINK_IOERR;
     }
-    if (!wait)
+    /* Draining, an empty socket is the end: a dead writer's bytes were all
+     * queued to us before it died (an AF_UNIX write copies into our queue). */
+    if (!wait || (events == POLLIN && atomic_load(&l->draining)))
         return SHMBUS_EAGAIN;
     if (atomic_load(&l->stop))
         return SHMBUS_LINK_STOP;
@@ -453,7 +464,9 @@ static int fill_record(shmbus_link_t *l, int wait)
             beat(l);
             continue;
         }
-        if (n == 0) {
+        /* ECONNRESET: it closed with our records unread in its socket; what
+         * it wrote came first, so this is its end as EOF is. */
+        if (n == 0 || (n < 0 && errno == ECONNRESET)) {
             if (avail)
                 return bad(l, "the connection ended inside a record (%llu bytes)",
                            (unsigned long long)avail);
@@ -710,12 +723,13 @@ static void deliver_run(shmbus_link_t *l, uint32_t first, uint32_t n)
         }
         full |= write_run(l, r, t, first, n, 0) == SHMBUS_EAGAIN && !t->lossy;
     }
-    if (full && l->policy == 0) {
+    if (full && l->policy == 0 && !atomic_load(&l->draining)) {
         bool forever = l->wait_ms == FOREVER_MS;
         int64_t deadline = forever ? INT64_MAX : mono_ns() + (int64_t)l->wait_ms * 1000000;
         for (uint32_t k = 0; k < r->targets; k++) {
             struct target *t = &r->t[k];
-            while (t->rc == SHMBUS_EAGAIN && !t->lossy && !atomic_load(&l->stop)) {
+            while (t->rc == SHMBUS_EAGAIN && !t->lossy && !atomic_load(&l->stop) &&
+                   !atomic_load(&l->draining)) {
                 int64_t left = deadline - mono_ns();
                 if (left <= 0)
                     break;
@@ -735,7 +749,8 @@ static void deliver_run(shmbus_link_t *l, uint32_t first, uint32_t n)
                   : t->rc == SHMBUS_EAGAIN || t->rc == SHMBUS_ETIMEDOUT ? SHMBUS_DEAD_FULL
                                                                         : SHMBUS_DEAD_FAILED;
         note(l, why, t->written, lane, l->frames[first].lane);
-        if (why == SHMBUS_DEAD_FULL && l->policy == 1 && !r->is_topic) {
+        if (why == SHMBUS_DEAD_FULL && l->policy == 1 && !r->is_topic &&
+            !atomic_load(&l->draining)) {
             /* "error": its sender raises, and keeps the message, as an shm sender does */
             add(l->counters, SHMBUS_STAT_FAILED, n - t->written);
             continue;
@@ -797,6 +812,11 @@ static int take_turn(shmbus_link_t *l)
             return SHMBUS_LINK_STOP;
         if (atomic_load(&l->owner) == OWN) {
             pthread_mutex_lock(&l->up_mu);
+            return SHMBUS_OK;
+        }
+        if (atomic_load(&l->draining)) { /* the hub lets go of it (serve) */
+            pthread_mutex_lock(&l->up_mu);
+            atomic_store(&l->owner, OWN);
             return SHMBUS_OK;
         }
         struct pollfd p = {.fd = l->own_fd, .events = POLLIN};
@@ -867,7 +887,7 @@ static int serve_fast(shmbus_link_t *l)
 
 static void serve(shmbus_link_t *l)
 {
-    if (atomic_load(&l->owner) != HUB)
+    if (atomic_load(&l->owner) != HUB || atomic_load(&l->draining))
         return; /* the up thread has it, and re-arms when it hands it back */
     if (pthread_mutex_trylock(&l->up_mu)) {
         rearm(l); /* the up thread is just handing it back */
@@ -1007,6 +1027,10 @@ int shmbus_link_up(shmbus_link_t *l)
         }
         if (!l->in_record) {
             rc = fill_record(l, !l->hub);
+            if (rc == SHMBUS_EAGAIN && atomic_load(&l->draining)) {
+                rc = SHMBUS_LINK_EOF; /* all it wrote is delivered */
+                break;
+            }
             if (rc == SHMBUS_EAGAIN) { /* nothing for us: the hub reads until there is */
                 hand_back(l);
                 rc = take_turn(l);
@@ -1037,7 +1061,7 @@ int shmbus_link_up(shmbus_link_t *l)
         }
         l->in_record = 0;
         l->start += 4 + (uint64_t)l->body; /* the bytes stay until the next call */
-        if (l->policy == 1 && l->count) {
+        if (l->policy == 1 && l->count && !atomic_load(&l->draining)) {
             rc = send_verdict(l);
             if (rc != SHMBUS_OK)
                 break;

@@ -68,6 +68,7 @@ except ValueError:
     log.warning("SHMBUS_BRIDGE_SPIN_US is not a number of microseconds: 100 it is")
     _HUB_SPIN_NS = 100_000
 _HELLO_WAIT = 5.0
+_DRAIN_WAIT = 5.0  # seconds: a departed agent's last records (bounded: at most a socket's worth)
 _SOCKBUF = 4 << 20
 _PUBLISH = int(MessageType.PUBLISH)
 _ACK = int(MessageType.ACK)
@@ -140,6 +141,7 @@ class _Link:
         self.who = who
         self.sock = sock
         self.stop = threading.Event()  # the coordinator dropped the agent
+        self.draining = False  # it is gone: what its socket holds is delivered, then the end
         self.lost: list[bytes] = []  # frames sent that it never took, for the DLQ
         stats = bridge.stats
         self.counters = stats.agent(who.slot)
@@ -170,7 +172,7 @@ class _Link:
 
     def _fail(self, reason: str) -> None:
         """The agent broke the protocol, or its socket broke: it is dead to the bus."""
-        if not self.stop.is_set():
+        if not (self.stop.is_set() or self.draining):  # else it is off the bus already
             self.bridge.events.put(("kill", self.who.name, reason))
             self.bridge.wake()
         with contextlib.suppress(OSError):
@@ -305,9 +307,22 @@ class _Link:
         if d.why == lib.SHMBUS_DEAD_FULL:
             policy, wait = wire.policy_of(d.policy | d.wait_ms << 2)
             waited = f" for {wait}s" if policy == "block" else ""
+            if self.draining:
+                waited = f" (its sender {self.who.name!r} had left: nobody waits for room)"
             return (f"inbox full{waited}: {who} ({d.used} of {d.capacity} bytes in use); "
                     f"policy {policy!r}")  # fmt: skip
         return f"the inbox of {who} failed: error {d.rc}"
+
+    def drain(self, timeout: float) -> None:
+        """The agent is off the bus: deliver what it wrote before it went.
+        Its socket holds all of it (a dead writer writes no more), so this
+        ends where those bytes end; a full inbox gets no wait (to the DLQ)."""
+        self.draining = True
+        lib.shmbus_link_drain(self.c)
+        self.up.join(timeout)
+        if self.up.is_alive():
+            log.warning("uds agent %s: its last records took over %.0fs to deliver; "
+                        "the rest is cut off", self.who.name, timeout)  # fmt: skip
 
     def close(self) -> None:
         self.stop.set()
@@ -383,6 +398,9 @@ class Bridge:
             link = self.links.pop(name, None)
         if link is None:
             return []
+        # Its death reaches us by the control socket, maybe before the hub has
+        # read all the data socket holds: what a send returned for is delivered.
+        link.drain(_DRAIN_WAIT)
         link.close()
         return link.lost
 

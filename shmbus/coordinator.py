@@ -508,7 +508,11 @@ class Coordinator:
             self._publish()  # first: peers check the version before every send
         # What its inbox still holds goes to the DLQ, then the inbox goes (a uds
         # agent's bridge stops first: what it sent that was never taken goes first).
-        taken = self.bridge.detach(name) if self.bridge is not None else []
+        taken: list[bytes] = []
+        if self.bridge is not None:
+            taken = self.bridge.detach(name)
+            # What its last records could not deliver is in the DLQ before anyone asks.
+            self.bridge.pump(self._bridge_dead_letter, self._bridge_kill)
         moved = self._drain(agent, reason, taken)
         if moved:
             log.warning("agent %s left %d unread messages: in the DLQ", name, moved)

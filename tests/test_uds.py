@@ -317,6 +317,33 @@ def test_a_uds_sender_to_a_full_inbox_times_out_and_loses_nothing(bus):
         assert got == sorted(got)  # in order
 
 
+def _block_then_die(bus: str, n: int) -> None:
+    """Sends ``n`` large messages to a full inbox, willing to wait 60 s for room, then dies."""
+    agent = shmbus.connect(bus=bus, name="blocked", transport="uds", send_timeout=60)
+    ids = [agent.send("full", b"x" * 8000) for _ in range(n)]
+    agent.send("driver", ids)  # to another inbox, with room: it goes behind the blocked ones
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_uds_sender_that_dies_while_the_bridge_waits_for_room_loses_nothing(bus, children):
+    """The bridge waits for room on behalf of a sender that can wait no more: when the
+    sender dies, what it sent goes in if there is room, else to the DLQ, and nothing
+    waits out the sender's 60 s."""
+    with (
+        shmbus.connect(bus=bus, name="full", transport="shm", inbox_capacity=1 << 16) as full,
+        shmbus.connect(bus=bus, name="driver") as driver,
+    ):
+        proc = children.start(_block_then_die, bus, 50)
+        proc.join(20)
+        assert proc.exitcode == -signal.SIGKILL
+        sent = driver.recv(timeout=20).payload  # delivered after the 50: they were not waited for
+        dead = [(i, r) for i, r in _all_dead_letters(bus) if i in sent]
+        got = [m.id for m in full.recv_many(1000, timeout=0.5)]
+        assert got and dead  # some fitted; the rest did not wait 60 s
+        assert got + sorted(i for i, _ in dead) == sent  # each once, in order
+        assert all("'blocked' had left" in r for _, r in dead), dead[:1]
+
+
 def test_acks_ttl_and_counters_work_for_uds_agents(bus):
     with (
         shmbus.connect(bus=bus, name="u", transport="uds", ack_timeout=0.2) as u,
