@@ -1366,3 +1366,26 @@ int64_t shmbus_record_build(const char *names, uint32_t sender_len, uint32_t rec
     }
     return (int64_t)size;
 }
+
+int64_t shmbus_record_send(int fd, uint32_t taken, uint32_t granted, const char *names,
+                           uint32_t sender_len, uint32_t recipient_len, uint32_t topic_len,
+                           uint32_t sender_id, uint32_t recipient_id, uint32_t kind,
+                           uint32_t priority, uint32_t ttl_ms, uint32_t info, uint64_t id,
+                           uint64_t request_id, uint64_t correlation_id, const char *payload,
+                           uint32_t len, uint32_t flags, char *out, uint64_t cap, int64_t *sent)
+{
+    uint8_t flag = (uint8_t)flags;
+    int64_t size = shmbus_record_build(names, sender_len, recipient_len, topic_len, sender_id,
+                                       recipient_id, kind, priority, ttl_ms, info, id, request_id,
+                                       correlation_id, 0, payload, &len, &flag, 1, out, cap);
+    if (size < 0)
+        return size;
+    uint32_t counts[2] = {taken, granted};
+    memcpy(out + 12, counts, sizeof counts);
+    ssize_t n;
+    do
+        n = send(fd, out, (size_t)size, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    *sent = n < 0 ? -(int64_t)errno : (int64_t)n;
+    return size;
+}

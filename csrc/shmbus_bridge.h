@@ -141,4 +141,15 @@ int64_t shmbus_record_build(const char *names, uint32_t sender_len, uint32_t rec
                             int64_t timestamp_ns, const char *blob, const uint32_t *lens,
                             const uint8_t *flags, uint32_t count, char *out, uint64_t cap);
 
+/* One frame's record, built as shmbus_record_build builds it (the payload's
+ * length and flags for its arrays) with the client's counts, then sent on
+ * `fd` without waiting: a uds send in one call.  Returns the record's size,
+ * or the build's error; `*sent` is what the socket took of it, or -errno. */
+int64_t shmbus_record_send(int fd, uint32_t taken, uint32_t granted, const char *names,
+                           uint32_t sender_len, uint32_t recipient_len, uint32_t topic_len,
+                           uint32_t sender_id, uint32_t recipient_id, uint32_t kind,
+                           uint32_t priority, uint32_t ttl_ms, uint32_t info, uint64_t id,
+                           uint64_t request_id, uint64_t correlation_id, const char *payload,
+                           uint32_t len, uint32_t flags, char *out, uint64_t cap, int64_t *sent);
+
 #endif

@@ -240,6 +240,12 @@ int64_t shmbus_record_build(const char *names, uint32_t sender_len, uint32_t rec
                             uint64_t first_id, uint64_t request_id, uint64_t correlation_id,
                             int64_t timestamp_ns, const char *blob, const uint32_t *lens,
                             const uint8_t *flags, uint32_t count, char *out, uint64_t cap);
+int64_t shmbus_record_send(int fd, uint32_t taken, uint32_t granted, const char *names,
+                           uint32_t sender_len, uint32_t recipient_len, uint32_t topic_len,
+                           uint32_t sender_id, uint32_t recipient_id, uint32_t kind,
+                           uint32_t priority, uint32_t ttl_ms, uint32_t info, uint64_t id,
+                           uint64_t request_id, uint64_t correlation_id, const char *payload,
+                           uint32_t len, uint32_t flags, char *out, uint64_t cap, int64_t *sent);
 
 /* shmbus_ring.h: waiting beside the reader (shmbus_waiter.h) */
 int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns);
