@@ -95,6 +95,7 @@ struct shmbus_link {
     /* The agent is gone (shmbus_link_drain): up reads what its socket holds,
      * delivers it without waiting for room, and ends where the bytes end. */
     _Atomic int draining;
+    _Atomic int64_t drain_until; /* mono ns: no wait for room goes past it */
     _Atomic int closed; /* the socket is going: nobody may send on it (set under mu) */
     _Atomic int refs;   /* the coordinator's, and each route's that sends straight here */
     _Atomic uint32_t taken, granted; /* the agent's counts of our records */
@@ -303,9 +304,10 @@ static void own_turn(shmbus_link_t *l)
     (void)n; /* a full counter is a post already */
 }
 
-void shmbus_link_drain(shmbus_link_t *l)
+void shmbus_link_drain(shmbus_link_t *l, int64_t wait_ns)
 {
-    atomic_store(&l->draining, 1);
+    atomic_store(&l->drain_until, mono_ns() + wait_ns);
+    atomic_store(&l->draining, 1); /* seq_cst: drain_until is set when this is seen */
     own_turn(l); /* the up thread reads the rest, whoever had the socket */
 }
 
@@ -723,14 +725,16 @@ static void deliver_run(shmbus_link_t *l, uint32_t first, uint32_t n)
         }
         full |= write_run(l, r, t, first, n, 0) == SHMBUS_EAGAIN && !t->lossy;
     }
-    if (full && l->policy == 0 && !atomic_load(&l->draining)) {
+    if (full && l->policy == 0) {
         bool forever = l->wait_ms == FOREVER_MS;
         int64_t deadline = forever ? INT64_MAX : mono_ns() + (int64_t)l->wait_ms * 1000000;
         for (uint32_t k = 0; k < r->targets; k++) {
             struct target *t = &r->t[k];
-            while (t->rc == SHMBUS_EAGAIN && !t->lossy && !atomic_load(&l->stop) &&
-                   !atomic_load(&l->draining)) {
-                int64_t left = deadline - mono_ns();
+            while (t->rc == SHMBUS_EAGAIN && !t->lossy && !atomic_load(&l->stop)) {
+                int64_t until = deadline;
+                if (atomic_load(&l->draining) && atomic_load(&l->drain_until) < until)
+                    until = atomic_load(&l->drain_until); /* its sender is gone */
+                int64_t left = until - mono_ns();
                 if (left <= 0)
                     break;
                 beat(l); /* blocked on a full inbox is alive, as an shm sender is */
@@ -847,7 +851,7 @@ static int serve_fast(shmbus_link_t *l)
             }
             l->in_record = 1;
         }
-        if (!l->count) { /* its counts, or a heartbeat: check_record took them */
+        if (!l->count && l->policy != 1) { /* its counts, or a heartbeat: check_record took them */
             l->in_record = 0;
             l->start += 4 + (uint64_t)l->body;
             continue;
@@ -1061,7 +1065,9 @@ int shmbus_link_up(shmbus_link_t *l)
         }
         l->in_record = 0;
         l->start += 4 + (uint64_t)l->body; /* the bytes stay until the next call */
-        if (l->policy == 1 && l->count && !atomic_load(&l->draining)) {
+        /* Of no frames: a barrier (the client's sync), answered once all it
+         * sent before is delivered or, for the DLQ, handed to Python. */
+        if (l->policy == 1 && !atomic_load(&l->draining)) {
             rc = send_verdict(l);
             if (rc != SHMBUS_OK)
                 break;

@@ -73,10 +73,10 @@ typedef struct {
 shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint32_t agent_id,
                                uint64_t types, uint64_t *counters, uint64_t *beat,
                                const shmbus_table_t *routes, shmbus_ring_t *inbox);
-/* The agent is gone: its up thread delivers what the socket holds, without
- * waiting for room (full: dead-lettered), and returns SHMBUS_LINK_EOF where
- * the bytes end.  Then stop. */
-void shmbus_link_drain(shmbus_link_t *l);
+/* The agent is gone: its up thread delivers what the socket holds, waiting
+ * for room as the frames' policy says but not past `wait_ns` from now (then
+ * dead-lettered), and returns SHMBUS_LINK_EOF where the bytes end.  Then stop. */
+void shmbus_link_drain(shmbus_link_t *l, int64_t wait_ns);
 void shmbus_link_stop(shmbus_link_t *l);
 /* No more sends on its socket from here on (by another link's direct send
  * either): call it before closing the socket.  free does it too. */

@@ -208,7 +208,7 @@ typedef struct {
 shmbus_link_t *shmbus_link_new(int fd, const char *name, uint32_t name_len, uint32_t agent_id,
                                uint64_t types, uint64_t *counters, uint64_t *beat,
                                const shmbus_table_t *routes, shmbus_ring_t *inbox);
-void shmbus_link_drain(shmbus_link_t *l);
+void shmbus_link_drain(shmbus_link_t *l, int64_t wait_ns);
 void shmbus_link_stop(shmbus_link_t *l);
 void shmbus_link_close(shmbus_link_t *l);
 void shmbus_link_free(shmbus_link_t *l);

@@ -514,6 +514,7 @@ class Agent:
         if n is not None:
             check_keep(pattern, n, stop=False)
         out = []
+        self._link.sync()  # a uds agent's publishes are the bridge's to keep first
         reply = self._call("history", pattern=pattern, n=n)
         while True:
             for frame in reply["frames"]:
@@ -945,6 +946,7 @@ class Agent:
 
     def dlq(self, limit: int = 1000) -> list[DeadLetter]:
         """The newest entries of the bus's dead-letter queue, oldest first."""
+        self._link.sync()  # what the bridge could not deliver of ours is in it
         reply = self._call("dlq_list", limit=limit)
         out = []
         for entry in reply["entries"]:
@@ -964,7 +966,9 @@ class Agent:
 
     def stats(self) -> BusStats:
         """Every counter of the bus now, read from shared memory (no coordinator
-        call; a uds agent asks the coordinator)."""
+        call; a uds agent asks the coordinator, once the bridge has handled
+        what it sent)."""
+        self._link.sync()
         return self._link.stats(self.bus)
 
     # ----------------------------------------------------------- close

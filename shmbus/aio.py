@@ -542,8 +542,10 @@ class Agent:
         return await off_loop(self._left, self._agent.history, pattern, n)  # type: ignore[no-any-return]
 
     def stats(self) -> BusStats:
-        """Every counter of the bus now (shared memory: no wait)."""
-        return self._agent.stats()
+        """Every counter of the bus now (shared memory: no wait). On uds, a
+        control call, and without the sync agent's wait for the bridge to
+        handle this agent's sends (which could hold the loop)."""
+        return self._agent._link.stats(self._agent.bus)
 
     async def dlq(self, limit: int = 1000) -> list[DeadLetter]:
         """The newest entries of the bus's dead-letter queue, oldest first."""

@@ -71,7 +71,9 @@ except ValueError:
     log.warning("SHMBUS_BRIDGE_SPIN_US is not a number of microseconds: 0 it is")
     _HUB_SPIN_NS = 0
 _HELLO_WAIT = 5.0
-_DRAIN_WAIT = 5.0  # seconds: a departed agent's last records (bounded: at most a socket's worth)
+# Seconds a departed agent's last records may wait for room in full inboxes, in
+# all (then to the DLQ): the coordinator's loop waits that long at most.
+_DRAIN_WAIT = 2.0
 _SOCKBUF = 4 << 20
 _PUBLISH = int(MessageType.PUBLISH)
 _ACK = int(MessageType.ACK)
@@ -311,7 +313,8 @@ class _Link:
             policy, wait = wire.policy_of(d.policy | d.wait_ms << 2)
             waited = f" for {wait}s" if policy == "block" else ""
             if self.draining:
-                waited = f" (its sender {self.who.name!r} had left: nobody waits for room)"
+                waited = (f" (its sender {self.who.name!r} had left: the bridge waited "
+                          f"{_DRAIN_WAIT}s at most)")
             return (f"inbox full{waited}: {who} ({d.used} of {d.capacity} bytes in use); "
                     f"policy {policy!r}")  # fmt: skip
         return f"the inbox of {who} failed: error {d.rc}"
@@ -319,10 +322,11 @@ class _Link:
     def drain(self, timeout: float) -> None:
         """The agent is off the bus: deliver what it wrote before it went.
         Its socket holds all of it (a dead writer writes no more), so this
-        ends where those bytes end; a full inbox gets no wait (to the DLQ)."""
+        ends where those bytes end; full inboxes get ``timeout`` in all to
+        make room (then to the DLQ)."""
         self.draining = True
-        lib.shmbus_link_drain(self.c)
-        self.up.join(timeout)
+        lib.shmbus_link_drain(self.c, int(timeout * 1e9))
+        self.up.join(timeout + 3.0)  # and the time to route what fitted
         if self.up.is_alive():
             log.warning("uds agent %s: its last records took over %.0fs to deliver; "
                         "the rest is cut off", self.who.name, timeout)  # fmt: skip

@@ -620,6 +620,9 @@ class Coordinator:
                 self.subs.get(pattern, set()).discard(agent.name)
             self._publish()
             return {"ok": True, "version": self.table.version}
+        if self.bridge is not None and (op in DLQ_OPS or op in HISTORY_OPS or op == "stats"):
+            # What the bridge handed over is in before it is read (a uds agent's sync).
+            self.bridge.pump(self._bridge_dead_letter, self._bridge_kill)
         if op in DLQ_OPS:
             reply = self.dlq.handle(op, msg)
             self._dlq_stats()

@@ -344,6 +344,25 @@ def test_a_uds_sender_that_dies_while_the_bridge_waits_for_room_loses_nothing(bu
         assert all("'blocked' had left" in r for _, r in dead), dead[:1]
 
 
+def test_what_a_uds_agent_asks_right_after_sending_includes_what_it_sent(bus):
+    """stats() and dlq() wait for the bridge to finish this agent's records
+    (shm sends are done when they return; uds sends are pipelined)."""
+    with (
+        shmbus.connect(bus=bus, name="full", transport="shm", inbox_capacity=1 << 14) as full,
+        shmbus.connect(bus=bus, name="u", transport="uds", backpressure="drop") as u,
+    ):
+        for _ in range(3):
+            before = u.stats().agents["u"].sent
+            ids = [u.send("full", b"x" * 1000) for _ in range(40)]  # about 14 fit
+            dead = {d.message.id for d in u.dlq()} & set(ids)  # asked at once
+            sent = u.stats().agents["u"].sent - before
+            assert dead and sent and sent + len(dead) == 40
+            got = {m.id for m in full.recv_many(100, timeout=5)}
+            while more := full.recv_many(100, timeout=0.2):
+                got |= {m.id for m in more}
+            assert got | dead == set(ids) and not got & dead  # each in one place
+
+
 def test_acks_ttl_and_counters_work_for_uds_agents(bus):
     with (
         shmbus.connect(bus=bus, name="u", transport="uds", ack_timeout=0.2) as u,

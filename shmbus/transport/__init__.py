@@ -110,6 +110,10 @@ class Link(Protocol):
 
     def stats(self, bus: str) -> BusStats: ...
 
+    def sync(self) -> None:
+        """Return once what this agent sent shows in what the coordinator
+        reports (stats, the DLQ, history): at once where sends are synchronous."""
+
     def leave(self, dead_letter: Callable[[bytes, str], None]) -> None:
         """Before ``unregister``: finish what is in flight; frames received
         but never to be read go to ``dead_letter(frame, reason)``."""

@@ -233,6 +233,9 @@ class InprocLink:
                         dlq=len(self.ctl.hub.dlq), dlq_total=len(self.ctl.hub.dlq),
                         dlq_evicted=0, departed=Counters())  # fmt: skip
 
+    def sync(self) -> None:
+        pass  # the hub delivers as we send
+
     def leave(self, dead_letter: Any) -> None:
         pass  # the hub dead-letters what is still queued when we unregister
 

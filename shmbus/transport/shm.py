@@ -73,6 +73,9 @@ class ShmLink:
         self.out._fresh()
         return self.stats_segment.snapshot(bus, inbox_fill(self.out.agents, self.out.peers))
 
+    def sync(self) -> None:
+        pass  # a send is in its inbox when it returns
+
     def leave(self, dead_letter: Any) -> None:
         pass  # nothing in flight: what the inbox holds, the coordinator drains
 

@@ -62,6 +62,7 @@ _QUIET = 1e-3  # seconds a wait lasts before it tells the bridge our counts
 ROUTES_TTL = 0.25  # seconds a uds agent trusts its copy of the routes for a direct send
 _SLICE = 0.05
 _VERDICT_WAIT = 30.0  # seconds a send of policy "error" waits for the bridge's word
+_SYNC_WAIT = 2.0  # seconds ``sync`` waits for the bridge to catch up
 _SCRATCH = 64 << 10  # a one-frame record up to this size is built and sent in one C call
 _EAGAIN = -errno.EAGAIN
 _record_send = lib.shmbus_record_send
@@ -459,7 +460,7 @@ class UdsOutbox:
         if info is None or time.monotonic() - self._refreshed > ROUTES_TTL:
             self.refresh()  # it may have come (or gone) since we last asked
             info = self.agents.get(name)
-        if info is None:
+        if info is None or name.startswith("."):  # .history: a subscriber, no agent
             raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
         return info
 
@@ -714,6 +715,19 @@ class UdsLink:
                              dead_letter=dead_letter)  # fmt: skip
         self.out.refresh()
         self._beats = _Beats(self)
+
+    def sync(self) -> None:
+        """Wait until the bridge has handled every record this agent wrote
+        (a record of no frames, policy "error": its verdict comes after
+        them), so that stats, the DLQ and history, asked for next, show them.
+        Best effort: a socket full past the wait, or no word, and the call
+        goes on without it."""
+        stream = self.stream
+        try:
+            number = stream.write(wire.record([], wire.info("error", 0)), _SYNC_WAIT)
+            stream.verdict(number, _SYNC_WAIT)
+        except (_Full, CoordinatorUnavailable, Closed):
+            pass  # the call that follows says what is wrong, if anything is
 
     def stats(self, bus: str) -> BusStats:
         d = self.ctl.call("stats")["stats"]
