@@ -93,7 +93,8 @@ struct shmbus_link {
     _Atomic int stop;
     _Atomic int eof;
     /* The agent is gone (shmbus_link_drain): up reads what its socket holds,
-     * delivers it without waiting for room, and ends where the bytes end. */
+     * delivers it (waiting for room until drain_until at most), and ends
+     * where the bytes end. */
     _Atomic int draining;
     _Atomic int64_t drain_until; /* mono ns: no wait for room goes past it */
     _Atomic int closed; /* the socket is going: nobody may send on it (set under mu) */

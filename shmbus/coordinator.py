@@ -442,6 +442,19 @@ class Coordinator:
         if agent is not None and agent.slot:
             self.stats.add(self.stats.agent(agent.slot), DEAD_LETTERED)
 
+    def _bridge_dead_letters(self) -> None:
+        """Take in the bridge's dead letters now; its kills wait for the loop's
+        pump (a drop in the middle of a departure or a request could pull an
+        agent or a connection from under it)."""
+        if self.bridge is None:
+            return
+        kills: list[tuple[str, str]] = []
+        self.bridge.pump(self._bridge_dead_letter, lambda *kill: kills.append(kill))
+        for name, reason in kills:
+            self.bridge.events.put(("kill", name, reason))
+        if kills:
+            self.bridge.wake()
+
     def _bridge_kill(self, name: str, reason: str) -> None:
         """A uds agent broke its data connection's protocol, or lost it: dead."""
         agent = self.agents.get(name)
@@ -511,8 +524,7 @@ class Coordinator:
         taken: list[bytes] = []
         if self.bridge is not None:
             taken = self.bridge.detach(name)
-            # What its last records could not deliver is in the DLQ before anyone asks.
-            self.bridge.pump(self._bridge_dead_letter, self._bridge_kill)
+            self._bridge_dead_letters()  # its last records' are in before anyone asks
         moved = self._drain(agent, reason, taken)
         if moved:
             log.warning("agent %s left %d unread messages: in the DLQ", name, moved)
@@ -620,9 +632,8 @@ class Coordinator:
                 self.subs.get(pattern, set()).discard(agent.name)
             self._publish()
             return {"ok": True, "version": self.table.version}
-        if self.bridge is not None and (op in DLQ_OPS or op in HISTORY_OPS or op == "stats"):
-            # What the bridge handed over is in before it is read (a uds agent's sync).
-            self.bridge.pump(self._bridge_dead_letter, self._bridge_kill)
+        if op in DLQ_OPS or op in HISTORY_OPS or op == "stats":
+            self._bridge_dead_letters()  # what a uds agent's sync waited for is in
         if op in DLQ_OPS:
             reply = self.dlq.handle(op, msg)
             self._dlq_stats()
