@@ -256,8 +256,7 @@ class Stream:
             raise _Full  # another sender holds the socket, waiting for room
         try:
             self._write(data, deadline)
-            self.written += 1
-            return self.written
+            return self._wrote()
         finally:
             self.wlock.release()
 
@@ -280,10 +279,7 @@ class Stream:
                 raise Closed(f"the data connection broke: {os.strerror(-n)}")
             if n < size:  # the frame boundaries must hold: the rest goes now
                 self._send(ffi.buffer(self._scratch, size)[n:], None)
-            self.last_write = time.monotonic()
-            self._told = (self.taken, self.granted)
-            self.written += 1
-            return self.written
+            return self._wrote()
         finally:
             self.wlock.release()
 
@@ -295,8 +291,13 @@ class Stream:
             raise _Full
         if rest is not None:  # the frame boundaries must hold: the rest goes now
             self._send(rest, None)
+
+    def _wrote(self) -> int:
+        """A whole record is in the kernel, our counts in it: its number."""
         self.last_write = time.monotonic()
         self._told = (self.taken, self.granted)
+        self.written += 1
+        return self.written
 
     def ack(self) -> bool:
         """Tell the bridge our counts now, unless a sender has the socket (then
