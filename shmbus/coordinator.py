@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 
 from . import takeover
+from ._native import lib
 from .bridge import Bridge
 from .control import (
     ControlError,
@@ -49,6 +50,7 @@ from .ring import LANES, Ring
 from .routes import validate_pattern
 from .stats import DEAD_LETTERED, DLQ_EVICTED, DLQ_SIZE, DLQ_TOTAL, inbox_fill
 from .takeover import process_gone as _process_gone
+from .transport.peer import peer_path
 
 log = logging.getLogger("shmbus.coordinator")
 
@@ -529,6 +531,9 @@ class Coordinator:
         if moved:
             log.warning("agent %s left %d unread messages: in the DLQ", name, moved)
         Ring.unlink_name(agent.inbox)
+        if agent.transport == "uds":  # its listener, if it died and left it
+            with contextlib.suppress(OSError):
+                peer_path(self.bus, agent.id).unlink()
         if agent.slot:
             self.stats.close_agent(agent.slot)  # folded into the departed totals
             self._free_slots.append(agent.slot)
@@ -649,12 +654,45 @@ class Coordinator:
             return self.history.page(msg)
         if op in ("ping", "unregister"):
             return {"ok": True}
+        if op == "count":
+            self._count(self._agent_of(conn), msg)
+            return {"ok": True}
         if op == "routes":  # for uds agents, who cannot map the routes table
             return {"ok": True, "version": self.table.version, **self._routes()}
         if op == "stats":
             snapshot = self.stats.snapshot(self.bus, inbox_fill(self._routes()["agents"]))
             return {"ok": True, "stats": snapshot.as_dict()}
         return {"ok": False, "error": "BadRequest", "message": f"unknown op {op!r}"}
+
+    def _count(self, agent: _Agent, msg: dict[str, Any]) -> None:
+        """A uds agent's counts of what went over its direct links (the bridge
+        never saw it): sent by it and delivered to each peer, and received."""
+
+        def amount(v: Any) -> int:
+            if type(v) is not int or not 0 <= v < 1 << 48:
+                raise ValueError(f"a count must be a number from 0 to 2**48, got {v!r}")
+            return v
+
+        sent = [(amount(i), amount(n), amount(b)) for i, n, b in msg.get("sent", [])]
+        received = [amount(v) for v in msg.get("received", [0, 0])]
+        if len(received) != 2:
+            raise ValueError("received: [messages, bytes]")
+        own = self.stats.agent(agent.slot) if agent.slot else None
+        by_id = {a.id: a for a in self.agents.values()}
+        for peer_id, n, nbytes in sent:
+            if own is not None:
+                self.stats.add(own, lib.SHMBUS_STAT_SENT, n)
+                self.stats.add(own, lib.SHMBUS_STAT_BYTES_SENT, nbytes)
+            peer = by_id.get(peer_id)
+            if peer is not None and peer.slot:
+                counters = self.stats.agent(peer.slot)
+                self.stats.add(counters, lib.SHMBUS_STAT_DELIVERED, n)
+                self.stats.add(counters, lib.SHMBUS_STAT_DELIVERED_BYTES, nbytes)
+        if own is not None:
+            self.stats.add(own, lib.SHMBUS_STAT_RECEIVED, received[0])
+            self.stats.add(own, lib.SHMBUS_STAT_BYTES_RECEIVED, received[1])
+            self.stats.add(own, lib.SHMBUS_STAT_FAILED, amount(msg.get("failed", 0)))
+            self.stats.add(own, lib.SHMBUS_STAT_DROPPED, amount(msg.get("dropped", 0)))
 
     def _register(self, conn: _Conn, msg: dict[str, Any]) -> dict[str, Any]:
         if conn.agent is not None:

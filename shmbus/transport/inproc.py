@@ -182,11 +182,14 @@ class _Queue:
                     self.taken += 1
                     bodies = list(queue)
                     queue.clear()
-                    return _merge(bodies)
+                    return wire.merge(bodies)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
                 self.hub.lock.wait(left)
+
+    def poll_record(self) -> bytes | None:
+        return None  # read_record took all that waited
 
     def ack(self) -> bool:
         return True
@@ -196,18 +199,6 @@ class _Queue:
 
     def close(self) -> None:
         pass
-
-
-def _merge(bodies: list[bytes]) -> bytes:
-    if len(bodies) == 1:
-        return bodies[0]
-    lens, frames = [], []
-    for body in bodies:
-        count = int.from_bytes(body[:4], "little")
-        lens.append(body[16 : 16 + 4 * count])
-        frames.append(body[16 + 4 * count :])
-    count = sum(len(x) for x in lens) // 4
-    return b"".join((wire.RECORD.pack(0, count, 0, 0, 0)[4:], *lens, *frames))
 
 
 class InprocLink:

@@ -22,6 +22,7 @@ import array
 import collections
 import contextlib
 import errno
+import logging
 import math
 import os
 import select
@@ -47,11 +48,13 @@ from ..errors import (
 from ..message import FLAG_ACK, HEADER, HEADER_SIZE, MAGIC, VERSION
 from ..outbox import check_priority, pack_many, split_blob, ttl_ms
 from ..ring import DEFAULT_SPIN_NS
-from ..routes import validate_topic
+from ..routes import subscribers, validate_topic
 from ..stats import AgentStats, BusStats, Counters, TopicStats
 from . import wire
 
 __all__ = ["UdsLink", "open"]
+
+log = logging.getLogger("shmbus.transport.uds")
 
 _BUF = 1 << 20
 _SOCKBUF = 4 << 20
@@ -63,6 +66,7 @@ ROUTES_TTL = 0.25  # seconds a uds agent trusts its copy of the routes for a dir
 _SLICE = 0.05
 _VERDICT_WAIT = 30.0  # seconds a send of policy "error" waits for the bridge's word
 _SYNC_WAIT = 2.0  # seconds ``sync`` waits for the bridge to catch up
+_GATHER = 256  # records a read takes together at most
 _SCRATCH = 64 << 10  # a one-frame record up to this size is built and sent in one C call
 _EAGAIN = -errno.EAGAIN
 _record_send = lib.shmbus_record_send
@@ -76,7 +80,8 @@ class _Full(Exception):
 class Stream:
     """The data socket: records in (one reader thread), records out (any thread)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, label: str = "the bridge") -> None:
+        self.label = label  # who is at the other end, for errors
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKBUF)
@@ -100,6 +105,14 @@ class Stream:
         self.taken = self.granted = 0
         self._told = (0, 0)
         self.written = 0  # records we wrote: a verdict names the record it is on
+        # A direct link's (peer.py): records of frames written and not yet taken
+        # by the peer, numbered as its ``taken`` counts them. They are the
+        # sender's until taken: if the peer goes first, they go to the DLQ.
+        self.keep: collections.deque[tuple[int, bytes]] | None = None
+        self.kept = 0
+        self.keep_bytes = 0
+        self.peer_taken = 0
+        self._klock = threading.Lock()
         self._rlock = threading.Lock()  # one reader of the socket at a time
         self._stash: collections.deque[bytes] = collections.deque()  # read while awaiting a verdict
         self._verdicts: dict[int, tuple[int, int]] = {}
@@ -122,6 +135,22 @@ class Stream:
             if self._stash:
                 return self._stash.popleft()
             return self._read(timeout)
+
+    def poll_record(self) -> bytes | None:
+        """The next record's body if it is here now: no wait, no counts told."""
+        if self._stash:
+            return self._stash.popleft()
+        if not self._rlock.acquire(blocking=False):
+            return None
+        try:
+            while True:
+                if self._stash:
+                    return self._stash.popleft()
+                body = self.take()
+                if body is not None or not self.fill():
+                    return body
+        finally:
+            self._rlock.release()
 
     def verdict(self, number: int, timeout: float) -> tuple[int, int]:
         """The bridge's verdict on our record ``number`` (a send of policy
@@ -158,20 +187,24 @@ class Stream:
             if self._verdicts.pop(number, None) is None:
                 self._unwaited.add(number)
 
-    def _read(self, timeout: float | None) -> bytes | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        spin_until = None if timeout != 0 else 0.0
+    def take(self) -> bytes | None:
+        """The next whole record among the bytes read already (a verdict is
+        stored for its waiter); None if there is none. Under ``_rlock``."""
         while True:
             buf, start, avail = self._buf, self._start, self._end - self._start
             need = wire.HEAD
             if avail >= 4:
                 body = int.from_bytes(buf[start : start + 4], "little")
                 if not wire.HEAD - 4 <= body <= wire.MAX_RECORD:
-                    raise Closed(f"the bridge sent a record of {body} bytes: not a shmbus bridge")
+                    raise Closed(f"{self.label} sent a record of {body} bytes: not a shmbus peer")
                 need = 4 + body
                 if avail >= need:
                     self._start = start + need
-                    if body == wire.HEAD - 4 and buf[start + 8] & 3 == wire.VERDICT:
+                    if (
+                        body == wire.HEAD - 4
+                        and buf[start + 8] & 3 == wire.VERDICT
+                        and self.keep is None
+                    ):  # (only the bridge gives verdicts)
                         word, number, done = wire.VERDICT_FIELDS.unpack_from(buf, start + 8)
                         with self._vcond:
                             if number in self._unwaited:
@@ -180,53 +213,77 @@ class Stream:
                                 self._verdicts[number] = (word >> 2, done)
                                 self._vcond.notify_all()
                         continue  # not one of the records the bridge counts
-                    self.taken += 1
-                    # More may come while this one is read. The counts ride on our
-                    # next record, or go on their own once the bridge has used most
-                    # of what we granted it, or when a wait goes on (below): a record
-                    # of its own costs a system call and wakes a bridge thread, so a
-                    # stream or a ping-pong must not pay one per record.
-                    self.granted = self.taken + _AHEAD
-                    if (self._told[1] - self.taken) & wire.MASK <= _AHEAD // 4:
-                        self.ack()
+                    if buf[start + 4 : start + 8] != b"\0\0\0\0" and self.keep is None:
+                        self.took()  # a link's reader counts it when it takes it (peer.py)
                     return bytes(memoryview(buf)[start + 4 : start + need])
             if len(buf) - start < need or len(buf) - self._end < 4096:
                 self._compact(need)
-            try:
-                n = self.sock.recv_into(memoryview(self._buf)[self._end :])
-            except BlockingIOError:
-                if spin_until is None:
-                    spin_until = time.perf_counter() + self.spin
-                if time.perf_counter() < spin_until:
-                    continue  # as an shm reader spins before it sleeps: an answer is near
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    if self.granted == self.taken:
-                        # Ask for the next record all the same: a look that
-                        # never waits (the heartbeat thread's) finds it later.
-                        self.granted += 1
-                    if self._told != (self.taken, self.granted):
-                        self.ack()
-                    return None
-                if self.granted == self.taken:
-                    self.granted += 1  # nothing asked for: ask for the next record
-                told = self._told == (self.taken, self.granted)
-                if not told and (self._told[1] - self.taken) & wire.MASK > 0:
-                    # The bridge may still send: an answer near at hand comes before
-                    # the counts are worth a record of their own.
-                    quiet = _QUIET if left is None else min(left, _QUIET)
-                    if self._rpoll.poll(math.ceil(quiet * 1000)):
-                        continue
-                    left = None if deadline is None else deadline - time.monotonic()
-                if not told and not self.ack():
-                    left = _SLICE if left is None else min(left, _SLICE)  # a sender has the socket
-                self._rpoll.poll(-1 if left is None else max(math.ceil(left * 1000), 0))
+            return None
+
+    def took(self) -> None:
+        """A record of frames is taken (records of no frames, the counts, are not counted)."""
+        self.taken += 1
+        # More may come while this one is read. The counts ride on our next
+        # record, or go on their own once the peer has used most of what we
+        # granted it, or when a wait goes on: a record of its own costs a
+        # system call and wakes the peer, so a stream or a ping-pong must
+        # not pay one per record.
+        self.granted = self.taken + _AHEAD
+        if (self._told[1] - self.taken) & wire.MASK <= _AHEAD // 4:
+            self.ack()
+
+    def fill(self) -> bool:
+        """Read what the socket holds now; False if it held nothing. Under ``_rlock``."""
+        try:
+            n = self.sock.recv_into(memoryview(self._buf)[self._end :])
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            raise Closed(f"the connection to {self.label} broke: {e}") from None
+        if not n:
+            raise Closed(f"{self.label} closed the connection")
+        self._end += n
+        return True
+
+    def idle(self) -> bool:
+        """Before a wait: ask for the next record if we asked for none; True
+        if our counts are told (or nothing was to tell)."""
+        if self.granted == self.taken:
+            self.granted += 1  # nothing asked for: ask for the next record
+        return self._told == (self.taken, self.granted) or self.ack()
+
+    def _read(self, timeout: float | None) -> bytes | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spin_until = None if timeout != 0 else 0.0
+        while True:
+            body = self.take()
+            if body is not None:
+                return body
+            if self.fill():
                 continue
-            except OSError as e:
-                raise Closed(f"the data connection broke: {e}") from None
-            if not n:
-                raise Closed("the bridge closed the data connection (this agent is off the bus)")
-            self._end += n
+            if spin_until is None:
+                spin_until = time.perf_counter() + self.spin
+            if time.perf_counter() < spin_until:
+                continue  # as an shm reader spins before it sleeps: an answer is near
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                # Ask for the next record all the same: a look that never
+                # waits (the heartbeat thread's) finds it later.
+                self.idle()
+                return None
+            if self.granted == self.taken:
+                self.granted += 1  # nothing asked for: ask for the next record
+            told = self._told == (self.taken, self.granted)
+            if not told and (self._told[1] - self.taken) & wire.MASK > 0:
+                # The bridge may still send: an answer near at hand comes before
+                # the counts are worth a record of their own.
+                quiet = _QUIET if left is None else min(left, _QUIET)
+                if self._rpoll.poll(math.ceil(quiet * 1000)):
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+            if not told and not self.ack():
+                left = _SLICE if left is None else min(left, _SLICE)  # a sender has the socket
+            self._rpoll.poll(-1 if left is None else max(math.ceil(left * 1000), 0))
 
     def _compact(self, need: int) -> None:
         avail = self._end - self._start
@@ -256,6 +313,8 @@ class Stream:
             raise _Full  # another sender holds the socket, waiting for room
         try:
             self._write(data, deadline)
+            if self.keep is not None and data[4:8] != b"\0\0\0\0":
+                self._keep(data)
             return self._wrote()
         finally:
             self.wlock.release()
@@ -276,9 +335,11 @@ class Stream:
             if size <= 0 or n == _EAGAIN or n == 0:
                 return 0  # too large for the scratch, or full: the usual path
             if n < 0:
-                raise Closed(f"the data connection broke: {os.strerror(-n)}")
+                raise Closed(f"the connection to {self.label} broke: {os.strerror(-n)}")
             if n < size:  # the frame boundaries must hold: the rest goes now
                 self._send(ffi.buffer(self._scratch, size)[n:], None)
+            if self.keep is not None:
+                self._keep(ffi.buffer(self._scratch, size)[:])
             return self._wrote()
         finally:
             self.wlock.release()
@@ -291,6 +352,34 @@ class Stream:
             raise _Full
         if rest is not None:  # the frame boundaries must hold: the rest goes now
             self._send(rest, None)
+
+    def _keep(self, record: bytes | bytearray) -> None:
+        self.kept += 1
+        number = self.kept & wire.MASK
+        with self._klock:
+            # The peer may have taken it (and said so) before we got here.
+            if (self.peer_taken - number) & wire.MASK >= 1 << 31:
+                self.keep.append((number, record))  # type: ignore[union-attr]
+                self.keep_bytes += len(record)
+
+    def release(self, taken: int) -> None:
+        """The peer has taken our records up to number ``taken``: they are its own now."""
+        keep = self.keep
+        with self._klock:
+            if (taken - self.peer_taken) & wire.MASK >= 1 << 31:
+                return  # an older count, overtaken
+            self.peer_taken = taken
+            while keep and (taken - keep[0][0]) & wire.MASK < 1 << 31:
+                self.keep_bytes -= len(keep.popleft()[1])
+
+    def untaken(self) -> list[bytes]:
+        """The frames of the records the peer never took, in order (and forget them)."""
+        with self._klock:
+            records = [r for _, r in self.keep or ()]
+            if self.keep:
+                self.keep.clear()
+            self.keep_bytes = 0
+        return [f for r in records for f in wire.frames_of(r)]
 
     def _wrote(self) -> int:
         """A whole record is in the kernel, our counts in it: its number."""
@@ -322,7 +411,7 @@ class Stream:
             except BlockingIOError:
                 pass
             except OSError as e:
-                raise Closed(f"the data connection broke: {e}") from None
+                raise Closed(f"the connection to {self.label} broke: {e}") from None
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return data if off == 0 else bytes(view[off:])
@@ -340,8 +429,9 @@ class Stream:
 class UdsInbox:
     """The agent's inbox as records from the bridge, handed to the decoder in place."""
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, source: Any = None) -> None:
         self.stream = stream
+        self.source = source or stream  # a peer.Mux when the agent takes direct links
         self._rec = memoryview(b"")
         self._lens: Any = memoryview(b"\0\0\0\0").cast("I")
         self._i = self._n = 0
@@ -355,17 +445,19 @@ class UdsInbox:
 
     @spin_ns.setter
     def spin_ns(self, ns: int) -> None:
-        self.stream.spin = ns / 1e9
+        self.stream.spin = self.source.spin = ns / 1e9
 
     def read_block(self, max_count: int, timeout: float | None = None) -> int:
         if self._i >= self._n:
             while True:
-                body = self.stream.read_record(timeout)
+                body = self.source.read_record(timeout)
                 if body is None:
                     return 0
                 count = int.from_bytes(body[:4], "little")
                 if count:
                     break
+            if count < max_count:
+                body, count = self._gather(body, count, max_count)
             at = 16 + 4 * count
             lens = memoryview(body)[16:at].cast("I")
             if len(lens) != count or sum(lens) != len(body) - at:
@@ -379,6 +471,28 @@ class UdsInbox:
         self._off += sum(self.lens_view)
         self._i = i + k
         return k
+
+    def _gather(self, body: bytes, count: int, max_count: int) -> tuple[bytes, int]:
+        """More records that are here already, up to ``max_count`` frames, as
+        one body: a ``recv_many`` gets what waits, as from an shm inbox, though
+        each record came on its own (one message each, on a direct link)."""
+        more = []
+        total = count
+        while total < max_count and len(more) < _GATHER:
+            nxt = self.source.poll_record()
+            if nxt is None:
+                break
+            n = int.from_bytes(nxt[:4], "little")
+            if n:
+                more.append((nxt, n))
+                total += n
+        if not more:
+            return body, count
+        for b, n in [(body, count), *more]:  # each its own: one's excess can't hide another's
+            lens = memoryview(b)[16 : 16 + 4 * n].cast("I")
+            if len(lens) != n or sum(lens) != len(b) - 16 - 4 * n:
+                raise Closed("a peer sent a record whose lengths do not add up")
+        return wire.merge([body, *(b for b, _ in more)]), total
 
     def _split(self, n: int) -> list[bytes]:
         out, pos = [], 0
@@ -438,6 +552,12 @@ class UdsOutbox:
         self._id_base = agent_id << 40  # as the C sender does: unique without asking anyone
         self._refreshed = 0.0
         self._tls = threading.local()  # no_wait
+        # Direct links to other uds agents (peer.py): the path to each recipient,
+        # by its id, chosen at the first send to it (a link, or None: the bridge).
+        self.mux: Any = None
+        self.inbox: dict[str, int] = {}  # ours, for the peers we link to
+        self._paths: dict[int, Any] = {}
+        self._dial_lock = threading.Lock()
 
     def _take(self, n: int) -> int:
         with self._ids:
@@ -522,37 +642,93 @@ class UdsOutbox:
         finally:
             self._tls.no_wait = False
 
-    def _write(self, data: bytearray, where: str, policy: str, timeout: float | None) -> bool:
+    def _link(self, name: str, info: list[Any]) -> Any:
+        """The direct link that carries our messages to ``name``; None: the bridge."""
+        if self.mux is None:
+            return None
+        link = self._paths.get(info[0], False)
+        if link is False:
+            with self._dial_lock:
+                link = self._paths.get(info[0], False)
+                if link is False:
+                    link = None
+                    if info[4] == "uds" and info[0] != self.agent_id:  # to itself: the bridge
+                        from . import peer
+
+                        link = self.mux.by_id.get(info[0])  # it linked to us first
+                        if link is None:
+                            link = peer.dial(self.bus, self.name, self.agent_id, name, info,
+                                             self.inbox)  # fmt: skip
+                            if link is not None:
+                                self.mux.add(link)
+                    self._paths[info[0]] = link
+        if link is not None and (link.broken is not None or link.ended is not None):
+            return None  # all it held is taken or dead-lettered: the bridge from now on
+        return link
+
+    def _room(self, link: Any, name: str, size: int, biggest: int, n: int, policy: str,
+              timeout: float | None, frames: Any) -> bool:  # fmt: skip
+        """Before a record of ``n`` frames goes on a link: room for it in the
+        peer's inbox, as a send through the bridge would find (raise, or
+        dead-letter ``frames()`` for "drop" and say False)."""
+        where = f"the inbox of {name!r}"
+        if biggest > link.max_frame:
+            raise MessageTooLarge(biggest, link.max_frame, where)
+        no_wait = getattr(self._tls, "no_wait", False)
+        if link.room(size, timeout if policy == "block" and not no_wait else 0):
+            return True
+        link.count_lost(n, policy == "drop")
+        some = f"; 0 of {n} messages were sent" if n > 1 else ""
+        if policy == "drop":
+            for frame in frames():
+                self._dead_letter(frame, f"inbox full: {where} ({link.in_use()}% in use); "
+                                  "policy 'drop'")  # fmt: skip
+            return False
+        if policy == "error" or no_wait:
+            raise InboxFull(f"{where} on bus {self.bus!r} is full (direct link: "
+                            f"{link.in_use()}% in use); backpressure policy 'error' does not "
+                            f"wait{some}")  # fmt: skip
+        raise BackpressureTimeout(
+            f"{where} on bus {self.bus!r} stayed full for {timeout}s (direct link: "
+            f"{link.in_use()}% in use); its reader is slow or stuck{some}"
+        )
+
+    def _lost(self, link: Any, e: Closed) -> None:
+        """A send found the link broken: the peer is gone (or leaving)."""
+        self.mux.ended(link, str(e))
+
+    def _write(self, data: bytearray, where: str, policy: str, timeout: float | None,
+               link: Any = None) -> bool:  # fmt: skip
         """One record (from ``_record``); False if the socket was full and the
         policy is "drop"."""
+        stream = self.stream if link is None else link.stream
+        full = ("the uds data socket is full" if link is None
+                else "the direct link is full: its reader is behind")  # fmt: skip
         if getattr(self._tls, "no_wait", False):
             try:
-                self.stream.write(data, 0)
+                stream.write(data, 0)
             except _Full:
-                raise InboxFull(f"{where} on bus {self.bus!r}: the uds data socket is full "
-                                "now") from None  # fmt: skip
+                raise InboxFull(f"{where} on bus {self.bus!r}: {full} now") from None
             return True
         try:
-            number = self.stream.write(data, timeout if policy == "block" else 0)
+            number = stream.write(data, timeout if policy == "block" else 0)
         except _Full:
             pass
         else:
-            if policy == "error":  # as for shm, it raises when the inbox is full: ask the bridge
+            if policy == "error" and link is None:  # as for shm, it raises when the inbox
+                # is full: ask the bridge (a link's socket is the inbox: full is full now)
                 self._verdict(int.from_bytes(data[4:8], "little"), len(data), number, where)
             return True
         if policy == "drop":
             for frame in wire.frames_of(data):
-                self._dead_letter(frame, f"inbox full: {where} (the uds data socket is full); "
-                                  "policy 'drop'")  # fmt: skip
+                self._dead_letter(frame, f"inbox full: {where} ({full}); policy 'drop'")
             return False
         if policy == "error":
             raise InboxFull(
-                f"{where} on bus {self.bus!r}: the uds data socket is full (the bridge waits "
-                "for room); backpressure policy 'error' does not wait"
+                f"{where} on bus {self.bus!r}: {full}; backpressure policy 'error' does not wait"
             )
         raise BackpressureTimeout(
-            f"{where} on bus {self.bus!r}: the uds data socket stayed full for {timeout}s "
-            "(the bridge waits for room in a full inbox); its reader is slow or stuck"
+            f"{where} on bus {self.bus!r}: {full}, for {timeout}s; its reader is slow or stuck"
         )
 
     def _verdict(self, n: int, size: int, number: int, where: str) -> None:
@@ -583,27 +759,51 @@ class UdsOutbox:
              policy: str = "block", first_rc: int = 0, on_sent: Any = None) -> int:  # fmt: skip
         priority = check_priority(priority)
         ms = ttl_ms(ttl)
-        try:
-            info = self._recipient(name)
-        except UnknownRecipient as e:
-            msg_id = self._take(1)
-            frame = self.frame(kind, data, flags, msg_id, recipient=name, priority=priority,
-                               ttl=ms, request_id=request_id,
-                               correlation_id=correlation_id)  # fmt: skip
-            self._dead_letter(frame, f"no recipient: {e}")
-            raise
+        while True:
+            try:
+                info = self._recipient(name)
+            except UnknownRecipient as e:
+                msg_id = self._take(1)
+                frame = self.frame(kind, data, flags, msg_id, recipient=name, priority=priority,
+                                   ttl=ms, request_id=request_id,
+                                   correlation_id=correlation_id)  # fmt: skip
+                self._dead_letter(frame, f"no recipient: {e}")
+                raise
+            link = self._link(name, info)
+            try:
+                return self._send(link, name, info, kind, data, flags, priority, ms, timeout,
+                                  request_id, correlation_id, policy, on_sent)  # fmt: skip
+            except Closed as e:
+                if link is None:
+                    raise
+                self._lost(link, e)  # and again: the bridge, which knows if it is gone
+
+    def _send(self, link: Any, name: str, info: list[Any], kind: int, data: bytes, flags: int,
+              priority: int, ms: int, timeout: float | None, request_id: int,
+              correlation_id: int, policy: str, on_sent: Any) -> int:  # fmt: skip
         msg_id = self._take(1)
         recipient = name.encode()
+        stream = self.stream if link is None else link.stream
         number = 0
+        if link is not None:
+            if link.fence_id:
+                self._fence(link)
+            size = HEADER_SIZE + len(self._name_b) + len(recipient) + len(data)
+            if not self._room(link, name, wire.HEAD + 4 + size, size, 1, policy, timeout,
+                              lambda: [self.frame(kind, data, flags, msg_id, recipient=name,
+                                                  recipient_id=info[0], priority=priority,
+                                                  ttl=ms, request_id=request_id,
+                                                  correlation_id=correlation_id)]):  # fmt: skip
+                return msg_id
         if type(data) is bytes:
             me = self._name_b
-            number = self.stream.send_one(
+            number = stream.send_one(
                 me + recipient, len(me), len(recipient), 0, self.agent_id, info[0], kind,
                 priority, ms, wire.info(policy, timeout), msg_id, request_id, correlation_id,
                 data, len(data), flags,
             )  # fmt: skip
         if number:
-            if policy == "error":
+            if policy == "error" and link is None:
                 self._verdict(1, len(data), number, f"the inbox of {name!r}")
         else:
             record = self._record(kind, data, array.array("I", (len(data),)), bytes((flags,)),
@@ -611,8 +811,10 @@ class UdsOutbox:
                                   priority=priority, ttl=ms, request_id=request_id,
                                   correlation_id=correlation_id, policy=policy,
                                   timeout=timeout)  # fmt: skip
-            if not self._write(record, f"the inbox of {name!r}", policy, timeout):
+            if not self._write(record, f"the inbox of {name!r}", policy, timeout, link):
                 return msg_id
+        if link is not None:
+            link.count_sent(1, HEADER_SIZE + len(self._name_b) + len(recipient) + len(data))
         if on_sent:
             on_sent(msg_id, data, flags)
         return msg_id
@@ -638,7 +840,31 @@ class UdsOutbox:
         record = self._record(kind, blob, lens, flags, first, recipient=name.encode(),
                               recipient_id=info[0], priority=priority, ttl=ms, policy=policy,
                               timeout=timeout)  # fmt: skip
-        if self._write(record, f"the inbox of {name!r}", policy, timeout) and on_sent:
+        while True:
+            link = self._link(name, info)
+            try:
+                if link is not None and link.fence_id:
+                    self._fence(link)
+                if link is not None and not self._room(
+                    link, name, len(record), max(lens) + HEADER_SIZE + len(self._name_b)
+                    + len(name.encode()), n, policy, timeout, lambda: wire.frames_of(record)
+                ):  # fmt: skip
+                    return list(range(first, first + n))
+                written = self._write(record, f"the inbox of {name!r}", policy, timeout, link)
+                break
+            except Closed as e:
+                if link is None:
+                    raise
+                self._lost(link, e)  # and again: the bridge, which knows if it is gone
+                try:
+                    info = self._recipient(name)
+                except UnknownRecipient as e:
+                    for frame in wire.frames_of(record):
+                        self._dead_letter(frame, f"no recipient: {e}")
+                    raise
+        if link is not None and written:
+            link.count_sent(n, len(record) - wire.HEAD - 4 * n)
+        if written and on_sent:
             for i, data in enumerate(split_blob(blob, lens)):
                 on_sent(first + i, data, flags[i])
         return list(range(first, first + n))
@@ -653,8 +879,30 @@ class UdsOutbox:
         policy = "block" if timeout is None or timeout > 0 else "drop"
         record = self._record(kind, blob, lens, flags, first, topic=raw, priority=priority, ttl=ms,
                               policy=policy, timeout=timeout)  # fmt: skip
+        if self._paths:
+            self._fences(topic, first + len(lens) - 1)
         self._write(record, f"the subscribers of {topic!r}", policy, timeout)
         return first
+
+    def _fences(self, topic: str, last_id: int) -> None:
+        """A publish goes through the bridge: a subscriber we send to on a link
+        must not get our next message on the link before this one (peer.py)."""
+        for name in subscribers(self.subs, topic):
+            info = self.agents.get(name)
+            link = self._paths.get(info[0]) if info else None
+            if link is not None:
+                link.fence_id = last_id
+
+    def _fence(self, link: Any) -> None:
+        """Send the fence a publish left for the link, before the next record on it."""
+        from .peer import fence_record
+
+        fence_id, link.fence_id = link.fence_id, 0
+        try:
+            link.stream.write(fence_record(fence_id), None)
+        except BaseException:
+            link.fence_id = fence_id
+            raise
 
     def close(self) -> None:
         self.agents = {}
@@ -676,6 +924,10 @@ class _Beats(threading.Thread):
             stream = self.stream
             if time.monotonic() - stream.last_write >= BEAT_EVERY / 2:
                 stream.ack()  # a beat, and our count (a sender that waits beats for us)
+            link = self.link()
+            if link is not None:
+                link.service_links()
+                del link
 
     def close(self) -> None:
         self.stop.set()
@@ -711,11 +963,110 @@ class UdsLink:
             raise CoordinatorUnavailable(f"agent {name!r}: the bridge refused the data "
                                          f"connection: {answer.get('message')}")  # fmt: skip
         self.stream = Stream(sock)
-        self.inbox = UdsInbox(self.stream)
         self.out = UdsOutbox(bus=bus, name=name, agent_id=self.id, ctl=ctl, stream=self.stream,
                              dead_letter=dead_letter)  # fmt: skip
+        self._dead_letter = dead_letter
+        self.mux: Any = None
+        self.listener: Any = None
+        self._counts_lock = threading.Lock()
+        self._sent: dict[int, list[int]] = {}  # counts of links gone, not yet told
+        self._received = [0, 0]
+        self._lost = [0, 0]  # failed, dropped
+        from . import peer
+
+        # What a peer that links to us must keep within (as our inbox would).
+        self._inbox = {
+            "capacity": inbox_capacity,
+            "max_frame": int(lib.shmbus_ring_default_max_frame(inbox_capacity)),
+        }
+        self.out.inbox = self._inbox
+        if peer.enabled():
+            self.mux = self.out.mux = peer.Mux(self.stream, self._broken)
+            try:
+                self.listener = peer.Listener(peer.peer_path(bus, self.id), self._admit)
+            except OSError as e:  # peers cannot reach us directly: they use the bridge
+                log.warning("agent %s takes no direct links: %s", name, e)
+        self.inbox = UdsInbox(self.stream, self.mux)
         self.out.refresh()
         self._beats = _Beats(self)
+
+    # ------------------------------------------------------------ direct links
+
+    def _admit(self, conn: socket.socket) -> None:
+        """The listener's: another uds agent connects (peer.py)."""
+        from . import peer
+
+        out = self.out
+
+        def lookup(name: str) -> Any:
+            info = out.agents.get(name)
+            if info is None or info[2] != peer.peer_pid(conn):
+                out.refresh()  # it may be new since we last asked
+                info = out.agents.get(name)
+            return info
+
+        self.mux.add(peer.admit(conn, self.name, lookup, self._inbox))
+
+    def _broken(self, link: Any, reason: str) -> None:
+        """A link ended (the peer left or died, or broke the protocol): what
+        it never took of ours goes to the DLQ; its counts are kept to tell."""
+        if link.broken is not None:
+            return
+        link.broken = reason
+        link.last_counts()
+        self._keep_counts(link)
+        frames = link.stream.untaken()
+        why = "recipient left" if link.leaving else "recipient died"
+        for frame in frames:
+            # As the coordinator says of what an inbox held (and an acked
+            # message's sender resends it).
+            acked = len(frame) > 5 and frame[5] & FLAG_ACK
+            self._dead_letter(frame, f"{why}: {link.name!r} (pid {link.pid})"
+                              + ("; its sender resends it" if acked else ""))  # fmt: skip
+        if frames:
+            log.warning("agent %s: %d messages to %s were never taken: in the DLQ", self.name,
+                        len(frames), link.name)  # fmt: skip
+
+    def _keep_counts(self, link: Any) -> None:
+        sent, received, lost = link.take_counts()
+        with self._counts_lock:
+            self._lost[0] += lost[0]
+            self._lost[1] += lost[1]
+            if sent[0] or sent[1]:
+                mine = self._sent.setdefault(link.id, [0, 0])
+                mine[0] += sent[0]
+                mine[1] += sent[1]
+            self._received[0] += received[0]
+            self._received[1] += received[1]
+
+    def tell_counts(self) -> None:
+        """Tell the coordinator what went over the links since last time (it
+        counts what goes through the bridge itself)."""
+        if self.mux is None:
+            return
+        for link in self.mux.links():
+            self._keep_counts(link)
+        with self._counts_lock:
+            sent, received, lost = self._sent, self._received, self._lost
+            if not sent and not received[0] and not any(lost):
+                return
+            self._sent, self._received, self._lost = {}, [0, 0], [0, 0]
+        try:
+            self.ctl.call("count", sent=[[k, *v] for k, v in sent.items()], received=received,
+                          failed=lost[0], dropped=lost[1])  # fmt: skip
+        except ShmbusError as e:
+            log.debug("agent %s could not tell its counts: %s", self.name, e)
+
+    def service_links(self) -> None:
+        """The heartbeat's: read each link's counts (a sender that never
+        receives forgets what was taken, and learns of a peer gone)."""
+        if self.mux is None:
+            return
+        for link in self.mux.links():
+            link.poll_counts()
+            if link.ended is not None and link.broken is None:
+                self.mux.ended(link, link.ended)
+        self.tell_counts()
 
     def sync(self) -> None:
         """Wait until the bridge has handled every record this agent wrote
@@ -729,6 +1080,7 @@ class UdsLink:
             stream.verdict(number, _SYNC_WAIT)
         except (_Full, CoordinatorUnavailable, Closed):
             pass  # the call that follows says what is wrong, if anything is
+        self.tell_counts()
 
     def stats(self, bus: str) -> BusStats:
         d = self.ctl.call("stats")["stats"]
@@ -745,6 +1097,7 @@ class UdsLink:
         sent us already (to the DLQ, unread), until it closes its side."""
         self._beats.close()
         inbox = self.inbox
+        self._leave_links(dead_letter)
         try:
             with contextlib.suppress(_Full):  # our last counts: what we took is received
                 self.stream.write(wire.record([]), _LEAVE_WAIT)
@@ -759,8 +1112,35 @@ class UdsLink:
         except (Closed, OSError):
             pass  # the bridge is gone: the coordinator drains the inbox
 
+    def _leave_links(self, dead_letter: Any) -> None:
+        """Take no more links, tell each peer what we took (the rest is its to
+        dead-letter: it sees the link end), and dead-letter what we took and
+        did not read."""
+        from . import peer
+
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.mux is None:
+            return
+        for link in self.mux.links():
+            self.mux.remove(link)
+            stream = link.stream
+            with contextlib.suppress(_Full, Closed, OSError):
+                stream.write(wire.record([], peer.LEAVING), 1.0)  # our last counts: we leave
+            link.broken = "this agent left"
+            stream._stash.clear()  # not taken: their sender dead-letters them, seeing us go
+            self._keep_counts(link)
+            link.close()
+        self.tell_counts()
+
     def close(self) -> None:
         self._beats.close()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.mux is not None:
+            self.mux.close()
         self.stream.close()
         self.out.close()
 

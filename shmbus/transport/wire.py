@@ -82,3 +82,17 @@ def frames_of(data: bytes | bytearray) -> list[bytes]:
         out.append(bytes(data[pos : pos + length]))
         pos += length
     return out
+
+
+def merge(bodies: list[bytes]) -> bytes:
+    """Records' bodies (as read: no length prefix) as one body, their frames
+    in order; every body's lengths must have been checked."""
+    if len(bodies) == 1:
+        return bodies[0]
+    lens, frames = [], []
+    for body in bodies:
+        count = int.from_bytes(body[:4], "little")
+        lens.append(body[16 : 16 + 4 * count])
+        frames.append(body[16 + 4 * count :])
+    count = sum(len(x) for x in lens) // 4
+    return b"".join((RECORD.pack(0, count, 0, 0, 0)[4:], *lens, *frames))

@@ -1,0 +1,640 @@
+"""Direct links between uds agents: their messages skip the coordinator's bridge.
+
+Through the bridge, every message between two uds agents passes a third
+process, which on a small machine costs a wake-up per hop (a round trip of
+~45 us on 2 CPUs against ~20 for a socket pair). So each uds agent also
+listens on a socket of its own (``<runtime dir>/<id in hex>.peer``), and the
+first time it sends to another uds agent it connects there and sends that
+agent everything direct from then on; when that fails (the peer is out of
+reach, refuses, or does not answer within ``_HELLO_WAIT``) the pair stays
+on the bridge. The choice is made once per recipient, before the first
+message, so a sender's messages to one recipient never take two paths and
+stay in order. Publishes always go through the bridge (it fans them out).
+
+A link carries records as the data socket does (wire.py), both ways. Each
+side counts the records of the other's it took and tells it in its own
+records (or in a record of counts alone, when it waits): a record is the
+sender's until the peer took it, so when the peer dies or leaves without
+taking it, the sender puts its frames in the DLQ. The counts for stats
+(sent, received) go to the coordinator in ``count`` calls from each side.
+
+The listener checks who connects: the hello must name a live uds agent of
+the bus whose process (SO_PEERCRED) is the one at the other end.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..control import Reader, recv_msg, runtime_dir, send_msg
+from ..errors import Closed
+from ..message import HEADER
+from . import wire
+from .uds import _QUIET, _SLICE, Stream
+
+log = logging.getLogger("shmbus.transport.peer")
+
+ENV = "SHMBUS_UDS_DIRECT"  # "0": uds agents talk only through the bridge
+_HELLO_WAIT = 0.5  # seconds a connect, and its answer, may take before the bridge is used
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+#: The info word's policy bits of a record of no frames on a link: the
+#: sender's last counts, it leaves (so the link's end is no death).
+LEAVING = 3
+#: ... a fence: 8 bytes follow, the id of a message of the sender's that
+#: comes through the bridge (a publish); what comes on the link after the
+#: fence waits until it has come, or until FENCE_WAIT, as the two paths
+#: would otherwise pass each other.
+FENCE = 2
+FENCE_WAIT = 1.0
+_SENDER_AT = struct.calcsize(HEADER.format[: 1 + wire.FIELDS.index("sender_id")])
+_ID_AT = struct.calcsize(HEADER.format[: 1 + wire.FIELDS.index("id")])
+
+
+def fence_record(msg_id: int) -> bytearray:
+    return bytearray(wire.RECORD.pack(wire.HEAD + 4, 0, FENCE, 0, 0) + msg_id.to_bytes(8, "little"))
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def peer_path(bus: str, agent_id: int) -> Path:
+    """Where uds agent ``agent_id`` listens (no longer than control.sock: it fits)."""
+    return runtime_dir(bus) / f"{agent_id:x}.peer"
+
+
+class Link:
+    """One direct connection with another uds agent.
+
+    The peer's inbox is felt as it would be through the bridge: what we
+    sent and it has not taken may fill ``capacity`` bytes (its inbox's, as
+    one lane), and a frame may be ``max_frame`` bytes at most. A record of
+    the peer's counts as taken when the reader takes it (``pop``), not when
+    it is read off the socket: what a dying reader had not taken, its
+    sender still holds, and dead-letters."""
+
+    def __init__(self, sock: socket.socket, name: str, peer_id: int, pid: int,
+                 capacity: int, max_frame: int) -> None:  # fmt: skip
+        self.name = name
+        self.id = peer_id
+        self.pid = pid
+        self.capacity = capacity
+        self.max_frame = max_frame
+        self.stream = Stream(sock, f"agent {name!r}")
+        self.stream.keep = collections.deque()
+        self.fd = sock.fileno()
+        self._wpoll = select.poll()
+        self._wpoll.register(self.fd, select.POLLIN)
+        self.lock = threading.Lock()
+        # Not yet told to the coordinator: [messages, frame bytes] each way,
+        # and [failed, dropped] of ours.
+        self.sent = [0, 0]
+        self.received = [0, 0]
+        self.lost = [0, 0]
+        self.broken: str | None = None  # we are done sending on it (and said why)
+        self.ended: str | None = None  # the peer's side closed: read what it left, then go
+        self.leaving = False  # the peer said it leaves (else a link that ends: it died)
+        self.fence_id = 0  # ours to send before the next record: a publish the peer may get
+        self.fenced = 0  # the peer's: the id we wait for from the bridge before reading on
+        self.fenced_until = 0.0
+        self.on_fence: Callable[[Link], None] | None = None
+        self._head: bytes | None = None
+
+    # ------------------------------------------------------------ counts
+
+    def count_sent(self, n: int, nbytes: int) -> None:
+        with self.lock:
+            self.sent[0] += n
+            self.sent[1] += nbytes
+
+    def count_lost(self, n: int, dropped: bool) -> None:
+        with self.lock:
+            self.lost[dropped] += n
+
+    def take_counts(self) -> tuple[list[int], list[int], list[int]]:
+        with self.lock:
+            counts = self.sent, self.received, self.lost
+            self.sent, self.received, self.lost = [0, 0], [0, 0], [0, 0]
+        return counts
+
+    # ------------------------------------------------------------ sending side
+
+    def in_use(self) -> int:
+        """Percent of the peer's inbox that our untaken records fill."""
+        return min(100, self.stream.keep_bytes * 100 // max(self.capacity, 1))
+
+    def room(self, size: int, wait: float | None) -> bool:
+        """Wait up to ``wait`` (None: forever) until a record of ``size`` bytes
+        fits beside what the peer has not taken yet; False if it never did.
+        Closed if the peer goes meanwhile."""
+        stream = self.stream
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            if not stream.keep_bytes or stream.keep_bytes + size <= self.capacity:
+                return True
+            self.poll_counts()
+            if self.ended is not None:
+                raise Closed(self.ended)
+            if not stream.keep_bytes or stream.keep_bytes + size <= self.capacity:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            ms = 100 if left is None else max(1, min(100, math.ceil(left * 1000)))
+            self._wpoll.poll(ms)  # the peer's counts come as it reads
+
+    # ------------------------------------------------------------ reading side
+
+    def _read(self) -> bytes | None:
+        """The next record of the peer's that is the reader's (frames, or a
+        fence), from what is set aside or the socket; None if none is here.
+        Under the stream's ``_rlock``. A peer that breaks the protocol, or an
+        end, is noted in ``ended``."""
+        stream = self.stream
+        if stream._stash:
+            return stream._stash.popleft()
+        while self.ended is None or stream._end - stream._start >= 4:
+            try:
+                body = stream.take()
+            except Closed as e:  # a record no peer of ours would send
+                log.warning("agent %s broke its direct link: %s", self.name, e)
+                self.ended = str(e)
+                stream._start = stream._end  # what is left of it is garbage
+                return None
+            if body is None:
+                if self.ended is not None or not self._fill():
+                    return None
+                continue
+            stream.release(int.from_bytes(body[8:12], "little"))
+            if body[:4] != b"\0\0\0\0":
+                return body
+            kind = body[4] & 3
+            if kind == LEAVING:
+                self.leaving = True
+            elif kind == FENCE and len(body) == wire.HEAD + 4:
+                return body
+        return None
+
+    def _fill(self) -> bool:
+        try:
+            return self.stream.fill()
+        except Closed as e:
+            self.ended = str(e)
+            return False
+
+    def head(self) -> bytes | None:
+        """The peer's next record of frames, not taken yet: None if none is
+        here, or a fence holds it back. Closed once the peer has gone and
+        all it sent is taken."""
+        if self._head is not None:
+            return self._head
+        while True:
+            if self.fenced:
+                if time.monotonic() < self.fenced_until:
+                    return None
+                self.fenced = 0  # it never came (dropped, or not subscribed now): read on
+            with self.stream._rlock:  # the heartbeat's, or a waiting sender's, look is brief
+                body = self._read()
+            if body is None:
+                if self.ended is not None and not self.stream._stash:
+                    raise Closed(self.ended)
+                return None
+            if body[:4] != b"\0\0\0\0":
+                self._head = body
+                return body
+            self.fenced = int.from_bytes(body[16:24], "little")  # a fence
+            self.fenced_until = time.monotonic() + FENCE_WAIT
+            if self.on_fence is not None:
+                self.on_fence(self)
+
+    def first_id(self) -> int:
+        """The id of the first message of ``head()``."""
+        body = self._head
+        assert body is not None
+        at = 16 + 4 * int.from_bytes(body[:4], "little") + _ID_AT
+        return int.from_bytes(body[at : at + 8], "little")
+
+    def pop(self) -> bytes:
+        """Take ``head()``: it is the reader's now (the peer is told so)."""
+        body = self._head
+        assert body is not None
+        self._head = None
+        count = int.from_bytes(body[:4], "little")
+        with self.lock:
+            self.received[0] += count
+            self.received[1] += len(body) - (wire.HEAD - 4) - 4 * count
+        self.stream.took()
+        return body
+
+    def poll_counts(self) -> None:
+        """Read what the peer sent, for its counts (a sender that never
+        receives learns so what it may forget); its records are set aside,
+        untaken, for the reader (the peer keeps within our inbox's capacity,
+        so they are bounded). Notes an end in ``ended``."""
+        stream = self.stream
+        if not stream._rlock.acquire(blocking=False):
+            return  # the reader is at it
+        try:
+            pending = []
+            while (body := self._read()) is not None:
+                pending.append(body)
+            stream._stash.extend(pending)
+        finally:
+            stream._rlock.release()
+
+    def last_counts(self) -> None:
+        """The link ended: read all the peer sent before its end (its last
+        counts above all, so that nothing it took is dead-lettered)."""
+        with self.stream._rlock:
+            pending = []
+            while (body := self._read()) is not None:
+                pending.append(body)
+            self.stream._stash.extend(pending)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _frame_ids(body: bytes) -> list[tuple[int, int, int, int]]:
+    """(sender id, message id, start, end) of each frame of a body."""
+    count = int.from_bytes(body[:4], "little")
+    at = 16 + 4 * count
+    out = []
+    for length in memoryview(body)[16 : 16 + 4 * count].cast("I"):
+        if length >= _ID_AT + 8:
+            sender = int.from_bytes(body[at + _SENDER_AT : at + _SENDER_AT + 4], "little")
+            msg_id = int.from_bytes(body[at + _ID_AT : at + _ID_AT + 8], "little")
+        else:
+            sender = msg_id = 0  # not a frame: the reader says so
+        out.append((sender, msg_id, at, at + length))
+        at += length
+    return out
+
+
+def _body(body: bytes, frames: list[tuple[int, int, int, int]]) -> bytes:
+    """A body of these frames of ``body``."""
+    return b"".join(
+        [wire.RECORD.pack(0, len(frames), 0, 0, 0)[4:],
+         struct.pack(f"<{len(frames)}I", *(e - s for _, _, s, e in frames)),
+         *(body[s:e] for _, _, s, e in frames)]
+    )  # fmt: skip
+
+
+class Mux:
+    """A uds agent's inbox sources read as one: its data socket and its links.
+
+    A sender's messages to us keep their order though some come through the
+    bridge (its publishes) and some on its link: a fence on the link holds
+    the link back until the publish before it has come, and a message from
+    the bridge waits while the link from its sender has an older one."""
+
+    def __init__(self, bridge: Stream, on_broken: Callable[[Link, str], None]) -> None:
+        self.bridge = bridge
+        self.on_broken = on_broken
+        self.spin = bridge.spin
+        self._lock = threading.Lock()
+        self._links: dict[int, Link] = {}  # by fd
+        self.by_id: dict[int, Link] = {}
+        self._order: tuple[Link, ...] = ()
+        self._fenced: set[Link] = set()
+        self._held: tuple[bytes, list[tuple[int, int, int, int]]] | None = None
+        self._next = 0
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(bridge.sock, select.POLLIN)
+        self._poll.register(self._wake, select.POLLIN)
+
+    def links(self) -> tuple[Link, ...]:
+        return self._order
+
+    def add(self, link: Link) -> None:
+        link.on_fence = self._fence
+        with self._lock:
+            self._links[link.fd] = link
+            self.by_id.setdefault(link.id, link)
+            self._order = tuple(self._links.values())
+            self._poll.register(link.fd, select.POLLIN)
+        os.eventfd_write(self._wake, 1)  # a reader asleep polls the new link too
+
+    def remove(self, link: Link) -> bool:
+        """Off the list (False if it was not on it)."""
+        self._fenced.discard(link)
+        with self._lock:
+            if self._links.pop(link.fd, None) is not link:
+                return False
+            if self.by_id.get(link.id) is link:
+                del self.by_id[link.id]
+                for other in self._links.values():
+                    if other.id == link.id:
+                        self.by_id[link.id] = other
+                        break
+            self._order = tuple(self._links.values())
+            with contextlib.suppress(KeyError, ValueError):
+                self._poll.unregister(link.fd)
+        return True
+
+    def broken(self, link: Link, reason: str) -> None:
+        """The link ended and all it brought is taken: off the list, and closed."""
+        if self.remove(link):
+            self.on_broken(link, reason)
+            link.close()
+
+    def ended(self, link: Link, reason: str) -> None:
+        """A sender found the link ended: what the peer never took is dead-
+        lettered now; the reader takes what it brought, then drops it."""
+        link.ended = link.ended or reason
+        self.on_broken(link, reason)
+        os.eventfd_write(self._wake, 1)
+
+    # ------------------------------------------------------------ fences
+
+    def _fence(self, link: Link) -> None:
+        """A link waits for a message of its peer's from the bridge: its data
+        (or its end) must not wake our waits meanwhile."""
+        self._fenced.add(link)
+        with self._lock, contextlib.suppress(KeyError, ValueError, OSError):
+            self._poll.unregister(link.fd)
+
+    def _unfence(self, link: Link) -> None:
+        link.fenced = 0
+        self._fenced.discard(link)
+        with self._lock:
+            if self._links.get(link.fd) is link:
+                self._poll.register(link.fd, select.POLLIN)
+
+    # ------------------------------------------------------------ reading
+
+    def poll_record(self) -> bytes | None:
+        """The next record's body if one is here now: no wait, no counts told."""
+        return self._look() if self._ready() else None
+
+    def _ready(self) -> bool:
+        """Is there anything to look at? One system call for all the sockets,
+        where a look makes one a socket (and an exception where it finds none)."""
+        ready = self._poll.poll(0)
+        if ready:
+            if len(ready) == 1 and ready[0][0] == self._wake:
+                self._drain_wake()
+                return bool(self._order)  # a new link, or an end: look
+            return True
+        if self._held is not None:
+            return True
+        for s in (self.bridge, *(link.stream for link in self._order)):
+            if s._stash or s._end - s._start >= 4:
+                return True
+        return any(not link.fenced or time.monotonic() >= link.fenced_until
+                   for link in self._fenced)  # fmt: skip
+
+    def _head(self, link: Link) -> bytes | None:
+        try:
+            return link.head()
+        except Closed as e:
+            self.broken(link, str(e))
+            return None
+
+    def _look(self) -> bytes | None:
+        """A record from any source, if one is here; the links in turn, then the bridge."""
+        for link in tuple(self._fenced):
+            if not link.fenced or time.monotonic() >= link.fenced_until:
+                self._unfence(link)  # its wait ran out
+        order = self._order
+        held = self._held
+        n = len(order)
+        for i in range(n):
+            link = order[(self._next + i) % n]
+            if self._head(link) is None:
+                continue
+            if held is not None:  # an older message of its sender's waits from the bridge?
+                first = link.first_id()
+                if any(s == link.id and m < first for s, m, _, _ in held[1]):
+                    continue
+            self._next = (self._next + i + 1) % n
+            return link.pop()
+        if held is not None:
+            body, frames = held
+            self._held = None
+        else:
+            got = self.bridge.poll_record()  # (a sender reading it for a verdict stashes)
+            if got is None or not order or got[:4] == b"\0\0\0\0":
+                return got
+            body, frames = got, _frame_ids(got)
+        return self._from_bridge(body, frames)
+
+    def _from_bridge(self, body: bytes, frames: list[tuple[int, int, int, int]]) -> bytes | None:
+        """The frames of a bridge record up to where the link of a sender has
+        an older message (that goes first: the rest is held), or up to the
+        message a fence waits for (the link may go on after it)."""
+        heads: dict[int, int | None] = {}
+        unfence = None
+        cut = len(frames)
+        for k, (sender, msg_id, _, _) in enumerate(frames):
+            link = self.by_id.get(sender)
+            if link is None:
+                continue
+            if link.fenced and msg_id >= link.fenced:
+                unfence, cut = link, k + 1
+                break
+            if sender not in heads:
+                heads[sender] = link.first_id() if self._head(link) is not None else None
+            first = heads[sender]
+            if first is not None and first < msg_id:
+                cut = k
+                break
+        if cut < len(frames):
+            self._held = (body, frames[cut:])
+        if unfence is not None:
+            self._unfence(unfence)
+        if cut == 0:
+            return self._look()  # the link's message first
+        if cut == len(frames) and frames[0][2] == 16 + 4 * len(frames):
+            return body  # whole, as it came
+        return _body(body, frames[:cut])
+
+    def read_record(self, timeout: float | None) -> bytes | None:
+        """The next record's body from any source; None on timeout. As
+        Stream.read_record: spin first, and tell the counts before a sleep."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spin_until = None if timeout != 0 else 0.0
+        while True:
+            if self._ready():
+                body = self._look()
+                if body is not None:
+                    return body
+            if spin_until is None:
+                spin_until = time.perf_counter() + self.spin
+            if time.perf_counter() < spin_until:
+                poll, clock = self._poll.poll, time.perf_counter
+                while not poll(0) and clock() < spin_until:
+                    pass
+                continue
+            streams = (self.bridge, *(link.stream for link in self._order))
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                for s in streams:
+                    s.idle()
+                return None
+            for s in streams:
+                if s.granted == s.taken:
+                    s.granted += 1  # nothing asked for: ask for the next record
+            if any(s._told != (s.taken, s.granted) for s in streams):
+                quiet = _QUIET if left is None else min(left, _QUIET)
+                if self._poll.poll(math.ceil(quiet * 1000)):
+                    self._drain_wake()
+                    continue
+                if not all([s.idle() for s in streams]):
+                    left = _SLICE if left is None else min(left, _SLICE)
+                left = None if deadline is None else deadline - time.monotonic()
+            if self.bridge._rlock.locked():
+                left = _SLICE if left is None else min(left, _SLICE)  # a verdict's reader stashes
+            if self._fenced:  # its wait runs out in time
+                left = _SLICE if left is None else min(left, _SLICE)
+            self._poll.poll(-1 if left is None else max(math.ceil(left * 1000), 0))
+            self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+
+    def close(self) -> None:
+        for link in self._order:
+            self.remove(link)
+            link.close()
+        with contextlib.suppress(OSError):
+            os.close(self._wake)
+
+
+class Listener(threading.Thread):
+    """Takes the connections of other uds agents (a thread: the hello must be
+    answered whether or not the agent reads just now)."""
+
+    def __init__(self, path: Path, admit: Callable[[socket.socket], None]) -> None:
+        super().__init__(name=f"shmbus-uds-listen-{path.name}", daemon=True)
+        self.path = path
+        self.admit = admit
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a killed namesake's (ids are never reused while the bus runs)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
+            sock.listen(64)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise
+        self.sock = sock
+        self._halt = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.start()
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(self._halt, select.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self._halt in ready:
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                self.admit(conn)
+            except Exception as e:  # noqa: BLE001 - a bad peer must not stop the listener
+                log.warning("refused a direct connection: %s", e)
+                conn.close()
+
+    def close(self) -> None:
+        os.eventfd_write(self._halt, 1)
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(5)
+        self.sock.close()
+        os.close(self._halt)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def peer_pid(sock: socket.socket) -> int:
+    pid, _, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    return int(pid)
+
+
+def admit(conn: socket.socket, me: str, lookup: Callable[[str], Any],
+          inbox: dict[str, int]) -> Link:  # fmt: skip
+    """Check a connecting agent's hello and answer it (with ``inbox``, our
+    capacity and max_frame); the link; ValueError if refused."""
+    conn.settimeout(_HELLO_WAIT)
+    hello = recv_msg(conn, Reader(), [])
+    if not isinstance(hello, dict):
+        raise ValueError("not a link hello")
+    name, agent_id = hello.get("name"), hello.get("id")
+    why = ""
+    if hello.get("op") != "link" or not isinstance(name, str) or type(agent_id) is not int:
+        why = "not a link hello"
+    elif hello.get("to") != me:
+        why = f"this is agent {me!r}, not {hello.get('to')!r}"
+    else:
+        info = lookup(name)
+        if info is None or info[0] != agent_id or info[4] != "uds":
+            why = f"no uds agent {name!r} with id {agent_id} on the bus"
+        elif peer_pid(conn) != info[2]:
+            why = f"the process at the other end is not agent {name!r}'s"
+        elif not _inbox_ok(hello):
+            why = "no inbox capacity and max_frame in the hello"
+    if why:
+        with contextlib.suppress(OSError):
+            send_msg(conn, {"ok": False, "message": why})
+        raise ValueError(why)
+    send_msg(conn, {"ok": True, **inbox})
+    return Link(conn, name, agent_id, info[2], hello["capacity"], hello["max_frame"])
+
+
+def _inbox_ok(msg: dict[str, Any]) -> bool:
+    cap, most = msg.get("capacity"), msg.get("max_frame")
+    return type(cap) is int and type(most) is int and 0 < most <= cap < 1 << 48
+
+
+def dial(bus: str, me: str, my_id: int, name: str, info: list[Any],
+         inbox: dict[str, int]) -> Link | None:  # fmt: skip
+    """A link to uds agent ``name`` (its routes entry ``info``), accepted by
+    its listener; None if it cannot be had."""
+    peer_id = info[0]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader = Reader()
+    try:
+        sock.settimeout(_HELLO_WAIT)
+        sock.connect(str(peer_path(bus, peer_id)))
+        send_msg(sock, {"op": "link", "name": me, "id": my_id, "to": name, **inbox})
+        answer = recv_msg(sock, reader, [])
+    except Exception as e:  # noqa: BLE001 - out of reach, or not a listener: the bridge
+        log.debug("no direct link to %s: %s", name, e)
+        sock.close()
+        return None
+    except BaseException:
+        sock.close()
+        raise
+    if not isinstance(answer, dict) or not answer.get("ok") or not _inbox_ok(answer):
+        log.info("agent %s refused a direct link: %s", name,
+                 answer.get("message") if isinstance(answer, dict) else answer)  # fmt: skip
+        sock.close()
+        return None
+    link = Link(sock, name, peer_id, info[2], answer["capacity"], answer["max_frame"])
+    # The peer may have sent its first record right behind its answer.
+    rest = bytes(reader._buf)
+    stream = link.stream
+    stream._buf[: len(rest)] = rest
+    stream._end = len(rest)
+    return link
