@@ -238,13 +238,15 @@ class Link:
         self.stream.took()
         return body
 
-    def poll_counts(self) -> None:
+    def poll_counts(self, wait: bool = False) -> None:
         """Read what the peer sent, for its counts (a sender that never
         receives learns so what it may forget); its records are set aside,
         untaken, for the reader (the peer keeps within our inbox's capacity,
-        so they are bounded). Notes an end in ``ended``."""
+        so they are bounded). Notes an end in ``ended``. ``wait``: for the
+        reader's turn, as when the link ended and the peer's last counts
+        must be in before we dead-letter what it did not take."""
         stream = self.stream
-        if not stream._rlock.acquire(blocking=False):
+        if not stream._rlock.acquire(blocking=wait):
             return  # the reader is at it
         try:
             pending = []
@@ -253,15 +255,6 @@ class Link:
             stream._stash.extend(pending)
         finally:
             stream._rlock.release()
-
-    def last_counts(self) -> None:
-        """The link ended: read all the peer sent before its end (its last
-        counts above all, so that nothing it took is dead-lettered)."""
-        with self.stream._rlock:
-            pending = []
-            while (body := self._read()) is not None:
-                pending.append(body)
-            self.stream._stash.extend(pending)
 
     def close(self) -> None:
         self.stream.close()

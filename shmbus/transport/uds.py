@@ -653,8 +653,6 @@ class UdsOutbox:
                 if link is False:
                     link = None
                     if info[4] == "uds" and info[0] != self.agent_id:  # to itself: the bridge
-                        from . import peer
-
                         link = self.mux.by_id.get(info[0])  # it linked to us first
                         if link is None:
                             link = peer.dial(self.bus, self.name, self.agent_id, name, info,
@@ -895,11 +893,9 @@ class UdsOutbox:
 
     def _fence(self, link: Any) -> None:
         """Send the fence a publish left for the link, before the next record on it."""
-        from .peer import fence_record
-
         fence_id, link.fence_id = link.fence_id, 0
         try:
-            link.stream.write(fence_record(fence_id), None)
+            link.stream.write(peer.fence_record(fence_id), None)
         except BaseException:
             link.fence_id = fence_id
             raise
@@ -972,8 +968,6 @@ class UdsLink:
         self._sent: dict[int, list[int]] = {}  # counts of links gone, not yet told
         self._received = [0, 0]
         self._lost = [0, 0]  # failed, dropped
-        from . import peer
-
         # What a peer that links to us must keep within (as our inbox would).
         self._inbox = {
             "capacity": inbox_capacity,
@@ -994,8 +988,6 @@ class UdsLink:
 
     def _admit(self, conn: socket.socket) -> None:
         """The listener's: another uds agent connects (peer.py)."""
-        from . import peer
-
         out = self.out
 
         def lookup(name: str) -> Any:
@@ -1013,7 +1005,7 @@ class UdsLink:
         if link.broken is not None:
             return
         link.broken = reason
-        link.last_counts()
+        link.poll_counts(wait=True)
         self._keep_counts(link)
         frames = link.stream.untaken()
         why = "recipient left" if link.leaving else "recipient died"
@@ -1116,8 +1108,6 @@ class UdsLink:
         """Take no more links, tell each peer what we took (the rest is its to
         dead-letter: it sees the link end), and dead-letter what we took and
         did not read."""
-        from . import peer
-
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -1146,3 +1136,7 @@ class UdsLink:
 
 
 open = UdsLink
+
+
+# Last: peer.py builds on Stream (and this module calls it at run time only).
+from . import peer  # noqa: E402
