@@ -188,7 +188,7 @@ class _Queue:
                     return None
                 self.hub.lock.wait(left)
 
-    def poll_record(self) -> bytes | None:
+    def poll_record(self, read: bool = True) -> bytes | None:
         return None  # read_record took all that waited
 
     def ack(self) -> bool:

@@ -98,10 +98,11 @@ class Link:
         self._wpoll = select.poll()
         self._wpoll.register(self.fd, select.POLLIN)
         self.lock = threading.Lock()
-        # Not yet told to the coordinator: [messages, frame bytes] each way,
-        # and [failed, dropped] of ours.
-        self.sent = [0, 0]
-        self.received = [0, 0]
+        # For the coordinator's stats: messages and frame bytes we took (the
+        # reader's alone to count: no lock), those we sent (the stream counts
+        # them), as told so far; [failed, dropped] of ours not told yet.
+        self.rx_frames = self.rx_bytes = 0
+        self._told = (0, 0, 0, 0)
         self.lost = [0, 0]
         self.broken: str | None = None  # we are done sending on it (and said why)
         self.ended: str | None = None  # the peer's side closed: read what it left, then go
@@ -114,26 +115,25 @@ class Link:
 
     # ------------------------------------------------------------ counts
 
-    def count_sent(self, n: int, nbytes: int) -> None:
-        with self.lock:
-            self.sent[0] += n
-            self.sent[1] += nbytes
-
     def count_lost(self, n: int, dropped: bool) -> None:
         with self.lock:
             self.lost[dropped] += n
 
     def take_counts(self) -> tuple[list[int], list[int], list[int]]:
+        """[messages, bytes] sent and received, and [failed, dropped], since
+        the last call."""
+        stream = self.stream
         with self.lock:
-            counts = self.sent, self.received, self.lost
-            self.sent, self.received, self.lost = [0, 0], [0, 0], [0, 0]
-        return counts
+            now = (stream.sent_frames, stream.sent_bytes, self.rx_frames, self.rx_bytes)
+            told, self._told = self._told, now
+            lost, self.lost = self.lost, [0, 0]
+        return [now[0] - told[0], now[1] - told[1]], [now[2] - told[2], now[3] - told[3]], lost
 
     # ------------------------------------------------------------ sending side
 
     def in_use(self) -> int:
         """Percent of the peer's inbox that our untaken records fill."""
-        return min(100, self.stream.keep_bytes * 100 // max(self.capacity, 1))
+        return min(100, self.stream.held() * 100 // max(self.capacity, 1))
 
     def room(self, size: int, wait: float | None) -> bool:
         """Wait up to ``wait`` (None: forever) until a record of ``size`` bytes
@@ -142,12 +142,14 @@ class Link:
         stream = self.stream
         deadline = None if wait is None else time.monotonic() + wait
         while True:
-            if not stream.keep_bytes or stream.keep_bytes + size <= self.capacity:
+            held = stream.held()
+            if not held or held + size <= self.capacity:
                 return True
             self.poll_counts()
             if self.ended is not None:
                 raise Closed(self.ended)
-            if not stream.keep_bytes or stream.keep_bytes + size <= self.capacity:
+            held = stream.held()
+            if not held or held + size <= self.capacity:
                 return True
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -165,10 +167,25 @@ class Link:
         stream = self.stream
         if stream._stash:
             return stream._stash.popleft()
-        while self.ended is None or stream._end - stream._start >= 4:
-            try:
+        while True:
+            start, end = stream._start, stream._end
+            if end - start >= wire.HEAD:  # a whole record, as most are, without a call
+                size, count, word, taken, _ = wire.RECORD.unpack_from(stream._buf, start)
+                if wire.HEAD - 4 <= size <= wire.MAX_RECORD and end - start >= 4 + size:
+                    stream._start = start + 4 + size
+                    stream.release(taken)
+                    body = bytes(stream._view[start + 4 : start + 4 + size])
+                    if count or self._control(word, size):
+                        return body
+                    continue
+            elif start == end and self.ended is None:
+                stream._start = stream._end = 0  # nothing to take: read, into all the buffer
+                if not self._fill():
+                    return None
+                continue
+            try:  # a record in part, or a length no peer of ours sends
                 body = stream.take()
-            except Closed as e:  # a record no peer of ours would send
+            except Closed as e:
                 log.warning("agent %s broke its direct link: %s", self.name, e)
                 self.ended = str(e)
                 stream._start = stream._end  # what is left of it is garbage
@@ -177,15 +194,18 @@ class Link:
                 if self.ended is not None or not self._fill():
                     return None
                 continue
-            stream.release(int.from_bytes(body[8:12], "little"))
-            if body[:4] != b"\0\0\0\0":
+            word, taken = wire.COUNTS.unpack_from(body, 4)
+            stream.release(taken)
+            if body[:4] != b"\0\0\0\0" or self._control(word, len(body)):
                 return body
-            kind = body[4] & 3
-            if kind == LEAVING:
-                self.leaving = True
-            elif kind == FENCE and len(body) == wire.HEAD + 4:
-                return body
-        return None
+
+    def _control(self, word: int, size: int) -> bool:
+        """A record of no frames (``size``: its body's): note a leave; True
+        for a fence, which is the reader's."""
+        kind = word & 3
+        if kind == LEAVING:
+            self.leaving = True
+        return kind == FENCE and size == wire.HEAD + 4
 
     def _fill(self) -> bool:
         try:
@@ -232,9 +252,8 @@ class Link:
         assert body is not None
         self._head = None
         count = int.from_bytes(body[:4], "little")
-        with self.lock:
-            self.received[0] += count
-            self.received[1] += len(body) - (wire.HEAD - 4) - 4 * count
+        self.rx_frames += count
+        self.rx_bytes += len(body) - (wire.HEAD - 4) - 4 * count
         self.stream.took()
         return body
 
@@ -301,6 +320,7 @@ class Mux:
         self._links: dict[int, Link] = {}  # by fd
         self.by_id: dict[int, Link] = {}
         self._order: tuple[Link, ...] = ()
+        self._streams: tuple[Stream, ...] = (bridge,)  # the bridge's, and each link's
         self._fenced: set[Link] = set()
         self._held: tuple[bytes, list[tuple[int, int, int, int]]] | None = None
         self._next = 0
@@ -318,6 +338,7 @@ class Mux:
             self._links[link.fd] = link
             self.by_id.setdefault(link.id, link)
             self._order = tuple(self._links.values())
+            self._streams = (self.bridge, *(link.stream for link in self._order))
             self._poll.register(link.fd, select.POLLIN)
         os.eventfd_write(self._wake, 1)  # a reader asleep polls the new link too
 
@@ -334,6 +355,7 @@ class Mux:
                         self.by_id[link.id] = other
                         break
             self._order = tuple(self._links.values())
+            self._streams = (self.bridge, *(link.stream for link in self._order))
             with contextlib.suppress(KeyError, ValueError):
                 self._poll.unregister(link.fd)
         return True
@@ -369,24 +391,35 @@ class Mux:
 
     # ------------------------------------------------------------ reading
 
-    def poll_record(self) -> bytes | None:
-        """The next record's body if one is here now: no wait, no counts told."""
-        return self._look() if self._ready() else None
+    def poll_record(self, read: bool = True) -> bytes | None:
+        """The next record's body if one is here now: no wait, no counts told.
+        ``read=False``: only if one was read off a socket already (a look for
+        more behind a record just taken, which must not cost a system call)."""
+        return self._look() if (self._ready() if read else self._buffered()) else None
 
-    def _ready(self) -> bool:
-        """Is there anything to look at? One system call for all the sockets,
-        where a look makes one a socket (and an exception where it finds none)."""
-        ready = self._poll.poll(0)
+    def _ready(self, ready: list[tuple[int, int]] | None = None) -> bool:
+        """Is there anything to look at? One system call for all the sockets
+        (unless the caller's ``ready`` is one just made), where a look makes
+        one a socket (and an exception where it finds none)."""
+        if ready is None:
+            ready = self._poll.poll(0)
         if ready:
             if len(ready) == 1 and ready[0][0] == self._wake:
                 self._drain_wake()
                 return bool(self._order)  # a new link, or an end: look
             return True
+        return self._buffered()
+
+    def _buffered(self) -> bool:
+        """Is a record here without a read: set aside, held, or in a buffer
+        (or a fence's wait over)?"""
         if self._held is not None:
             return True
-        for s in (self.bridge, *(link.stream for link in self._order)):
+        for s in self._streams:
             if s._stash or s._end - s._start >= 4:
                 return True
+        if not self._fenced:
+            return False
         return any(not link.fenced or time.monotonic() >= link.fenced_until
                    for link in self._fenced)  # fmt: skip
 
@@ -460,19 +493,21 @@ class Mux:
         Stream.read_record: spin first, and tell the counts before a sleep."""
         deadline = None if timeout is None else time.monotonic() + timeout
         spin_until = None if timeout != 0 else 0.0
+        ready = None
         while True:
-            if self._ready():
+            if self._ready(ready):
                 body = self._look()
                 if body is not None:
                     return body
+            ready = None
             if spin_until is None:
                 spin_until = time.perf_counter() + self.spin
             if time.perf_counter() < spin_until:
                 poll, clock = self._poll.poll, time.perf_counter
-                while not poll(0) and clock() < spin_until:
+                while not (ready := poll(0)) and clock() < spin_until:
                     pass
-                continue
-            streams = (self.bridge, *(link.stream for link in self._order))
+                continue  # (with what the poll found: a second one costs a round trip 1 us)
+            streams = self._streams
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 for s in streams:

@@ -22,6 +22,7 @@ it reads the body; a peer that breaks them is disconnected.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from ..message import HEADER
@@ -46,6 +47,7 @@ VERDICT_FIELDS = struct.Struct("<III")  # info, record number, frames delivered:
 MASK = 0xFFFFFFFF
 
 
+@functools.lru_cache(maxsize=256)  # on every send; few (policy, wait) pairs are in use
 def info(policy: str, wait: float | None) -> int:
     """A record's ``info`` word: the policy, and for "block" the wait (None: forever)."""
     ms = FOREVER_MS if wait is None else min(max(round(wait * 1000), 0), FOREVER_MS - 1)
