@@ -432,9 +432,10 @@ class Mux:
 
     def _look(self) -> bytes | None:
         """A record from any source, if one is here; the links in turn, then the bridge."""
-        for link in tuple(self._fenced):
-            if not link.fenced or time.monotonic() >= link.fenced_until:
-                self._unfence(link)  # its wait ran out
+        if self._fenced:
+            for link in tuple(self._fenced):
+                if not link.fenced or time.monotonic() >= link.fenced_until:
+                    self._unfence(link)  # its wait ran out
         order = self._order
         held = self._held
         n = len(order)
