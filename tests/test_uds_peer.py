@@ -12,6 +12,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,3 +278,72 @@ def test_listener_sockets_go_when_their_agents_do(bus, children, runtime):
         wait_for(lambda: not theirs.exists())  # the coordinator removes what the dead left
     assert not mine.exists()
     assert not list(Path(runtime).rglob("*.peer"))
+
+
+def _mixed(agent: shmbus.Agent, to: str, topic: str | None, n: int = 30) -> list[list]:
+    """Sends (and publishes) of every lane, interleaved; what a reader that
+    starts after them must get: the highest lane first, each lane in order."""
+    lanes: dict[int, list[list]] = {90: [], 50: [], 0: []}
+    for i in range(n):
+        for priority, name, every in ((0, "low", 1), (90, "high", 3), (50, "mid", 2)):
+            if i % every:
+                continue
+            agent.send(to, ["direct", name, i], priority=priority)
+            lanes[priority].append(["direct", name, i])
+            if topic is not None:
+                agent.publish(topic, ["publish", name, i], priority=priority)
+                lanes[priority].append(["publish", name, i])
+    return lanes[90] + lanes[50] + lanes[0]
+
+
+@pytest.mark.parametrize("publish", [False, True], ids=["direct", "with-publishes"])
+def test_a_linked_reader_takes_the_highest_lane_first_and_each_lane_in_order(bus, publish):
+    """As from an shm inbox: what waits on the link is handed over by lane,
+    and publishes (through the bridge) keep their place in their lane."""
+    with pair(bus) as (a, b):
+        if publish:
+            b.subscribe("news.>")
+            wait_for(lambda: (a._link.out.refresh(), a._link.out.subs)[1])
+        expected = _mixed(a, "b", "news.x" if publish else None)
+        assert isinstance(link_of(a, "b"), peer.Link)
+        got = [b.recv(timeout=10).payload for _ in expected]
+        assert got == expected
+        with pytest.raises(shmbus.RecvTimeout):
+            b.recv(timeout=0.1)
+        # What b took out of order is b's: a holds nothing of it once told.
+        link = link_of(a, "b")
+        wait_for(lambda: (link.poll_counts(), [link.stream.held(k) for k in range(3)])[1]
+                 == [0, 0, 0])  # fmt: skip
+
+
+def _take_highs_then_wait(bus: str, go: Any, n: int) -> None:
+    with shmbus.connect(bus=bus, name="holder", transport="uds") as agent:
+        agent.send("driver", "ready")
+        assert go.wait(20)
+        # One at a time (no read-ahead it would take), the highest lane first.
+        took = [agent.recv_many(1, timeout=20)[0].payload for _ in range(n)]
+        agent.send("driver", ["took", took])
+        time.sleep(60)  # killed here
+
+
+def test_what_a_reader_took_out_of_order_is_not_dead_lettered(bus, children):
+    """The holder takes the high ones first, past lows it never takes, then
+    is killed: its sender dead-letters exactly the lows."""
+    with shmbus.connect(bus=bus, name="driver", **UDS) as driver:
+        go = children.ctx.Event()
+        holder = children.start(_take_highs_then_wait, bus, go, 10)
+        assert driver.recv(timeout=20).payload == "ready"
+        ids = [driver.send("holder", i, priority=90 if i % 10 == 5 else 0) for i in range(100)]
+        assert isinstance(link_of(driver, "holder"), peer.Link)
+        go.set()
+        assert driver.recv(timeout=20).payload == ["took", list(range(5, 100, 10))]
+        os.kill(holder.pid, signal.SIGKILL)
+        wait_for(lambda: "holder" not in driver.peers())
+        lost = [m for i, m in enumerate(ids) if i % 10 != 5]
+
+        def dead() -> list:
+            return [d for d in driver.dlq() if d.message.recipient == "holder"]
+
+        wait_for(lambda: len(dead()) >= len(lost))
+        time.sleep(0.6)  # a heartbeat more: nothing else comes
+        assert [d.message.id for d in dead()] == lost

@@ -60,7 +60,7 @@ def test_a_record_the_socket_takes_in_part_is_finished_and_one_it_refuses_is_not
         while (len(partial) < 5 or refused < 5) and time.monotonic() < deadline:
             i += 1
             payload = bytes([i % 256]) * (40_000 if i % 50 == 1 else 100)
-            number = stream.send_one(*_args(i, payload))
+            number = stream.send_one(0, *_args(i, payload))
             if number:
                 assert number == len(sent) + 1  # numbered as every record we wrote
                 sent.append(i)
@@ -90,7 +90,7 @@ def test_a_record_larger_than_the_scratch_is_left_to_the_usual_path():
     a, b = socket.socketpair()
     stream = uds.Stream(a)
     try:
-        assert stream.send_one(*_args(1, b"x" * uds._SCRATCH)) == 0
+        assert stream.send_one(0, *_args(1, b"x" * uds._SCRATCH)) == 0
         assert stream.written == 0
         b.setblocking(False)
         try:

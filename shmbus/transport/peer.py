@@ -41,8 +41,9 @@ from typing import Any
 from ..control import Reader, recv_msg, runtime_dir, send_msg
 from ..errors import Closed
 from ..message import HEADER
+from ..ring import LANES
 from . import wire
-from .uds import _QUIET, _SLICE, Stream
+from .uds import _QUIET, _SLICE, Stream, _Full
 
 log = logging.getLogger("shmbus.transport.peer")
 
@@ -52,18 +53,33 @@ _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 #: The info word's policy bits of a record of no frames on a link: the
 #: sender's last counts, it leaves (so the link's end is no death).
 LEAVING = 3
-#: ... a fence: 8 bytes follow, the id of a message of the sender's that
-#: comes through the bridge (a publish); what comes on the link after the
-#: fence waits until it has come, or until FENCE_WAIT, as the two paths
-#: would otherwise pass each other.
+#: ... the numbers (u32 each) of records of the peer's the sender took out of
+#: order (a higher lane first), past the ``taken`` count: they are no longer
+#: the peer's to dead-letter, nor in its share of the inbox.
+TOOK = 1
+#: ... a fence: for each priority lane, 8 bytes: the id of the last message
+#: of the sender's in that lane that went through the bridge (a publish, or
+#: a send of an upper lane), or 0; what comes on the link after the fence
+#: waits until they have come, or until FENCE_WAIT, as the two paths would
+#: otherwise pass each other.
 FENCE = 2
 FENCE_WAIT = 1.0
+_FENCE_IDS = struct.Struct(f"<{LANES}Q")
+_FENCE_SIZE = wire.HEAD - 4 + _FENCE_IDS.size  # its body's
+_DOWN = tuple(range(LANES - 1, -1, -1))  # the lanes, highest first
 _SENDER_AT = struct.calcsize(HEADER.format[: 1 + wire.FIELDS.index("sender_id")])
 _ID_AT = struct.calcsize(HEADER.format[: 1 + wire.FIELDS.index("id")])
 
 
-def fence_record(msg_id: int) -> bytearray:
-    return bytearray(wire.RECORD.pack(wire.HEAD + 4, 0, FENCE, 0, 0) + msg_id.to_bytes(8, "little"))
+def took_record(numbers: list[int]) -> bytearray:
+    """A record telling the peer we took these records of its out of order."""
+    tail = struct.pack(f"<{len(numbers)}I", *(n & wire.MASK for n in numbers))
+    return bytearray(wire.RECORD.pack(wire.HEAD - 4 + len(tail), 0, TOOK, 0, 0) + tail)
+
+
+def fence_record(ids: list[int]) -> bytearray:
+    """A fence for these ids, one per lane (0: none)."""
+    return bytearray(wire.RECORD.pack(_FENCE_SIZE, 0, FENCE, 0, 0) + _FENCE_IDS.pack(*ids))
 
 
 def enabled() -> bool:
@@ -107,11 +123,32 @@ class Link:
         self.broken: str | None = None  # we are done sending on it (and said why)
         self.ended: str | None = None  # the peer's side closed: read what it left, then go
         self.leaving = False  # the peer said it leaves (else a link that ends: it died)
-        self.fence_id = 0  # ours to send before the next record: a publish the peer may get
-        self.fenced = 0  # the peer's: the id we wait for from the bridge before reading on
-        self.fenced_until = 0.0
-        self.on_fence: Callable[[Link], None] | None = None
-        self._head: bytes | None = None
+        # Ours to send before the next record: per lane, the last id of a message
+        # the peer gets through the bridge (None: no fence is due).
+        self.fences: list[int] | None = None
+        # The peer's fences: per lane, the last id of its messages that come
+        # through the bridge as of what we read (None: no fence yet), and
+        # what came from it through the bridge. As in an inbox, where those
+        # would be already, a record on the link waits for the ones of its
+        # lane that were sent before it, and for every one of a higher lane;
+        # a wait (per lane) ends FENCE_WAIT after the bridge last brought one.
+        self._need: tuple[int, ...] | None = None
+        self.bridged = [0] * LANES
+        self.stalled = [0.0] * LANES
+        self.blocked = False  # head() found a record that waits for the bridge
+        # The peer's records read and not taken, by lane: (number, body, the
+        # _need as of it); the reader takes the highest lane first, as from an
+        # shm inbox. A record taken past ``stream.taken`` + 1 waits in _ooo
+        # until those before it are taken; the peer is told of it (TOOK).
+        self._lanes: list[collections.deque[tuple[int, bytes, Any]]] = [
+            collections.deque() for _ in range(LANES)
+        ]
+        self.queued = 0
+        self.lane = 0  # head()'s
+        self.readable = False  # a poll saw data on the socket since the last read
+        self._seq = 0
+        self._ooo: set[int] = set()
+        self._untold: list[int] = []
 
     # ------------------------------------------------------------ counts
 
@@ -131,24 +168,25 @@ class Link:
 
     # ------------------------------------------------------------ sending side
 
-    def in_use(self) -> int:
-        """Percent of the peer's inbox that our untaken records fill."""
-        return min(100, self.stream.held() * 100 // max(self.capacity, 1))
+    def in_use(self, lane: int) -> int:
+        """Percent of the peer's inbox lane that our untaken records fill."""
+        return min(100, self.stream.held(lane) * 100 // max(self.capacity, 1))
 
-    def room(self, size: int, wait: float | None) -> bool:
+    def room(self, size: int, wait: float | None, lane: int) -> bool:
         """Wait up to ``wait`` (None: forever) until a record of ``size`` bytes
-        fits beside what the peer has not taken yet; False if it never did.
-        Closed if the peer goes meanwhile."""
+        fits beside what the peer has not taken yet of that lane (each lane
+        has the inbox's capacity, as in shm); False if it never did. Closed
+        if the peer goes meanwhile."""
         stream = self.stream
         deadline = None if wait is None else time.monotonic() + wait
         while True:
-            held = stream.held()
+            held = stream.held(lane)
             if not held or held + size <= self.capacity:
                 return True
             self.poll_counts()
             if self.ended is not None:
                 raise Closed(self.ended)
-            held = stream.held()
+            held = stream.held(lane)
             if not held or held + size <= self.capacity:
                 return True
             left = None if deadline is None else deadline - time.monotonic()
@@ -159,11 +197,12 @@ class Link:
 
     # ------------------------------------------------------------ reading side
 
-    def _read(self) -> bytes | None:
+    def _read(self, fill: bool = True) -> bytes | None:
         """The next record of the peer's that is the reader's (frames, or a
-        fence), from what is set aside or the socket; None if none is here.
-        Under the stream's ``_rlock``. A peer that breaks the protocol, or an
-        end, is noted in ``ended``."""
+        fence), from what is set aside or the socket (``fill``: read it when
+        no whole record is here); None if none is here. Under the stream's
+        ``_rlock``. A peer that breaks the protocol, or an end, is noted in
+        ``ended``."""
         stream = self.stream
         if stream._stash:
             return stream._stash.popleft()
@@ -175,13 +214,14 @@ class Link:
                     stream._start = start + 4 + size
                     stream.release(taken)
                     body = bytes(stream._view[start + 4 : start + 4 + size])
-                    if count or self._control(word, size):
+                    if count or self._control(word, body):
                         return body
                     continue
             elif start == end and self.ended is None:
                 stream._start = stream._end = 0  # nothing to take: read, into all the buffer
-                if not self._fill():
+                if not fill or not self._fill():
                     return None
+                fill = False  # once: what one read brings is what is here
                 continue
             try:  # a record in part, or a length no peer of ours sends
                 body = stream.take()
@@ -191,21 +231,24 @@ class Link:
                 stream._start = stream._end  # what is left of it is garbage
                 return None
             if body is None:
-                if self.ended is not None or not self._fill():
+                if self.ended is not None or not fill or not self._fill():
                     return None
+                fill = False
                 continue
             word, taken = wire.COUNTS.unpack_from(body, 4)
             stream.release(taken)
-            if body[:4] != b"\0\0\0\0" or self._control(word, len(body)):
+            if body[:4] != b"\0\0\0\0" or self._control(word, body):
                 return body
 
-    def _control(self, word: int, size: int) -> bool:
-        """A record of no frames (``size``: its body's): note a leave; True
-        for a fence, which is the reader's."""
+    def _control(self, word: int, body: bytes) -> bool:
+        """A record of no frames: note a leave, or records taken out of order;
+        True for a fence, which is the reader's."""
         kind = word & 3
         if kind == LEAVING:
             self.leaving = True
-        return kind == FENCE and size == wire.HEAD + 4
+        elif kind == TOOK and len(body) % 4 == 0:
+            self.stream.release_some(memoryview(body)[wire.HEAD - 4 :].cast("I").tolist())
+        return kind == FENCE and len(body) == _FENCE_SIZE
 
     def _fill(self) -> bool:
         try:
@@ -214,48 +257,120 @@ class Link:
             self.ended = str(e)
             return False
 
-    def head(self) -> bytes | None:
-        """The peer's next record of frames, not taken yet: None if none is
-        here, or a fence holds it back. Closed once the peer has gone and
-        all it sent is taken."""
-        if self._head is not None:
-            return self._head
-        while True:
-            if self.fenced:
-                if time.monotonic() < self.fenced_until:
-                    return None
-                self.fenced = 0  # it never came (dropped, or not subscribed now): read on
-            with self.stream._rlock:  # the heartbeat's, or a waiting sender's, look is brief
-                body = self._read()
-            if body is None:
-                if self.ended is not None and not self.stream._stash:
-                    raise Closed(self.ended)
-                return None
-            if body[:4] != b"\0\0\0\0":
-                self._head = body
-                return body
-            self.fenced = int.from_bytes(body[16:24], "little")  # a fence
-            self.fenced_until = time.monotonic() + FENCE_WAIT
-            if self.on_fence is not None:
-                self.on_fence(self)
+    def _pull(self, fill: bool) -> None:
+        """Queue the records that are here by lane, each with the fences read
+        before it; ``fill``: read the socket once."""
+        lanes = self._lanes
+        stream = self.stream
+        with stream._rlock:  # the heartbeat's, or a waiting sender's, look is brief
+            while True:
+                body = self._read(fill)
+                if body is None:
+                    return
+                if body[0] or body[1] or body[2] or body[3]:  # frames (else a fence)
+                    self._seq += 1
+                    lanes[wire.lane(body, 16)].append((self._seq, body, self._need))
+                    self.queued += 1
+                else:  # a fence
+                    ids = _FENCE_IDS.unpack_from(body, 16)
+                    self._need = tuple(map(max, ids, self._need or ids))
+                if stream._end - stream._start < wire.HEAD and not stream._stash:
+                    if not fill or stream._end == stream._start:
+                        return  # (all read; a read that finds nothing costs an exception)
+                    fill = False
 
-    def first_id(self) -> int:
-        """The id of the first message of ``head()``."""
-        body = self._head
-        assert body is not None
+    def head(self) -> bytes | None:
+        """The peer's next record of frames, not taken yet (the highest lane's
+        first, its lane in ``lane``, unless it waits for what its fences name
+        to come through the bridge): None if none is here. Closed once the
+        peer has gone and all it sent is taken."""
+        if self.readable or not self.queued:
+            self._pull(True)
+            self.readable = False
+        self.blocked = False
+        if self.queued:
+            lanes = self._lanes
+            for lane in _DOWN:
+                if lanes[lane]:
+                    break
+            if self._need is not None and not self._may_take(lane, lanes[lane][0][2]):
+                self.blocked = True
+                return None
+            self.lane = lane
+            return lanes[lane][0][1]
+        if self.ended is not None and not self.stream._stash:
+            raise Closed(self.ended)
+        return None
+
+    def _may_take(self, lane: int, need: tuple[int, ...] | None) -> bool:
+        """May the first record of ``lane`` (its fences: ``need``) go, or does
+        it wait for one of our messages from the bridge? (Its wait ends
+        FENCE_WAIT after the bridge last brought one of that lane.)"""
+        announced, bridged = self._need, self.bridged
+        assert announced is not None
+        for k in _DOWN:
+            if k < lane:
+                return True
+            wanted = announced[k] if k > lane else need[k] if need is not None else 0
+            if wanted <= bridged[k]:
+                continue
+            now = time.monotonic()
+            if not self.stalled[k]:
+                self.stalled[k] = now
+            elif now >= self.stalled[k] + FENCE_WAIT:  # it never came (dropped, or no
+                bridged[k] = announced[k]  # longer subscribed): go on
+                self.stalled[k] = 0.0
+                continue
+            return False
+        return True
+
+    def waits_for(self, lane: int) -> bool:
+        """Is one of our messages of ``lane`` from the bridge yet to come (so
+        what a record here waited for may have come with the last one)?"""
+        return self._need is not None and self.bridged[lane] < self._need[lane]
+
+    def first_id(self, lane: int | None = None) -> int | None:
+        """The id of the first message of ``head()`` (or of the first record
+        queued in ``lane``; None if none is)."""
+        queue = self._lanes[self.lane if lane is None else lane]
+        if not queue:
+            return None
+        body = queue[0][1]
         at = 16 + 4 * int.from_bytes(body[:4], "little") + _ID_AT
         return int.from_bytes(body[at : at + 8], "little")
 
     def pop(self) -> bytes:
         """Take ``head()``: it is the reader's now (the peer is told so)."""
-        body = self._head
-        assert body is not None
-        self._head = None
+        seq, body, _ = self._lanes[self.lane].popleft()
+        self.queued -= 1
         count = int.from_bytes(body[:4], "little")
         self.rx_frames += count
         self.rx_bytes += len(body) - (wire.HEAD - 4) - 4 * count
-        self.stream.took()
+        stream = self.stream
+        if seq == stream.taken + 1:
+            if self._ooo:  # those taken before it, out of order, count now too
+                n, ooo = 1, self._ooo
+                while stream.taken + n + 1 in ooo:
+                    n += 1
+                    ooo.discard(stream.taken + n)
+                stream.took(n)
+            else:
+                stream.took()
+        else:
+            self._ooo.add(seq)
+            self._untold.append(seq)
+        if self._untold:
+            self.tell_took()
         return body
+
+    def tell_took(self) -> None:
+        """Tell the peer the records we took out of order, if the socket
+        takes it now (else with a later take, or before a wait)."""
+        try:
+            self.stream.write(took_record(self._untold), 0)
+        except (_Full, Closed):
+            return
+        self._untold.clear()
 
     def poll_counts(self, wait: bool = False) -> None:
         """Read what the peer sent, for its counts (a sender that never
@@ -279,8 +394,11 @@ class Link:
         self.stream.close()
 
 
-def _frame_ids(body: bytes) -> list[tuple[int, int, int, int]]:
-    """(sender id, message id, start, end) of each frame of a body."""
+Frame = tuple[int, int, int, int, int]  # sender id, message id, lane, start, end in a body
+
+
+def _frame_ids(body: bytes) -> list[Frame]:
+    """(sender id, message id, lane, start, end) of each frame of a body."""
     count = int.from_bytes(body[:4], "little")
     at = 16 + 4 * count
     out = []
@@ -288,19 +406,20 @@ def _frame_ids(body: bytes) -> list[tuple[int, int, int, int]]:
         if length >= _ID_AT + 8:
             sender = int.from_bytes(body[at + _SENDER_AT : at + _SENDER_AT + 4], "little")
             msg_id = int.from_bytes(body[at + _ID_AT : at + _ID_AT + 8], "little")
+            lane = wire.LANE_OF[body[at + wire.PRIORITY_AT]]
         else:
-            sender = msg_id = 0  # not a frame: the reader says so
-        out.append((sender, msg_id, at, at + length))
+            sender = msg_id = lane = 0  # not a frame: the reader says so
+        out.append((sender, msg_id, lane, at, at + length))
         at += length
     return out
 
 
-def _body(body: bytes, frames: list[tuple[int, int, int, int]]) -> bytes:
+def _body(body: bytes, frames: list[Frame]) -> bytes:
     """A body of these frames of ``body``."""
     return b"".join(
         [wire.RECORD.pack(0, len(frames), 0, 0, 0)[4:],
-         struct.pack(f"<{len(frames)}I", *(e - s for _, _, s, e in frames)),
-         *(body[s:e] for _, _, s, e in frames)]
+         struct.pack(f"<{len(frames)}I", *(e - s for *_, s, e in frames)),
+         *(body[s:e] for *_, s, e in frames)]
     )  # fmt: skip
 
 
@@ -321,11 +440,12 @@ class Mux:
         self.by_id: dict[int, Link] = {}
         self._order: tuple[Link, ...] = ()
         self._streams: tuple[Stream, ...] = (bridge,)  # the bridge's, and each link's
-        self._fenced: set[Link] = set()
-        self._held: tuple[bytes, list[tuple[int, int, int, int]]] | None = None
+        self._held: tuple[bytes, list[Frame]] | None = None
+        self._bridge_ready = False  # the last poll found the bridge's socket readable
         self._next = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poll = select.poll()
+        self._bridge_fd = bridge.sock.fileno()
         self._poll.register(bridge.sock, select.POLLIN)
         self._poll.register(self._wake, select.POLLIN)
 
@@ -333,7 +453,6 @@ class Mux:
         return self._order
 
     def add(self, link: Link) -> None:
-        link.on_fence = self._fence
         with self._lock:
             self._links[link.fd] = link
             self.by_id.setdefault(link.id, link)
@@ -344,7 +463,6 @@ class Mux:
 
     def remove(self, link: Link) -> bool:
         """Off the list (False if it was not on it)."""
-        self._fenced.discard(link)
         with self._lock:
             if self._links.pop(link.fd, None) is not link:
                 return False
@@ -373,22 +491,6 @@ class Mux:
         self.on_broken(link, reason)
         os.eventfd_write(self._wake, 1)
 
-    # ------------------------------------------------------------ fences
-
-    def _fence(self, link: Link) -> None:
-        """A link waits for a message of its peer's from the bridge: its data
-        (or its end) must not wake our waits meanwhile."""
-        self._fenced.add(link)
-        with self._lock, contextlib.suppress(KeyError, ValueError, OSError):
-            self._poll.unregister(link.fd)
-
-    def _unfence(self, link: Link) -> None:
-        link.fenced = 0
-        self._fenced.discard(link)
-        with self._lock:
-            if self._links.get(link.fd) is link:
-                self._poll.register(link.fd, select.POLLIN)
-
     # ------------------------------------------------------------ reading
 
     def poll_record(self, read: bool = True) -> bytes | None:
@@ -404,6 +506,12 @@ class Mux:
         if ready is None:
             ready = self._poll.poll(0)
         if ready:
+            links = self._links
+            for fd, _ in ready:
+                if fd == self._bridge_fd:
+                    self._bridge_ready = True
+                elif (link := links.get(fd)) is not None:
+                    link.readable = True  # (a look reads it, though records wait there)
             if len(ready) == 1 and ready[0][0] == self._wake:
                 self._drain_wake()
                 return bool(self._order)  # a new link, or an end: look
@@ -418,10 +526,10 @@ class Mux:
         for s in self._streams:
             if s._stash or s._end - s._start >= 4:
                 return True
-        if not self._fenced:
-            return False
-        return any(not link.fenced or time.monotonic() >= link.fenced_until
-                   for link in self._fenced)  # fmt: skip
+        for link in self._order:
+            if link.queued:
+                return True
+        return False
 
     def _head(self, link: Link) -> bytes | None:
         try:
@@ -431,61 +539,86 @@ class Mux:
             return None
 
     def _look(self) -> bytes | None:
-        """A record from any source, if one is here; the links in turn, then the bridge."""
-        if self._fenced:
-            for link in tuple(self._fenced):
-                if not link.fenced or time.monotonic() >= link.fenced_until:
-                    self._unfence(link)  # its wait ran out
+        """A record from any source, if one is here: of the highest lane, as an
+        shm inbox hands them over (a link's records by their lane, a bridge
+        record by its first frame's), and the sources in turn among equals."""
         order = self._order
-        held = self._held
         n = len(order)
-        for i in range(n):
-            link = order[(self._next + i) % n]
-            if self._head(link) is None:
+        if not n:
+            return self.bridge.poll_record()
+        bridge = self.bridge
+        if self._held is None and (self._bridge_ready or bridge._stash
+                                   or bridge._end - bridge._start >= 4):  # fmt: skip
+            self._bridge_ready = False
+            got = bridge.poll_record()  # (a sender reading it for a verdict stashes)
+            if got is not None and got[:4] != b"\0\0\0\0":  # (counts alone: nothing to hand)
+                self._held = (got, _frame_ids(got))
+        held = self._held
+        if held is None and n == 1:  # one link, nothing from the bridge: a round trip's case
+            link = order[0]
+            return link.pop() if self._head(link) is not None else None
+        best = choice = -1
+        for i in range(n + 1):
+            k = (self._next + i) % (n + 1)
+            if k == n:  # the bridge's turn
+                if held is not None and held[1][0][2] > best:
+                    best, choice = held[1][0][2], n
                 continue
-            if held is not None:  # an older message of its sender's waits from the bridge?
-                first = link.first_id()
-                if any(s == link.id and m < first for s, m, _, _ in held[1]):
+            link = order[k]
+            if self._head(link) is None or link.lane <= best:
+                continue
+            if held is not None:  # an older message of its sender's in that lane waits?
+                lane, first = link.lane, link.first_id()
+                if any(s == link.id and ln == lane and m < first  # type: ignore[operator]
+                       for s, m, ln, _, _ in held[1]):  # fmt: skip
                     continue
-            self._next = (self._next + i + 1) % n
-            return link.pop()
-        if held is not None:
-            body, frames = held
+            best, choice = link.lane, k
+        if choice < 0:
+            return None
+        if choice == n:
             self._held = None
-        else:
-            got = self.bridge.poll_record()  # (a sender reading it for a verdict stashes)
-            if got is None or not order or got[:4] == b"\0\0\0\0":
-                return got
-            body, frames = got, _frame_ids(got)
-        return self._from_bridge(body, frames)
+            self._next = 0
+            return self._from_bridge(*held)  # type: ignore[misc]
+        self._next = choice + 1
+        return order[choice].pop()
 
-    def _from_bridge(self, body: bytes, frames: list[tuple[int, int, int, int]]) -> bytes | None:
+    def _from_bridge(self, body: bytes, frames: list[Frame]) -> bytes | None:
         """The frames of a bridge record up to where the link of a sender has
-        an older message (that goes first: the rest is held), or up to the
-        message a fence waits for (the link may go on after it)."""
-        heads: dict[int, int | None] = {}
-        unfence = None
+        an older message of the same lane (that goes first: the rest is held),
+        or up to a message a record on a link waits for (that may go next)."""
+        links: dict[int, Link | None] = {}
+        for sender, *_ in frames:
+            if sender not in links:
+                links[sender] = self.by_id.get(sender)
+        # Each sender's link is read first: what it sent there before these
+        # frames is in its socket by now.
+        for link in links.values():
+            if link is not None:
+                link.readable = True
+                self._head(link)
+        blocker = None
         cut = len(frames)
-        for k, (sender, msg_id, _, _) in enumerate(frames):
-            link = self.by_id.get(sender)
+        for k, (sender, msg_id, lane, _, _) in enumerate(frames):
+            link = links[sender]
             if link is None:
                 continue
-            if link.fenced and msg_id >= link.fenced:
-                unfence, cut = link, k + 1
+            if link.waits_for(lane):
+                cut = k + 1
                 break
-            if sender not in heads:
-                heads[sender] = link.first_id() if self._head(link) is not None else None
-            first = heads[sender]
+            first = link.first_id(lane)
             if first is not None and first < msg_id:
-                cut = k
+                blocker, cut = link, k
                 break
         if cut < len(frames):
             self._held = (body, frames[cut:])
-        if unfence is not None:
-            self._unfence(unfence)
-        if cut == 0:
-            return self._look()  # the link's message first
-        if cut == len(frames) and frames[0][2] == 16 + 4 * len(frames):
+        for sender, msg_id, lane, _, _ in frames[:cut]:
+            link = links[sender]
+            if link is not None and msg_id > link.bridged[lane]:
+                link.bridged[lane] = msg_id  # a fence read later need not wait for it
+                link.stalled[lane] = 0.0
+        if blocker is not None and cut == 0:  # its older message first (or a higher lane's)
+            return blocker.pop() if self._head(blocker) is not None else None
+        if cut == len(frames) and frames[0][3] == 16 + 4 * len(frames):
             return body  # whole, as it came
         return _body(body, frames[:cut])
 
@@ -527,7 +660,7 @@ class Mux:
                 left = None if deadline is None else deadline - time.monotonic()
             if self.bridge._rlock.locked():
                 left = _SLICE if left is None else min(left, _SLICE)  # a verdict's reader stashes
-            if self._fenced:  # its wait runs out in time
+            if any(link.blocked for link in self._order):  # its wait runs out in time
                 left = _SLICE if left is None else min(left, _SLICE)
             self._poll.poll(-1 if left is None else max(math.ceil(left * 1000), 0))
             self._drain_wake()

@@ -47,7 +47,7 @@ from ..errors import (
 )
 from ..message import FLAG_ACK, HEADER, HEADER_SIZE, MAGIC, VERSION
 from ..outbox import check_priority, pack_many, split_blob, ttl_ms
-from ..ring import DEFAULT_SPIN_NS
+from ..ring import DEFAULT_SPIN_NS, LANES
 from ..routes import subscribers, validate_topic
 from ..stats import AgentStats, BusStats, Counters, TopicStats
 from . import wire
@@ -109,11 +109,12 @@ class Stream:
         # A direct link's (peer.py): records of frames written and not yet taken
         # by the peer, numbered as its ``taken`` counts them. They are the
         # sender's until taken: if the peer goes first, they go to the DLQ.
-        self.keep: collections.deque[tuple[int, bytes]] | None = None
+        self.keep: collections.deque[tuple[int, bytes, int]] | None = None
         self.kept = 0
-        self.keep_bytes = 0
+        self.keep_bytes = [0] * LANES  # of keep, per lane of their frames
         self.peer_taken = 0
         self.sent_frames = self.sent_bytes = 0  # a link's, for its stats (under wlock)
+        self._early: set[int] = set()  # taken out of order before _keep had them
         self._klock = threading.Lock()
         self._rlock = threading.Lock()  # one reader of the socket at a time
         self._stash: collections.deque[bytes] = collections.deque()  # read while awaiting a verdict
@@ -223,9 +224,9 @@ class Stream:
                 self._compact(need)
             return None
 
-    def took(self) -> None:
-        """A record of frames is taken (records of no frames, the counts, are not counted)."""
-        self.taken += 1
+    def took(self, n: int = 1) -> None:
+        """Records of frames are taken (records of no frames, the counts, are not counted)."""
+        self.taken += n
         # More may come while this one is read. The counts ride on our next
         # record, or go on their own once the peer has used most of what we
         # granted it, or when a wait goes on: a record of its own costs a
@@ -318,14 +319,14 @@ class Stream:
         try:
             self._write(data, deadline)
             if self.keep is not None and data[4:8] != b"\0\0\0\0":
-                self._keep(data, int.from_bytes(data[4:8], "little"))
+                self._keep(data, int.from_bytes(data[4:8], "little"), wire.lane(data))
             return self._wrote()
         finally:
             self.wlock.release()
 
-    def send_one(self, *build: Any) -> int:
-        """Build a record of one frame (``shmbus_record_send``'s arguments
-        from ``names`` to ``flags``) and send it, in one C call: a send's
+    def send_one(self, lane: int, *build: Any) -> int:
+        """Build a record of one frame of ``lane`` (``shmbus_record_send``'s
+        arguments from ``names`` to ``flags``) and send it, in one C call: a send's
         usual path. The record's number; 0 when another thread has the
         socket or it took nothing at once, and the caller writes the record
         the usual way (which waits, or raises)."""
@@ -343,7 +344,7 @@ class Stream:
             if n < size:  # the frame boundaries must hold: the rest goes now
                 self._send(ffi.buffer(self._scratch, size)[n:], None)
             if self.keep is not None:
-                self._keep(ffi.buffer(self._scratch, size)[:], 1)
+                self._keep(ffi.buffer(self._scratch, size)[:], 1, lane)
             return self._wrote()
         finally:
             self.wlock.release()
@@ -357,7 +358,7 @@ class Stream:
         if rest is not None:  # the frame boundaries must hold: the rest goes now
             self._send(rest, None)
 
-    def _keep(self, record: bytes | bytearray, count: int) -> None:
+    def _keep(self, record: bytes | bytearray, count: int, lane: int) -> None:
         self.sent_frames += count
         self.sent_bytes += len(record) - wire.HEAD - 4 * count
         self.kept += 1
@@ -365,9 +366,11 @@ class Stream:
         with self._klock:
             self._trim()
             # The peer may have taken it (and said so) before we got here.
-            if (self.peer_taken - number) & wire.MASK >= 1 << 31:
-                self.keep.append((number, record))  # type: ignore[union-attr]
-                self.keep_bytes += len(record)
+            if self._early and number in self._early:
+                self._early.discard(number)
+            elif (self.peer_taken - number) & wire.MASK >= 1 << 31:
+                self.keep.append((number, record, lane))  # type: ignore[union-attr]
+                self.keep_bytes[lane] += len(record)
 
     def release(self, taken: int) -> None:
         """The peer has taken our records up to number ``taken``: they are its
@@ -378,23 +381,45 @@ class Stream:
     def _trim(self) -> None:
         keep, taken = self.keep, self.peer_taken
         while keep and (taken - keep[0][0]) & wire.MASK < 1 << 31:
-            self.keep_bytes -= len(keep.popleft()[1])
+            _, record, lane = keep.popleft()
+            self.keep_bytes[lane] -= len(record)
+        if self._early:
+            self._early = {n for n in self._early if (taken - n) & wire.MASK >= 1 << 31}
 
-    def held(self) -> int:
-        """Bytes of our records the peer has not taken."""
-        if self.keep_bytes:
-            with self._klock:
-                self._trim()
-        return self.keep_bytes
-
-    def untaken(self) -> list[bytes]:
-        """The frames of the records the peer never took, in order (and forget them)."""
+    def release_some(self, numbers: list[int]) -> None:
+        """The peer took these records of ours out of order (a higher lane
+        first): they are its own now, though ``taken`` has not passed them."""
         with self._klock:
             self._trim()
-            records = [r for _, r in self.keep or ()]
+            wanted = {n for n in numbers if (self.peer_taken - n) & wire.MASK >= 1 << 31}
+            if not wanted or self.keep is None:
+                return
+            rest: collections.deque[tuple[int, bytes, int]] = collections.deque()
+            for entry in self.keep:
+                if entry[0] in wanted:
+                    wanted.discard(entry[0])
+                    self.keep_bytes[entry[2]] -= len(entry[1])
+                else:
+                    rest.append(entry)
+            self.keep = rest
+            self._early |= wanted  # taken before we noted them sent (_keep)
+
+    def held(self, lane: int) -> int:
+        """Bytes of our records of ``lane`` the peer has not taken."""
+        if self.keep_bytes[lane]:
+            with self._klock:
+                self._trim()
+        return self.keep_bytes[lane]
+
+    def untaken(self) -> list[bytes]:
+        """The frames of the records the peer never took, the highest lane
+        first and each lane in order, as a dead inbox's go (and forget them)."""
+        with self._klock:
+            self._trim()
+            records = [r for _, r, _ in sorted(self.keep or (), key=lambda e: -e[2])]
             if self.keep:
                 self.keep.clear()
-            self.keep_bytes = 0
+            self.keep_bytes = [0] * LANES
         return [f for r in records for f in wire.frames_of(r)]
 
     def _wrote(self) -> int:
@@ -685,7 +710,7 @@ class UdsOutbox:
         return link
 
     def _room(self, link: Any, name: str, size: int, biggest: int, n: int, policy: str,
-              timeout: float | None, frames: Any) -> bool:  # fmt: skip
+              timeout: float | None, frames: Any, lane: int) -> bool:  # fmt: skip
         """Before a record of ``n`` frames goes on a link: room for it in the
         peer's inbox, as a send through the bridge would find (raise, or
         dead-letter ``frames()`` for "drop" and say False)."""
@@ -693,22 +718,21 @@ class UdsOutbox:
         if biggest > link.max_frame:
             raise MessageTooLarge(biggest, link.max_frame, where)
         no_wait = getattr(self._tls, "no_wait", False)
-        if link.room(size, timeout if policy == "block" and not no_wait else 0):
+        if link.room(size, timeout if policy == "block" and not no_wait else 0, lane):
             return True
         link.count_lost(n, policy == "drop")
         some = f"; 0 of {n} messages were sent" if n > 1 else ""
+        fill = f"direct link, priority lane {lane}: {link.in_use(lane)}% in use"
         if policy == "drop":
             for frame in frames():
-                self._dead_letter(frame, f"inbox full: {where} ({link.in_use()}% in use); "
-                                  "policy 'drop'")  # fmt: skip
+                self._dead_letter(frame, f"inbox full: {where} ({fill}); policy 'drop'")
             return False
         if policy == "error" or no_wait:
-            raise InboxFull(f"{where} on bus {self.bus!r} is full (direct link: "
-                            f"{link.in_use()}% in use); backpressure policy 'error' does not "
-                            f"wait{some}")  # fmt: skip
+            raise InboxFull(f"{where} on bus {self.bus!r} is full ({fill}); backpressure "
+                            f"policy 'error' does not wait{some}")  # fmt: skip
         raise BackpressureTimeout(
-            f"{where} on bus {self.bus!r} stayed full for {timeout}s (direct link: "
-            f"{link.in_use()}% in use); its reader is slow or stuck{some}"
+            f"{where} on bus {self.bus!r} stayed full for {timeout}s ({fill}); its reader "
+            f"is slow or stuck{some}"
         )
 
     def _lost(self, link: Any, e: Closed) -> None:
@@ -800,6 +824,7 @@ class UdsOutbox:
               priority: int, ms: int, timeout: float | None, request_id: int,
               correlation_id: int, policy: str, on_sent: Any) -> int:  # fmt: skip
         msg_id = self._take(1)
+        lane = wire.LANE_OF[priority]
         names = self._names.get(name)
         if names is None:
             if len(self._names) >= 1024:
@@ -809,22 +834,23 @@ class UdsOutbox:
         stream = self.stream if link is None else link.stream
         number = 0
         if link is not None:
-            if link.fence_id:
+            if link.fences:
                 self._fence(link)
             size = HEADER_SIZE + len(self._name_b) + len(recipient) + len(data)
-            held = link.stream.keep_bytes
+            held = link.stream.keep_bytes[lane]
             if (size > link.max_frame or held and held + wire.HEAD + 4 + size > link.capacity
                 ) and not self._room(
                     link, name, wire.HEAD + 4 + size, size, 1, policy, timeout,
                     lambda: [self.frame(kind, data, flags, msg_id, recipient=name,
                                         recipient_id=info[0], priority=priority, ttl=ms,
-                                        request_id=request_id, correlation_id=correlation_id)]
+                                        request_id=request_id, correlation_id=correlation_id)],
+                    lane,
             ):  # fmt: skip
                 return msg_id  # (the test before _room: a round trip's usual case, for 1 us)
         if type(data) is bytes:
             me = self._name_b
             number = stream.send_one(
-                names[1], len(me), len(recipient), 0, self.agent_id, info[0], kind,
+                lane, names[1], len(me), len(recipient), 0, self.agent_id, info[0], kind,
                 priority, ms, wire.info(policy, timeout), msg_id, request_id, correlation_id,
                 data, len(data), flags,
             )  # fmt: skip
@@ -867,11 +893,12 @@ class UdsOutbox:
         while True:
             link = self._link(name, info)
             try:
-                if link is not None and link.fence_id:
+                if link is not None and link.fences:
                     self._fence(link)
                 if link is not None and not self._room(
                     link, name, len(record), max(lens) + HEADER_SIZE + len(self._name_b)
-                    + len(name.encode()), n, policy, timeout, lambda: wire.frames_of(record)
+                    + len(name.encode()), n, policy, timeout, lambda: wire.frames_of(record),
+                    wire.LANE_OF[priority],
                 ):  # fmt: skip
                     return list(range(first, first + n))
                 written = self._write(record, f"the inbox of {name!r}", policy, timeout, link)
@@ -901,27 +928,37 @@ class UdsOutbox:
         policy = "block" if timeout is None or timeout > 0 else "drop"
         record = self._record(kind, blob, lens, flags, first, topic=raw, priority=priority, ttl=ms,
                               policy=policy, timeout=timeout)  # fmt: skip
-        if self._paths:
-            self._fences(topic, first + len(lens) - 1)
+        if self.mux is not None and (self._paths or self.mux.by_id):
+            self._fences(topic, priority, first + len(lens) - 1)
         self._write(record, f"the subscribers of {topic!r}", policy, timeout)
         return first
 
-    def _fences(self, topic: str, last_id: int) -> None:
+    def _fences(self, topic: str, priority: int, last_id: int) -> None:
         """A publish goes through the bridge: a subscriber we send to on a link
         must not get our next message on the link before this one (peer.py)."""
         for name in subscribers(self.subs, topic):
             info = self.agents.get(name)
-            link = self._paths.get(info[0]) if info else None
-            if link is not None:
-                link.fence_id = last_id
+            if info:
+                self._fence_lane(info[0], priority, last_id)
+
+    def _fence_lane(self, agent_id: int, priority: int, last_id: int) -> None:
+        """Our message ``last_id`` to agent ``agent_id`` went through the
+        bridge: a fence for it goes before our next record on our link to it."""
+        link = self._paths.get(agent_id, False)
+        if link is False:  # not chosen yet: a link it made to us is the one we would take
+            link = self.mux.by_id.get(agent_id)
+        if link is not None:
+            fences = link.fences or [0] * LANES
+            fences[wire.LANE_OF[priority]] = last_id
+            link.fences = fences
 
     def _fence(self, link: Any) -> None:
-        """Send the fence a publish left for the link, before the next record on it."""
-        fence_id, link.fence_id = link.fence_id, 0
+        """Send the fence the bridge's messages left for the link, before the next record on it."""
+        fences, link.fences = link.fences, None
         try:
-            link.stream.write(peer.fence_record(fence_id), None)
+            link.stream.write(peer.fence_record(fences), None)
         except BaseException:
-            link.fence_id = fence_id
+            link.fences = fences
             raise
 
     def close(self) -> None:

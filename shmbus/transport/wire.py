@@ -26,6 +26,7 @@ import functools
 import struct
 
 from ..message import HEADER
+from ..ring import lane_of
 
 RECORD = struct.Struct("<IIIII")  # body length, count, info, taken, granted
 COUNTS = struct.Struct("<II")  # taken, granted: at COUNTS_AT in a record
@@ -73,6 +74,15 @@ FIELDS = ("magic", "version", "type", "priority", "flags", "attempts", "sender_i
           "recipient_id", "id", "request_id", "correlation_id", "timestamp_ns", "ttl_ms",
           "sender_len", "recipient_len", "topic_len", "payload_len", "reserved")  # fmt: skip
 TYPE_AT = struct.calcsize(HEADER.format[: 1 + FIELDS.index("type")])  # the type's offset
+PRIORITY_AT = struct.calcsize(HEADER.format[: 1 + FIELDS.index("priority")])
+LANE_OF = bytes(lane_of(min(p, 100)) for p in range(256))  # by a frame's priority byte
+
+
+def lane(data: bytes | bytearray, at: int = HEAD) -> int:
+    """The lane of the first frame of a record (``at``: where its frame
+    lengths start: HEAD in a record as written, 16 in a body as read)."""
+    pos = at + 4 * int.from_bytes(data[at - 16 : at - 12], "little") + PRIORITY_AT
+    return LANE_OF[data[pos]] if pos < len(data) else 0
 
 
 def frames_of(data: bytes | bytearray) -> list[bytes]:
