@@ -28,6 +28,7 @@ import collections
 import contextlib
 import logging
 import math
+import operator
 import os
 import select
 import socket
@@ -260,33 +261,63 @@ class Link:
     def _pull(self, fill: bool) -> None:
         """Queue the records that are here by lane, each with the fences read
         before it; ``fill``: read the socket once."""
-        lanes = self._lanes
         stream = self.stream
         with stream._rlock:  # the heartbeat's, or a waiting sender's, look is brief
             while True:
                 body = self._read(fill)
                 if body is None:
                     return
-                if body[0] or body[1] or body[2] or body[3]:  # frames (else a fence)
-                    self._seq += 1
-                    lanes[wire.lane(body, 16)].append((self._seq, body, self._need))
-                    self.queued += 1
-                else:  # a fence
-                    ids = _FENCE_IDS.unpack_from(body, 16)
-                    self._need = tuple(map(max, ids, self._need or ids))
+                self._queue(body)
                 if stream._end - stream._start < wire.HEAD and not stream._stash:
                     if not fill or stream._end == stream._start:
                         return  # (all read; a read that finds nothing costs an exception)
                     fill = False
+
+    def _queue(self, body: bytes) -> None:
+        if body[0] or body[1] or body[2] or body[3]:  # frames (else a fence)
+            self._seq += 1
+            self._lanes[wire.lane(body, 16)].append((self._seq, body, self._need))
+            self.queued += 1
+        else:
+            ids = _FENCE_IDS.unpack_from(body, 16)
+            self._need = tuple(map(max, ids, self._need or ids))
+
+    def take_only(self) -> bytes | None:
+        """``head()`` and ``pop()`` in one, for a reader whose only source is
+        this link: when no record waits here, one that comes alone is taken
+        as it is read, with no queue (a round trip's usual case)."""
+        stream = self.stream
+        if (
+            self.queued
+            or stream._stash
+            or (self._need is not None and any(map(operator.gt, self._need, self.bridged)))
+        ):  # records wait here, or one may wait for the bridge
+            return self.pop() if self.head() is not None else None
+        with stream._rlock:
+            body = self._read(True)
+        self.readable = False
+        if body is None:
+            if self.ended is not None and not stream._stash:
+                raise Closed(self.ended)
+            return None
+        fence = not (body[0] or body[1] or body[2] or body[3])  # (a count of no frames)
+        if fence or stream._end - stream._start >= 4 or stream._stash:
+            self._queue(body)  # more came (the highest lane first), or a fence
+            return self.pop() if self.head() is not None else None
+        self._seq += 1
+        return self._took(self._seq, body)
 
     def head(self) -> bytes | None:
         """The peer's next record of frames, not taken yet (the highest lane's
         first, its lane in ``lane``, unless it waits for what its fences name
         to come through the bridge): None if none is here. Closed once the
         peer has gone and all it sent is taken."""
+        stream = self.stream
         if self.readable or not self.queued:
             self._pull(True)
             self.readable = False
+        elif stream._stash or stream._end - stream._start >= wire.HEAD:
+            self._pull(False)  # read already (by a look for counts, or with the last)
         self.blocked = False
         if self.queued:
             lanes = self._lanes
@@ -343,6 +374,9 @@ class Link:
         """Take ``head()``: it is the reader's now (the peer is told so)."""
         seq, body, _ = self._lanes[self.lane].popleft()
         self.queued -= 1
+        return self._took(seq, body)
+
+    def _took(self, seq: int, body: bytes) -> bytes:
         count = int.from_bytes(body[:4], "little")
         self.rx_frames += count
         self.rx_bytes += len(body) - (wire.HEAD - 4) - 4 * count
@@ -442,6 +476,7 @@ class Mux:
         self._streams: tuple[Stream, ...] = (bridge,)  # the bridge's, and each link's
         self._held: tuple[bytes, list[Frame]] | None = None
         self._bridge_ready = False  # the last poll found the bridge's socket readable
+        self._more = True  # False: the last look left nothing read and not taken
         self._next = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poll = select.poll()
@@ -497,7 +532,9 @@ class Mux:
         """The next record's body if one is here now: no wait, no counts told.
         ``read=False``: only if one was read off a socket already (a look for
         more behind a record just taken, which must not cost a system call)."""
-        return self._look() if (self._ready() if read else self._buffered()) else None
+        if read:
+            return self._look() if self._ready() else None
+        return self._look() if self._more and self._buffered() else None
 
     def _ready(self, ready: list[tuple[int, int]] | None = None) -> bool:
         """Is there anything to look at? One system call for all the sockets
@@ -556,7 +593,15 @@ class Mux:
         held = self._held
         if held is None and n == 1:  # one link, nothing from the bridge: a round trip's case
             link = order[0]
-            return link.pop() if self._head(link) is not None else None
+            try:
+                body = link.take_only()
+            except Closed as e:
+                self.broken(link, str(e))
+                return None
+            stream = link.stream  # (read on for recv_many only if something is here)
+            self._more = bool(link.queued or stream._stash or stream._end - stream._start >= 4)
+            return body
+        self._more = True
         best = choice = -1
         for i in range(n + 1):
             k = (self._next + i) % (n + 1)
