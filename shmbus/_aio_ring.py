@@ -2,7 +2,9 @@
 
 The inbox's doorbell is a POSIX semaphore, which the loop cannot select on;
 a :class:`~shmbus.waiter.Waiter` (a thread in C, never holding the GIL)
-waits on it and makes an eventfd readable. The loop selects on that, reads
+waits on it and makes an eventfd readable. (A uds inbox with direct links
+is sockets behind one epoll, which the loop selects on as it is:
+:class:`SocketWaiter`.) The loop selects on that, reads
 the ring itself without waiting (the synchronous agent's ``recv_many``:
 ACKs, TTL and bus notices as ever) and arms the waiter again once the ring
 is empty and nothing else will read it. No Python thread takes part, so no
@@ -37,13 +39,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .agent import Agent
 from .message import Message
-from .ring import Ring
 from .waiter import Waiter
 
 log = logging.getLogger("shmbus.aio")
@@ -53,6 +55,7 @@ RETRY = 0.5  # seconds before reading again after a read or a wait failed
 SKIP_MAX = 64  # chances to spin skipped, at most, after spins that found nothing
 STREAK = 8  # requests answered inline, at most, between turns of the loop
 SPIN_MAX_NS = 100_000  # the longest the loop spins, whatever the inbox's spin
+BLOCKED_LOOK = 0.05  # seconds: a uds record that waits for the bridge is looked at again
 
 
 class RingFeed:
@@ -62,9 +65,10 @@ class RingFeed:
     the loop's list (``_read``, ``_settle``, a retry), or the feed is paused
     (``taken``/``need`` read on) or stopped: no message is left unseen."""
 
-    def __init__(self, agent: Agent, inbox: Ring, loop: asyncio.AbstractEventLoop,
+    def __init__(self, agent: Agent, inbox: Any, loop: asyncio.AbstractEventLoop,
                  deliver: Callable[[list[Message]], None],
-                 requests_waiting: Callable[[], int], max_unread: int) -> None:  # fmt: skip
+                 requests_waiting: Callable[[], int], max_unread: int,
+                 waiter: Any = None) -> None:  # fmt: skip
         self.agent = agent
         self.loop = loop
         self.deliver = deliver
@@ -86,7 +90,7 @@ class RingFeed:
         self._skip = 0  # chances to spin left to skip (after spins that found nothing)
         self._backoff = 0  # the skip after the next spin that finds nothing
         self._resend: asyncio.TimerHandle | None = None
-        self.waiter = Waiter(inbox)
+        self.waiter = Waiter(inbox) if waiter is None else waiter
         # The loop is the inbox's one reader now: the heartbeat thread's read
         # (for agents that never receive) would take messages no wake-up
         # tells the loop of. Resends fall due on the loop instead (sent()).
@@ -282,3 +286,39 @@ class RingFeed:
 
 def _nothing() -> None:
     pass
+
+
+class SocketWaiter:
+    """A :class:`~shmbus.waiter.Waiter` for a uds inbox read through a
+    :class:`~shmbus.transport.peer.Mux`: its epoll's fd is readable while a
+    socket holds bytes, or once a record was set aside by another thread
+    (the heartbeat's look for a link's counts, a verdict's reader: the Mux
+    signals). No thread: the loop's own spin is all the spinning there is."""
+
+    def __init__(self, mux: Any) -> None:
+        self.mux = mux
+        self.fd: int = mux.fileno()
+        self.closed = False
+        self._timer: threading.Timer | None = None
+
+    def arm(self, spin_ns: int = 0) -> None:
+        """Wake the loop for the next record: at once if one is here already
+        (read ahead, or set aside), else when a socket is readable; a link's
+        record that waits for the bridge is looked at again in a while."""
+        mux = self.mux
+        if mux.pending():
+            if not any(link.blocked for link in mux.links()):
+                mux.signal()
+            elif self._timer is None or not self._timer.is_alive():
+                self._timer = threading.Timer(BLOCKED_LOOK, mux.signal)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def clear(self) -> bool:
+        self.mux._drain_wake()
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()

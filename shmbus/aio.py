@@ -33,13 +33,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import agent as _agent
-from ._aio_ring import RingFeed
+from ._aio_ring import RingFeed, SocketWaiter
 from ._aio_thread import MAX_UNREAD, Reader, join_left, off_loop
 from .errors import Closed, InboxFull, RecvTimeout, RequestTimeout, ShmbusError
 from .message import DeadLetter, Message, MessageType, RoutingRule, encode_message
 from .ring import Ring
 from .routes import validate_pattern
 from .stats import FAILED, BusStats, StatsSegment
+from .transport.peer import Mux
 
 __all__ = ["Agent", "connect"]
 
@@ -95,9 +96,13 @@ class Agent:
         self._inbound: collections.deque[list[Message]] = collections.deque()
         self._feed: RingFeed | Reader
         inbox = agent.inbox
+        mux = getattr(inbox, "source", None)
         if isinstance(inbox, Ring):
             self._feed = RingFeed(agent, inbox, self._loop, self._deliver,
                                   self._requests.__len__, max_unread)  # fmt: skip
+        elif isinstance(mux, Mux):  # a uds inbox with direct links: sockets behind one epoll
+            self._feed = RingFeed(agent, inbox, self._loop, self._deliver, self._requests.__len__,
+                                  max_unread, SocketWaiter(mux))  # fmt: skip
         else:
             self._feed = Reader(agent, self._hand, self._requests.__len__, max_unread)
             self._feed.start()

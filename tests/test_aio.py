@@ -16,6 +16,15 @@ import shmbus
 import shmbus.aio
 from shmbus import MessageType, RoutingRule
 
+
+@pytest.fixture(autouse=True, params=["shm", "uds"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on shm, and on uds (its agents, and its children's, talk
+    over direct links there: the loop reads their sockets itself)."""
+    monkeypatch.setenv("SHMBUS_TRANSPORT", request.param)
+    return str(request.param)
+
+
 # ------------------------------------------------------------- helpers
 
 

@@ -347,3 +347,26 @@ def test_what_a_reader_took_out_of_order_is_not_dead_lettered(bus, children):
         wait_for(lambda: len(dead()) >= len(lost))
         time.sleep(0.6)  # a heartbeat more: nothing else comes
         assert [d.message.id for d in dead()] == lost
+
+
+def test_a_reader_that_takes_a_backlog_at_once_and_goes_quiet_frees_its_senders_room(bus):
+    """Its counts reach the sender without the reader waiting (a link's
+    sender does not wait for grants, so the reader tells what it took)."""
+    with (
+        shmbus.connect(bus=bus, name="small", inbox_capacity=1 << 16, **UDS) as small,
+        shmbus.connect(bus=bus, name="a", **UDS) as a,
+    ):
+        sent = 0
+        with pytest.raises(shmbus.InboxFull, match="direct link"):
+            while True:
+                a.send("small", b"x" * 1000, backpressure="error")
+                sent += 1
+        assert len(small.recv_many(1000, timeout=0)) == sent  # all at once, then quiet
+        for _ in range(sent):  # room for as much again, told without small reading
+            a.send("small", b"y" * 1000, timeout=10)
+        got = 0
+        while got < sent:
+            more = small.recv_many(1000, timeout=5)
+            assert more, "messages missing"
+            got += len(more)
+        assert got == sent

@@ -421,6 +421,8 @@ class Link:
             while (body := self._read()) is not None:
                 pending.append(body)
             stream._stash.extend(pending)
+            if pending and stream.on_stash is not None:
+                stream.on_stash()
         finally:
             stream._rlock.release()
 
@@ -479,21 +481,28 @@ class Mux:
         self._more = True  # False: the last look left nothing read and not taken
         self._next = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poll = select.poll()
+        self._poll = select.poll()  # (quicker than an epoll when a socket is ready)
+        # The same sockets in an epoll, whose own fd says "something is here"
+        # to an event loop that reads this inbox (shmbus.aio: epoll nests).
+        self._epoll = select.epoll()
         self._bridge_fd = bridge.sock.fileno()
-        self._poll.register(bridge.sock, select.POLLIN)
-        self._poll.register(self._wake, select.POLLIN)
+        for fd in (self._bridge_fd, self._wake):
+            self._poll.register(fd, select.POLLIN)
+            self._epoll.register(fd, select.EPOLLIN)
+        bridge.on_stash = self.signal
 
     def links(self) -> tuple[Link, ...]:
         return self._order
 
     def add(self, link: Link) -> None:
+        link.stream.on_stash = self.signal
         with self._lock:
             self._links[link.fd] = link
             self.by_id.setdefault(link.id, link)
             self._order = tuple(self._links.values())
             self._streams = (self.bridge, *(link.stream for link in self._order))
             self._poll.register(link.fd, select.POLLIN)
+            self._epoll.register(link.fd, select.EPOLLIN)
         os.eventfd_write(self._wake, 1)  # a reader asleep polls the new link too
 
     def remove(self, link: Link) -> bool:
@@ -509,8 +518,10 @@ class Mux:
                         break
             self._order = tuple(self._links.values())
             self._streams = (self.bridge, *(link.stream for link in self._order))
-            with contextlib.suppress(KeyError, ValueError):
+            with contextlib.suppress(KeyError, ValueError, OSError):
                 self._poll.unregister(link.fd)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._epoll.unregister(link.fd)
         return True
 
     def broken(self, link: Link, reason: str) -> None:
@@ -718,8 +729,24 @@ class Mux:
         for link in self._order:
             self.remove(link)
             link.close()
+        self._epoll.close()
         with contextlib.suppress(OSError):
             os.close(self._wake)
+
+    def fileno(self) -> int:
+        """Readable while a source has bytes unread, or after ``signal()``."""
+        return self._epoll.fileno()
+
+    def signal(self) -> None:
+        """Make ``fileno()`` readable: a record was set aside without a read
+        of the loop's (a look for counts, a verdict's reader), or a wait ran out."""
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._wake, 1)
+
+    def pending(self) -> bool:
+        """Is a record here already (read, set aside or held), so that a
+        waiter must not sleep? (As in read_record: no system call.)"""
+        return self._buffered()
 
 
 class Listener(threading.Thread):

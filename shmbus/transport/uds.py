@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .._native import ffi, lib
@@ -118,6 +118,9 @@ class Stream:
         self._klock = threading.Lock()
         self._rlock = threading.Lock()  # one reader of the socket at a time
         self._stash: collections.deque[bytes] = collections.deque()  # read while awaiting a verdict
+        # Called when a record is set aside by a reader other than the inbox's
+        # (its reader may be an event loop that waits for a readable fd).
+        self.on_stash: Callable[[], None] | None = None
         self._verdicts: dict[int, tuple[int, int]] = {}
         self._unwaited: set[int] = set()  # records whose verdict nobody waits for
         self._vcond = threading.Condition()
@@ -176,6 +179,8 @@ class Stream:
                     body = self._read(min(left, _SLICE))
                     if body is not None:
                         self._stash.append(body)
+                        if self.on_stash is not None:
+                            self.on_stash()
                 finally:
                     self._rlock.release()
             else:  # the reader stores it and tells us
@@ -233,7 +238,9 @@ class Stream:
         # system call and wakes the peer, so a stream or a ping-pong must
         # not pay one per record.
         self.granted = self.taken + _AHEAD
-        if (self._told[1] - self.taken) & wire.MASK <= _AHEAD // 4:
+        if (self._told[1] - self.taken) & wire.MASK <= _AHEAD // 4 or (
+            self.keep is not None and self.taken - self._told[0] >= _AHEAD // 2
+        ):  # (a link's sender does not wait for grants: it must hear of takes)
             self.ack()
 
     def fill(self) -> bool:
@@ -1117,6 +1124,8 @@ class UdsLink:
             return
         for link in self.mux.links():
             link.poll_counts()
+            if link.stream._told[0] != link.stream.taken:
+                link.stream.ack()  # a reader that took and went quiet
             if link.ended is not None and link.broken is None:
                 self.mux.ended(link, link.ended)
         self.tell_counts()
