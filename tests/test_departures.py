@@ -25,6 +25,7 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.usefixtures("transport")  # uds: over direct links
 def test_a_closing_agent_leaves_its_unread_messages_in_the_dlq(bus):
     with shmbus.connect(bus=bus, name="driver") as driver:
         peer = shmbus.connect(bus=bus, name="peer")
@@ -39,6 +40,7 @@ def test_a_closing_agent_leaves_its_unread_messages_in_the_dlq(bus):
         assert dead[10].startswith("recipient left: 'peer'")
 
 
+@pytest.mark.usefixtures("transport")  # uds: over direct links
 def test_a_killed_agent_leaves_its_inbox_in_the_dlq(bus, children):
     with shmbus.connect(bus=bus, name="driver") as driver:
         proc = children.start(_holder, bus)
@@ -141,6 +143,7 @@ def _acked_holder(bus: str, name: str) -> None:
         time.sleep(60)  # killed here: what comes to its inbox stays unread
 
 
+@pytest.mark.usefixtures("transport")  # uds: over direct links
 def test_a_dead_agents_acks_and_notices_are_not_dead_letters(bus, children):
     with shmbus.connect(bus=bus, name="driver") as driver:
         holder = children.start(_acked_holder, bus, "holder")

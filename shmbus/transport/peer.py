@@ -222,7 +222,6 @@ class Link:
                 stream._start = stream._end = 0  # nothing to take: read, into all the buffer
                 if not fill or not self._fill():
                     return None
-                fill = False  # once: what one read brings is what is here
                 continue
             try:  # a record in part, or a length no peer of ours sends
                 body = stream.take()
@@ -234,7 +233,6 @@ class Link:
             if body is None:
                 if self.ended is not None or not fill or not self._fill():
                     return None
-                fill = False
                 continue
             word, taken = wire.COUNTS.unpack_from(body, 4)
             stream.release(taken)

@@ -45,7 +45,7 @@ from ..errors import (
     ShmbusError,
     UnknownRecipient,
 )
-from ..message import FLAG_ACK, HEADER, HEADER_SIZE, MAGIC, VERSION
+from ..message import FLAG_ACK, HEADER, HEADER_SIZE, MAGIC, VERSION, MessageType
 from ..outbox import check_priority, pack_many, split_blob, ttl_ms
 from ..ring import DEFAULT_SPIN_NS, LANES
 from ..routes import subscribers, validate_topic
@@ -60,6 +60,7 @@ _BUF = 1 << 20
 _SOCKBUF = 4 << 20
 BEAT_EVERY = 0.5
 _LEAVE_WAIT = 10.0
+_NOT_MESSAGES = frozenset((MessageType.ACK, MessageType.CONTROL, MessageType.HEARTBEAT))
 _AHEAD = 8  # records the bridge may send ahead of what we took (its limit too)
 _QUIET = 1e-3  # seconds a wait lasts before it tells the bridge our counts
 ROUTES_TTL = 0.25  # seconds a uds agent trusts its copy of the routes for a direct send
@@ -723,13 +724,16 @@ class UdsOutbox:
         dead-letter ``frames()`` for "drop" and say False)."""
         where = f"the inbox of {name!r}"
         if biggest > link.max_frame:
+            link.count_lost(n, False)
             raise MessageTooLarge(biggest, link.max_frame, where)
         no_wait = getattr(self._tls, "no_wait", False)
         if link.room(size, timeout if policy == "block" and not no_wait else 0, lane):
             return True
         link.count_lost(n, policy == "drop")
         some = f"; 0 of {n} messages were sent" if n > 1 else ""
-        fill = f"direct link, priority lane {lane}: {link.in_use(lane)}% in use"
+        held = link.stream.held(lane)
+        fill = (f"direct link, priority lane {lane}: {held} of {link.capacity} bytes, "
+                f"{link.in_use(lane)}% in use")  # fmt: skip
         if policy == "drop":
             for frame in frames():
                 self._dead_letter(frame, f"inbox full: {where} ({fill}); policy 'drop'")
@@ -826,6 +830,7 @@ class UdsOutbox:
                 if link is None:
                     raise
                 self._lost(link, e)  # and again: the bridge, which knows if it is gone
+                self.refresh()  # (it left, most likely: then it raises, as for shm)
 
     def _send(self, link: Any, name: str, info: list[Any], kind: int, data: bytes, flags: int,
               priority: int, ms: int, timeout: float | None, request_id: int,
@@ -914,6 +919,7 @@ class UdsOutbox:
                 if link is None:
                     raise
                 self._lost(link, e)  # and again: the bridge, which knows if it is gone
+                self.refresh()  # (it left, most likely: then it raises, as for shm)
                 try:
                     info = self._recipient(name)
                 except UnknownRecipient as e:
@@ -1075,7 +1081,9 @@ class UdsLink:
         link.broken = reason
         link.poll_counts(wait=True)
         self._keep_counts(link)
-        frames = link.stream.untaken()
+        # The bus's own traffic to it (ACKs) is nobody's message: as the
+        # coordinator drops it from a dead inbox.
+        frames = [f for f in link.stream.untaken() if f[wire.TYPE_AT] not in _NOT_MESSAGES]
         why = "recipient left" if link.leaving else "recipient died"
         for frame in frames:
             # As the coordinator says of what an inbox held (and an acked
@@ -1142,6 +1150,9 @@ class UdsLink:
             stream.verdict(number, _SYNC_WAIT)
         except (_Full, CoordinatorUnavailable, Closed):
             pass  # the call that follows says what is wrong, if anything is
+        # A link whose peer left or died: what it never took goes to the DLQ
+        # now, not at the next heartbeat (and the counts are told).
+        self.service_links()
         self.tell_counts()
 
     def stats(self, bus: str) -> BusStats:
