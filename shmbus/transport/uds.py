@@ -505,11 +505,8 @@ class UdsInbox:
                 count = int.from_bytes(body[:4], "little")
                 if count:
                     break
-            global T_G1, T_G2
-            T_G1 = time.perf_counter_ns()
             if count < max_count:
                 body, count = self._gather(body, count, max_count)
-            T_G2 = time.perf_counter_ns()
             at = 16 + 4 * count
             lens = memoryview(body)[16:at].cast("I")
             if len(lens) != count or sum(lens) != len(body) - at:
