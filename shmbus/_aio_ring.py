@@ -96,7 +96,11 @@ class RingFeed:
         # tells the loop of. Resends fall due on the loop instead (sent()).
         agent._service_acks = _nothing  # type: ignore[method-assign]
         try:
-            loop.add_reader(self.waiter.fd, self._woken)
+            attach = getattr(self.waiter, "attach", None)
+            if attach is not None:
+                attach(loop, self._woken)  # it watches its fd only while armed
+            else:
+                loop.add_reader(self.waiter.fd, self._woken)
         except BaseException:
             self.waiter.close()
             del agent._service_acks
@@ -293,13 +297,21 @@ class SocketWaiter:
     :class:`~shmbus.transport.peer.Mux`: its epoll's fd is readable while a
     socket holds bytes, or once a record was set aside by another thread
     (the heartbeat's look for a link's counts, a verdict's reader: the Mux
-    signals). No thread: the loop's own spin is all the spinning there is."""
+    signals). No thread: the loop's own spin is all the spinning there is.
+    The loop watches the fd only while armed: bytes the feed leaves unread
+    (it holds ``max_unread``) must not wake it over and over."""
 
     def __init__(self, mux: Any) -> None:
         self.mux = mux
         self.fd: int = mux.fileno()
         self.closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._woken: Callable[[], None] | None = None
+        self._watching = False
         self._timer: threading.Timer | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop, woken: Callable[[], None]) -> None:
+        self._loop, self._woken = loop, woken
 
     def arm(self, spin_ns: int = 0) -> None:
         """Wake the loop for the next record: at once if one is here already
@@ -313,12 +325,22 @@ class SocketWaiter:
                 self._timer = threading.Timer(BLOCKED_LOOK, mux.signal)
                 self._timer.daemon = True
                 self._timer.start()
+        if not self._watching and self._loop is not None and self._woken is not None:
+            self._loop.add_reader(self.fd, self._woken)
+            self._watching = True
 
     def clear(self) -> bool:
+        self._unwatch()
         self.mux._drain_wake()
         return True
 
+    def _unwatch(self) -> None:
+        if self._watching and self._loop is not None:
+            self._loop.remove_reader(self.fd)
+            self._watching = False
+
     def close(self) -> None:
+        self._unwatch()
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()

@@ -532,3 +532,34 @@ def test_history_and_peers_mirror_the_sync_agent(bus):
             assert [m.payload for m in await late.history("hist.*")] == [1, 2]
 
     run(main())
+
+
+def test_a_reader_held_at_max_unread_is_not_woken_again_and_again(bus, monkeypatch):
+    """While the loop holds max_unread messages it reads nothing, and what
+    comes meanwhile must not wake it on every turn (a busy loop)."""
+    from shmbus import _aio_ring
+
+    woken: list[int] = []
+    original = _aio_ring.RingFeed._woken
+
+    def counting(self: Any) -> None:
+        woken.append(1)
+        original(self)
+
+    monkeypatch.setattr(_aio_ring.RingFeed, "_woken", counting)
+
+    async def main() -> None:
+        async with await shmbus.aio.connect(bus=bus, name="client", max_unread=10) as client:
+            with shmbus.connect(bus=bus, name="flood") as flood:
+                for i in range(50):
+                    flood.send("client", i)
+                await asyncio.sleep(0.2)  # the feed reads up to max_unread, then holds
+                before = len(woken)
+                for i in range(50, 70):  # comes while it holds
+                    flood.send("client", i)
+                await asyncio.sleep(0.3)
+                assert len(woken) - before <= 2
+                got = [(await client.recv(timeout=10)).payload for _ in range(70)]
+                assert got == list(range(70))
+
+    run(main())

@@ -370,3 +370,18 @@ def test_a_reader_that_takes_a_backlog_at_once_and_goes_quiet_frees_its_senders_
             assert more, "messages missing"
             got += len(more)
         assert got == sent
+
+
+def test_a_reader_that_leaves_after_taking_out_of_order_is_not_dead_lettered_for_it(bus):
+    """It tells what it took out of order before it says it leaves: its
+    sender dead-letters exactly what it never took."""
+    with shmbus.connect(bus=bus, name="a", **UDS) as a:
+        b = shmbus.connect(bus=bus, name="b", **UDS)
+        lows = [a.send("b", ["low", i]) for i in range(10)]
+        highs = [a.send("b", ["high", i], priority=90) for i in range(5)]
+        took = [b.recv_many(1, timeout=10)[0] for _ in range(5)]  # one at a time
+        assert [m.id for m in took] == highs
+        b.close()
+        dead = [d for d in a.dlq() if d.message.recipient == "b"]
+        assert [d.message.id for d in dead] == lows
+        assert all(d.reason.startswith("recipient left: 'b'") for d in dead)

@@ -390,19 +390,25 @@ class Link:
                 stream.took()
         else:
             self._ooo.add(seq)
-            self._untold.append(seq)
+            with self.lock:
+                self._untold.append(seq)
         if self._untold:
             self.tell_took()
         return body
 
-    def tell_took(self) -> None:
+    def tell_took(self, wait: float = 0) -> None:
         """Tell the peer the records we took out of order, if the socket
-        takes it now (else with a later take, or before a wait)."""
-        try:
-            self.stream.write(took_record(self._untold), 0)
-        except (_Full, Closed):
+        takes it within ``wait`` (else with a later take, or from the
+        heartbeat: until then the peer counts them against our inbox)."""
+        with self.lock:
+            numbers, self._untold = self._untold, []
+        if not numbers:
             return
-        self._untold.clear()
+        try:
+            self.stream.write(took_record(numbers), wait)
+        except (_Full, Closed):
+            with self.lock:
+                self._untold[:0] = numbers
 
     def poll_counts(self, wait: bool = False) -> None:
         """Read what the peer sent, for its counts (a sender that never
@@ -495,13 +501,19 @@ class Mux:
     def add(self, link: Link) -> None:
         link.stream.on_stash = self.signal
         with self._lock:
+            # Two agents that dial each other at once have two links; what
+            # came from the peer through the bridge is one for both.
+            for other in self._links.values():
+                if other.id == link.id:
+                    link.bridged, link.stalled = other.bridged, other.stalled
+                    break
             self._links[link.fd] = link
             self.by_id.setdefault(link.id, link)
             self._order = tuple(self._links.values())
             self._streams = (self.bridge, *(link.stream for link in self._order))
             self._poll.register(link.fd, select.POLLIN)
             self._epoll.register(link.fd, select.EPOLLIN)
-        os.eventfd_write(self._wake, 1)  # a reader asleep polls the new link too
+        self.signal()  # a reader asleep polls the new link too
 
     def remove(self, link: Link) -> bool:
         """Off the list (False if it was not on it)."""
@@ -533,7 +545,7 @@ class Mux:
         lettered now; the reader takes what it brought, then drops it."""
         link.ended = link.ended or reason
         self.on_broken(link, reason)
-        os.eventfd_write(self._wake, 1)
+        self.signal()
 
     # ------------------------------------------------------------ reading
 
@@ -591,6 +603,10 @@ class Mux:
         order = self._order
         n = len(order)
         if not n:
+            if self._held is not None:  # what a cut left, when the last link went
+                body, frames = self._held
+                self._held = None
+                return _body(body, frames)
             return self.bridge.poll_record()
         bridge = self.bridge
         if self._held is None and (self._bridge_ready or bridge._stash
@@ -640,36 +656,36 @@ class Mux:
         """The frames of a bridge record up to where the link of a sender has
         an older message of the same lane (that goes first: the rest is held),
         or up to a message a record on a link waits for (that may go next)."""
-        links: dict[int, Link | None] = {}
+        links: dict[int, tuple[Link, ...]] = {}
         for sender, *_ in frames:
             if sender not in links:
-                links[sender] = self.by_id.get(sender)
-        # Each sender's link is read first: what it sent there before these
-        # frames is in its socket by now.
-        for link in links.values():
-            if link is not None:
+                links[sender] = tuple(x for x in self._order if x.id == sender)
+        # Each sender's links are read first: what it sent there before these
+        # frames is in their sockets by now.
+        for some in links.values():
+            for link in some:
                 link.readable = True
                 self._head(link)
         blocker = None
         cut = len(frames)
         for k, (sender, msg_id, lane, _, _) in enumerate(frames):
-            link = links[sender]
-            if link is None:
-                continue
-            if link.waits_for(lane):
-                cut = k + 1
-                break
-            first = link.first_id(lane)
-            if first is not None and first < msg_id:
-                blocker, cut = link, k
+            for link in links[sender]:
+                first = link.first_id(lane)
+                if first is not None and first < msg_id:  # an older one of its lane first
+                    blocker, cut = link, k
+                    break
+                if link.waits_for(lane):  # it may wait for this one: look again after it
+                    cut = k + 1
+                    break
+            if cut < len(frames):
                 break
         if cut < len(frames):
             self._held = (body, frames[cut:])
         for sender, msg_id, lane, _, _ in frames[:cut]:
-            link = links[sender]
-            if link is not None and msg_id > link.bridged[lane]:
-                link.bridged[lane] = msg_id  # a fence read later need not wait for it
-                link.stalled[lane] = 0.0
+            some = links[sender]
+            if some and msg_id > some[0].bridged[lane]:  # (shared by a peer's links)
+                some[0].bridged[lane] = msg_id  # a fence read later need not wait for it
+                some[0].stalled[lane] = 0.0
         if blocker is not None and cut == 0:  # its older message first (or a higher lane's)
             return blocker.pop() if self._head(blocker) is not None else None
         if cut == len(frames) and frames[0][3] == 16 + 4 * len(frames):
@@ -720,7 +736,7 @@ class Mux:
             self._drain_wake()
 
     def _drain_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+        with contextlib.suppress(OSError):  # (nothing there; or closed: -1)
             os.eventfd_read(self._wake)
 
     def close(self) -> None:
@@ -728,8 +744,9 @@ class Mux:
             self.remove(link)
             link.close()
         self._epoll.close()
+        wake, self._wake = self._wake, -1  # (a late signal must not write to a reused fd)
         with contextlib.suppress(OSError):
-            os.close(self._wake)
+            os.close(wake)
 
     def fileno(self) -> int:
         """Readable while a source has bytes unread, or after ``signal()``."""
@@ -738,8 +755,9 @@ class Mux:
     def signal(self) -> None:
         """Make ``fileno()`` readable: a record was set aside without a read
         of the loop's (a look for counts, a verdict's reader), or a wait ran out."""
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
+        if self._wake >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake, 1)
 
     def pending(self) -> bool:
         """Is a record here already (read, set aside or held), so that a

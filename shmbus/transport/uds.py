@@ -325,10 +325,10 @@ class Stream:
         if not self.wlock.acquire(timeout=-1 if wait is None else wait):
             raise _Full  # another sender holds the socket, waiting for room
         try:
-            self._write(data, deadline)
+            told = self._write(data, deadline)
             if self.keep is not None and data[4:8] != b"\0\0\0\0":
                 self._keep(data, int.from_bytes(data[4:8], "little"), wire.lane(data))
-            return self._wrote()
+            return self._wrote(told)
         finally:
             self.wlock.release()
 
@@ -342,7 +342,8 @@ class Stream:
             return 0
         try:
             sent = self._sent
-            size = _record_send(self._fd, self.taken & wire.MASK, self.granted & wire.MASK,
+            told = (self.taken, self.granted)  # (the reader's thread may take on meanwhile)
+            size = _record_send(self._fd, told[0] & wire.MASK, told[1] & wire.MASK,
                                 *build, self._scratch, _SCRATCH, sent)  # fmt: skip
             n = sent[0]
             if size <= 0 or n == _EAGAIN or n == 0:
@@ -353,18 +354,20 @@ class Stream:
                 self._send(ffi.buffer(self._scratch, size)[n:], None)
             if self.keep is not None:
                 self._keep(ffi.buffer(self._scratch, size)[:], 1, lane)
-            return self._wrote()
+            return self._wrote(told)
         finally:
             self.wlock.release()
 
-    def _write(self, data: bytearray, deadline: float | None) -> None:
-        counts = (self.taken & wire.MASK, self.granted & wire.MASK)
-        wire.COUNTS.pack_into(data, wire.COUNTS_AT, *counts)
+    def _write(self, data: bytearray, deadline: float | None) -> tuple[int, int]:
+        """Send ``data`` with our counts in it; the counts."""
+        told = (self.taken, self.granted)
+        wire.COUNTS.pack_into(data, wire.COUNTS_AT, told[0] & wire.MASK, told[1] & wire.MASK)
         rest = self._send(data, deadline)
         if rest is data:
             raise _Full
         if rest is not None:  # the frame boundaries must hold: the rest goes now
             self._send(rest, None)
+        return told
 
     def _keep(self, record: bytes | bytearray, count: int, lane: int) -> None:
         self.sent_frames += count
@@ -430,10 +433,10 @@ class Stream:
             self.keep_bytes = [0] * LANES
         return [f for r in records for f in wire.frames_of(r)]
 
-    def _wrote(self) -> int:
-        """A whole record is in the kernel, our counts in it: its number."""
+    def _wrote(self, told: tuple[int, int]) -> int:
+        """A whole record is in the kernel, our counts ``told`` in it: its number."""
         self.last_write = time.monotonic()
-        self._told = (self.taken, self.granted)
+        self._told = told
         self.written += 1
         return self.written
 
@@ -1131,6 +1134,7 @@ class UdsLink:
             link.poll_counts()
             if link.stream._told[0] != link.stream.taken:
                 link.stream.ack()  # a reader that took and went quiet
+            link.tell_took()
             if link.ended is not None and link.broken is None:
                 self.mux.ended(link, link.ended)
         self.tell_counts()
@@ -1194,6 +1198,7 @@ class UdsLink:
         for link in self.mux.links():
             self.mux.remove(link)
             stream = link.stream
+            link.tell_took(1.0)  # what we took out of order is ours: not the DLQ's
             with contextlib.suppress(_Full, Closed, OSError):
                 stream.write(wire.record([], peer.LEAVING), 1.0)  # our last counts: we leave
             link.broken = "this agent left"
