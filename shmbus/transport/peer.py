@@ -96,11 +96,13 @@ class Link:
     """One direct connection with another uds agent.
 
     The peer's inbox is felt as it would be through the bridge: what we
-    sent and it has not taken may fill ``capacity`` bytes (its inbox's, as
-    one lane), and a frame may be ``max_frame`` bytes at most. A record of
-    the peer's counts as taken when the reader takes it (``pop``), not when
-    it is read off the socket: what a dying reader had not taken, its
-    sender still holds, and dead-letters."""
+    sent and it has not taken may fill ``capacity`` bytes per priority lane
+    (its inbox's, as each shm lane has), and a frame may be ``max_frame``
+    bytes at most. The reader reads what the link holds ahead into per-lane
+    queues and takes the highest lane first; a record of the peer's counts
+    as taken when the reader takes it (``pop``), not when it is read off the
+    socket: what a dying reader had not taken, its sender still holds, and
+    dead-letters."""
 
     def __init__(self, sock: socket.socket, name: str, peer_id: int, pid: int,
                  capacity: int, max_frame: int) -> None:  # fmt: skip
@@ -466,10 +468,11 @@ def _body(body: bytes, frames: list[Frame]) -> bytes:
 class Mux:
     """A uds agent's inbox sources read as one: its data socket and its links.
 
-    A sender's messages to us keep their order though some come through the
-    bridge (its publishes) and some on its link: a fence on the link holds
-    the link back until the publish before it has come, and a message from
-    the bridge waits while the link from its sender has an older one."""
+    The highest lane goes first, among all sources. A sender's messages to
+    us keep their order within a lane though some come through the bridge
+    (its publishes) and some on its link: a link record waits for what the
+    fences before it announce (Link._may_take), and a message from the
+    bridge waits while a link from its sender has an older one of its lane."""
 
     def __init__(self, bridge: Stream, on_broken: Callable[[Link, str], None]) -> None:
         self.bridge = bridge
