@@ -199,7 +199,7 @@ def test_capacity_and_policies_are_the_recipients_inbox_as_through_the_bridge(bu
         a.send("tiny", b"room again", backpressure="error")
         assert tiny.recv(timeout=10).payload == b"room again"
         stats = a.stats().agents["a"]
-        assert stats.failed >= 1 and stats.dropped == 3
+        assert stats.failed == 2 and stats.dropped == 3  # too large, and the timeout
 
 
 def test_a_peer_that_breaks_the_link_protocol_loses_the_link_and_not_the_bus(bus, caplog):
@@ -385,3 +385,17 @@ def test_a_reader_that_leaves_after_taking_out_of_order_is_not_dead_lettered_for
         dead = [d for d in a.dlq() if d.message.recipient == "b"]
         assert [d.message.id for d in dead] == lows
         assert all(d.reason.startswith("recipient left: 'b'") for d in dead)
+
+
+def test_a_send_to_a_linked_recipient_that_left_raises_as_for_shm(bus):
+    with shmbus.connect(bus=bus, name="a", **UDS) as a:
+        b = shmbus.connect(bus=bus, name="b", **UDS)
+        a.send("b", 1)
+        assert isinstance(link_of(a, "b"), peer.Link)
+        assert b.recv(timeout=10).payload == 1
+        b.close()
+        with pytest.raises(shmbus.UnknownRecipient):
+            a.send("b", 2)
+        dead = [d for d in a.dlq() if d.message.recipient == "b"]
+        assert [d.message.payload for d in dead] == [2]  # 1 was taken: b told so as it left
+        assert dead[0].reason.startswith("no recipient")

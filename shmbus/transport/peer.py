@@ -546,8 +546,8 @@ class Mux:
     def ended(self, link: Link, reason: str) -> None:
         """A sender found the link ended: what the peer never took is dead-
         lettered now; the reader takes what it brought, then drops it."""
+        self.on_broken(link, reason)  # (it reads what is left first: the peer's last counts)
         link.ended = link.ended or reason
-        self.on_broken(link, reason)
         self.signal()
 
     # ------------------------------------------------------------ reading
