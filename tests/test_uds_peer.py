@@ -399,3 +399,29 @@ def test_a_send_to_a_linked_recipient_that_left_raises_as_for_shm(bus):
         dead = [d for d in a.dlq() if d.message.recipient == "b"]
         assert [d.message.payload for d in dead] == [2]  # 1 was taken: b told so as it left
         assert dead[0].reason.startswith("no recipient")
+
+
+def test_a_peer_that_ignores_the_room_is_read_only_so_far_ahead(bus, monkeypatch, caplog):
+    """Its records wait in the socket (its sends block) rather than in our
+    memory; all of them still come, in order."""
+    with (
+        shmbus.connect(bus=bus, name="b", inbox_capacity=1 << 14, **UDS) as b,
+        shmbus.connect(bus=bus, name="a", **UDS) as a,
+    ):
+        a.send("b", 0)
+        assert b.recv(timeout=10).payload == 0
+        sending = link_of(a, "b")
+        monkeypatch.setattr(sending, "room", lambda size, wait, lane: True)  # it ignores it
+        n = 300  # 300 KB: over twice the three lanes' 16 KiB, within the socket's buffers
+        for i in range(1, n + 1):
+            a.send("b", i.to_bytes(2, "little") + b"x" * 1000)
+        reading = b._link.out.mux.links()[0]
+        got = [int.from_bytes(m.payload[:2], "little") for m in b.recv_many(1, timeout=10)]
+        assert reading.queued_bytes < reading.limit + 2048  # no further than the limit
+        assert reading.limit == 2 * 3 * (1 << 14)
+        while len(got) < n:
+            more = b.recv_many(100, timeout=10)
+            assert more, "messages missing"
+            got += [int.from_bytes(m.payload[:2], "little") for m in more]
+        assert got == list(range(1, n + 1))
+        assert "sends past the room of our inbox" in caplog.text

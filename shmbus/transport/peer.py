@@ -147,6 +147,11 @@ class Link:
             collections.deque() for _ in range(LANES)
         ]
         self.queued = 0
+        self.queued_bytes = 0
+        self.overran = False
+        # Read no further ahead than this (Mux.limit): a peer that ignores the
+        # room must not make us buffer without bound; its sends block instead.
+        self.limit = 1 << 62
         self.lane = 0  # head()'s
         self.readable = False  # a poll saw data on the socket since the last read
         self._seq = 0
@@ -264,6 +269,9 @@ class Link:
         stream = self.stream
         with stream._rlock:  # the heartbeat's, or a waiting sender's, look is brief
             while True:
+                if self.queued_bytes >= self.limit:
+                    self._overrun()
+                    return
                 body = self._read(fill)
                 if body is None:
                     return
@@ -278,9 +286,16 @@ class Link:
             self._seq += 1
             self._lanes[wire.lane(body, 16)].append((self._seq, body, self._need))
             self.queued += 1
+            self.queued_bytes += len(body)
         else:
             ids = _FENCE_IDS.unpack_from(body, 16)
             self._need = tuple(map(max, ids, self._need or ids))
+
+    def _overrun(self) -> None:
+        if not self.overran:
+            self.overran = True
+            log.warning("agent %s sends past the room of our inbox on its direct link: "
+                        "it is read no further ahead (its sends wait)", self.name)  # fmt: skip
 
     def take_only(self) -> bytes | None:
         """``head()`` and ``pop()`` in one, for a reader whose only source is
@@ -374,6 +389,7 @@ class Link:
         """Take ``head()``: it is the reader's now (the peer is told so)."""
         seq, body, _ = self._lanes[self.lane].popleft()
         self.queued -= 1
+        self.queued_bytes -= len(body)
         return self._took(seq, body)
 
     def _took(self, seq: int, body: bytes) -> bytes:
@@ -424,8 +440,12 @@ class Link:
             return  # the reader is at it
         try:
             pending = []
-            while (body := self._read()) is not None:
+            ahead = self.queued_bytes + sum(map(len, stream._stash))
+            while ahead < self.limit and (body := self._read()) is not None:
                 pending.append(body)
+                ahead += len(body)
+            if ahead >= self.limit:
+                self._overrun()
             stream._stash.extend(pending)
             if pending and stream.on_stash is not None:
                 stream.on_stash()
@@ -486,6 +506,7 @@ class Mux:
         self._held: tuple[bytes, list[Frame]] | None = None
         self._bridge_ready = False  # the last poll found the bridge's socket readable
         self._more = True  # False: the last look left nothing read and not taken
+        self.limit = 1 << 62  # bytes a link may have read ahead (UdsLink sets it)
         self._next = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poll = select.poll()  # (quicker than an epoll when a socket is ready)
@@ -503,6 +524,7 @@ class Mux:
 
     def add(self, link: Link) -> None:
         link.stream.on_stash = self.signal
+        link.limit = self.limit
         with self._lock:
             # Two agents that dial each other at once have two links; what
             # came from the peer through the bridge is one for both.
@@ -825,10 +847,10 @@ def peer_pid(sock: socket.socket) -> int:
     return int(pid)
 
 
-def admit(conn: socket.socket, me: str, lookup: Callable[[str], Any],
-          inbox: dict[str, int]) -> Link:  # fmt: skip
+def admit(conn: socket.socket, me: str, lookup: Callable[[str], Any], inbox: dict[str, int],
+          add: Callable[[Link], None], remove: Callable[[Link], Any]) -> Link:  # fmt: skip
     """Check a connecting agent's hello and answer it (with ``inbox``, our
-    capacity and max_frame); the link; ValueError if refused."""
+    capacity and max_frame), the link ``add``-ed first; ValueError if refused."""
     conn.settimeout(_HELLO_WAIT)
     hello = recv_msg(conn, Reader(), [])
     if not isinstance(hello, dict):
@@ -851,8 +873,17 @@ def admit(conn: socket.socket, me: str, lookup: Callable[[str], Any],
         with contextlib.suppress(OSError):
             send_msg(conn, {"ok": False, "message": why})
         raise ValueError(why)
-    send_msg(conn, {"ok": True, **inbox})
-    return Link(conn, name, agent_id, info[2], hello["capacity"], hello["max_frame"])
+    # The link is ours to read before the answer: what the peer sends once it
+    # has it is there for a recv that does not wait, as in an inbox.
+    answer = {"ok": True, **inbox}
+    link = Link(conn, name, agent_id, info[2], hello["capacity"], hello["max_frame"])
+    add(link)
+    try:
+        send_msg(conn, answer)
+    except BaseException:
+        remove(link)
+        raise
+    return link
 
 
 def _inbox_ok(msg: dict[str, Any]) -> bool:

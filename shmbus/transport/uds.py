@@ -1050,6 +1050,9 @@ class UdsLink:
         self.out.inbox = self._inbox
         if peer.enabled():
             self.mux = self.out.mux = peer.Mux(self.stream, self._broken)
+            # A peer keeps what we have not taken within each lane's capacity:
+            # twice all lanes' is more than one that does ever sends ahead.
+            self.mux.limit = 2 * LANES * inbox_capacity
             try:
                 self.listener = peer.Listener(peer.peer_path(bus, self.id), self._admit)
             except OSError as e:  # peers cannot reach us directly: they use the bridge
@@ -1071,7 +1074,7 @@ class UdsLink:
                 info = out.agents.get(name)
             return info
 
-        self.mux.add(peer.admit(conn, self.name, lookup, self._inbox))
+        peer.admit(conn, self.name, lookup, self._inbox, self.mux.add, self.mux.remove)
 
     def _broken(self, link: Any, reason: str) -> None:
         """A link ended (the peer left or died, or broke the protocol): what
