@@ -507,6 +507,7 @@ class Mux:
         self._bridge_ready = False  # the last poll found the bridge's socket readable
         self._more = True  # False: the last look left nothing read and not taken
         self.limit = 1 << 62  # bytes a link may have read ahead (UdsLink sets it)
+        self._unwatched: set[int] = set()  # fds of ended links no longer polled
         self._next = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poll = select.poll()  # (quicker than an epoll when a socket is ready)
@@ -553,6 +554,7 @@ class Mux:
                         break
             self._order = tuple(self._links.values())
             self._streams = (self.bridge, *(link.stream for link in self._order))
+            self._unwatched.discard(link.fd)
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._poll.unregister(link.fd)
             with contextlib.suppress(KeyError, ValueError, OSError):
@@ -755,10 +757,28 @@ class Mux:
                 left = None if deadline is None else deadline - time.monotonic()
             if self.bridge._rlock.locked():
                 left = _SLICE if left is None else min(left, _SLICE)  # a verdict's reader stashes
-            if any(link.blocked for link in self._order):  # its wait runs out in time
+            if self._unwatch_ended():  # its records wait for the bridge: its wait runs out
                 left = _SLICE if left is None else min(left, _SLICE)
             self._poll.poll(-1 if left is None else max(math.ceil(left * 1000), 0))
             self._drain_wake()
+
+    def _unwatch_ended(self) -> bool:
+        """Before a wait: a link whose socket ended but whose records wait for
+        the bridge stays readable (the end) and would wake every wait: stop
+        watching it (its records are looked at all the same). Whether a
+        link's record waits for the bridge."""
+        blocked = False
+        for link in self._order:
+            if link.blocked:
+                blocked = True
+                if link.ended is not None and link.fd not in self._unwatched:
+                    self._unwatched.add(link.fd)
+                    with self._lock:
+                        with contextlib.suppress(KeyError, ValueError, OSError):
+                            self._poll.unregister(link.fd)
+                        with contextlib.suppress(KeyError, ValueError, OSError):
+                            self._epoll.unregister(link.fd)
+        return blocked
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(OSError):  # (nothing there; or closed: -1)
@@ -787,6 +807,7 @@ class Mux:
     def pending(self) -> bool:
         """Is a record here already (read, set aside or held), so that a
         waiter must not sleep? (As in read_record: no system call.)"""
+        self._unwatch_ended()
         return self._buffered()
 
 
