@@ -176,10 +176,6 @@ class Link:
 
     # ------------------------------------------------------------ sending side
 
-    def in_use(self, lane: int) -> int:
-        """Percent of the peer's inbox lane that our untaken records fill."""
-        return min(100, self.stream.held(lane) * 100 // max(self.capacity, 1))
-
     def room(self, size: int, wait: float | None, lane: int) -> bool:
         """Wait up to ``wait`` (None: forever) until a record of ``size`` bytes
         fits beside what the peer has not taken yet of that lane (each lane

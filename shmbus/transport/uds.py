@@ -733,7 +733,7 @@ class UdsOutbox:
         some = f"; 0 of {n} messages were sent" if n > 1 else ""
         held = link.stream.held(lane)
         fill = (f"direct link, priority lane {lane}: {held} of {link.capacity} bytes, "
-                f"{link.in_use(lane)}% in use")  # fmt: skip
+                f"{min(100, held * 100 // max(link.capacity, 1))}% in use")  # fmt: skip
         if policy == "drop":
             for frame in frames():
                 self._dead_letter(frame, f"inbox full: {where} ({fill}); policy 'drop'")
@@ -948,22 +948,20 @@ class UdsOutbox:
 
     def _fences(self, topic: str, priority: int, last_id: int) -> None:
         """A publish goes through the bridge: a subscriber we send to on a link
-        must not get our next message on the link before this one (peer.py)."""
+        must not get our next message on the link before this one (peer.py):
+        a fence for it goes first."""
+        lane = wire.LANE_OF[priority]
         for name in subscribers(self.subs, topic):
             info = self.agents.get(name)
-            if info:
-                self._fence_lane(info[0], priority, last_id)
-
-    def _fence_lane(self, agent_id: int, priority: int, last_id: int) -> None:
-        """Our message ``last_id`` to agent ``agent_id`` went through the
-        bridge: a fence for it goes before our next record on our link to it."""
-        link = self._paths.get(agent_id, False)
-        if link is False:  # not chosen yet: a link it made to us is the one we would take
-            link = self.mux.by_id.get(agent_id)
-        if link is not None:
-            fences = link.fences or [0] * LANES
-            fences[wire.LANE_OF[priority]] = last_id
-            link.fences = fences
+            if not info:
+                continue
+            link = self._paths.get(info[0], False)
+            if link is False:  # not chosen yet: a link it made to us is the one we would take
+                link = self.mux.by_id.get(info[0])
+            if link is not None:
+                fences = link.fences or [0] * LANES
+                fences[lane] = last_id
+                link.fences = fences
 
     def _fence(self, link: Any) -> None:
         """Send the fence the bridge's messages left for the link, before the next record on it."""
