@@ -451,9 +451,14 @@ def _run(role: str, spec: Spec, open_end: Callable[[], Io], barrier: Any, ready:
 
 
 def _child(
-    conn: Any, role: str, kind: str, spec: Spec, open_end: Callable[[], Io], barrier: Any,
+    conn: Any,
+    role: str,
+    kind: str,
+    spec: Spec,
+    open_end: Callable[[], Io],
+    barrier: Any,
     ready: Any,
-) -> None:  # fmt: skip
+) -> None:
     """A child's whole life: run its role, report ("ok"|"error", data) on ``conn``."""
     # Ctrl-C is the parent's business: it kills the children and cleans up.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

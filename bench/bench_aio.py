@@ -156,14 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for n in range(args.runs):
         runs.append(one_run(n, args.count, args.warmup))
-        print(f"run {n + 1}/{args.runs}: " + ", ".join(
-            f"{k} p50 {r['p50_us']:.1f}" for k, r in runs[-1].items()), flush=True)  # fmt: skip
+        print(
+            f"run {n + 1}/{args.runs}: "
+            + ", ".join(f"{k} p50 {r['p50_us']:.1f}" for k, r in runs[-1].items()),
+            flush=True,
+        )
     median = {
         kind: {m: statistics.median(r[kind][m] for r in runs) for m in ("p50_us", "p99_us")}
         for kind, _ in ROWS
     }
-    print(f"\nrequest round trip, small dict payload ({args.runs} runs of {args.count}; "
-          "medians, microseconds)")  # fmt: skip
+    print(
+        f"\nrequest round trip, small dict payload ({args.runs} runs of {args.count}; "
+        "medians, microseconds)"
+    )
     print(f"{'':34} {'p50':>8} {'p99':>8}")
     for kind, label in ROWS:
         print(f"{label:34} {median[kind]['p50_us']:8.1f} {median[kind]['p99_us']:8.1f}")
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 "python": sys.version.split()[0],
                 "platform": platform.platform(),
                 "cpus": os.cpu_count(),
-            },  # fmt: skip
+            },
             "count": args.count,
             "median": median,
             "runs": runs,

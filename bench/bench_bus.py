@@ -92,7 +92,7 @@ from bench_ring import (
 )
 
 from shmbus import AgentProcess, Runner, ShmbusError
-from shmbus.control import (
+from shmbus.core.paths import (
     bus_is_live,
     data_socket_path,
     lock_path,

@@ -93,9 +93,11 @@ def main() -> int:
             runs.append(one_run(f"benchhist{os.getpid()}{case}{i}", case, args.messages))
         rate = statistics.median(r["rate"] for r in runs)
         full = max(r["full"] for r in runs)
-        print(f"{case:10s} {rate:12,.0f} msg/s   full {full:6d}   "
-              f"history() after it {statistics.median(r['history_ms'] for r in runs):6.1f} ms",
-              flush=True)  # fmt: skip
+        print(
+            f"{case:10s} {rate:12,.0f} msg/s   full {full:6d}   "
+            f"history() after it {statistics.median(r['history_ms'] for r in runs):6.1f} ms",
+            flush=True,
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"messages": args.messages, "results": results}, indent=1))
     return 0

@@ -130,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nack: 64 B one at a time, {count:,} messages, median of {runs} runs")
     print(f"{'sends':24s} {'receiver M msg/s':>17s} {'sender M msg/s':>15s} {'resent':>7s}")
     for kind, runs_ in ack_runs.items():
-        print(f"{kind:24s} {median_of(runs_, 'receiver_mmsg_per_s'):17.3f} "
-              f"{median_of(runs_, 'sender_mmsg_per_s'):15.3f} "
-              f"{median_of(runs_, 'retried'):7.0f}")  # fmt: skip
-    print(f"requires_ack costs {(1 - acked / plain) * 100:.0f}% of the plain rate "
-          f"({acked / plain:.2f}x)")  # fmt: skip
+        print(
+            f"{kind:24s} {median_of(runs_, 'receiver_mmsg_per_s'):17.3f} "
+            f"{median_of(runs_, 'sender_mmsg_per_s'):15.3f} "
+            f"{median_of(runs_, 'retried'):7.0f}"
+        )
+    print(
+        f"requires_ack costs {(1 - acked / plain) * 100:.0f}% of the plain rate "
+        f"({acked / plain:.2f}x)"
+    )
     print(f"\ndeath: SIGKILL of an agent with {args.unread} unread messages, median of {runs} runs")
     print(f"  peer told (on_peer_death): {median_of(death_runs, 'told_ms'):8.1f} ms")
     print(f"  inbox drained to the DLQ:  {median_of(death_runs, 'drained_ms'):8.1f} ms")

@@ -85,7 +85,7 @@ from typing import Any
 import _peers
 from _peers import ROLES, Spec
 
-from shmbus.ring import DEFAULT_SPIN_NS
+from shmbus.core.ring import DEFAULT_SPIN_NS
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "ring.json"

@@ -139,10 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = []
     for text, ours, theirs, metric, lower in TARGETS:
         a, b = medians[ours], medians[theirs]
-        met = None if a is None or b is None else (a[metric] <= b[metric] if lower
-                                                   else a[metric] >= b[metric])  # fmt: skip
-        verdicts.append({"target": text, "met": met,
-                         "value": a and a[metric], "peer": b and b[metric]})  # fmt: skip
+        met = (
+            None
+            if a is None or b is None
+            else (a[metric] <= b[metric] if lower else a[metric] >= b[metric])
+        )
+        verdicts.append(
+            {"target": text, "met": met, "value": a and a[metric], "peer": b and b[metric]}
+        )
         word = {True: "met", False: "NOT MET", None: "unknown"}[met]
         lines.append(f"  target: {text}: {word}")
     print("\n".join(lines))
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 "median": med,
                 "runs": r,
                 "note": note,
-            }  # fmt: skip
+            }
             for (label, kind, case_name, _), med, r, note in zip(
                 ROWS, medians, runs, notes, strict=True
             )

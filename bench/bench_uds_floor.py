@@ -173,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  run {run}/{args.runs}: {shown} (p50, us)", file=sys.stderr)
     print(f"round trip p50, median of {args.runs} runs of {args.count} ({os.cpu_count()} CPUs)")
     for name, values in results.items():
-        print(f"  {name:12} {statistics.median(values):6.1f} us  (runs: "
-              + ", ".join(f"{v:.1f}" for v in values) + ")")  # fmt: skip
+        print(
+            f"  {name:12} {statistics.median(values):6.1f} us  (runs: "
+            + ", ".join(f"{v:.1f}" for v in values)
+            + ")"
+        )
     return 0
 
 

@@ -1,6 +1,6 @@
 /*
  * shmbus bridge link: the coordinator's data path for one agent on the uds
- * transport (shmbus/bridge.py owns the links; shmbus/transport/wire.py
+ * transport (shmbus/coordinator/bridge.py owns the links; shmbus/transport/wire.py
  * describes the records).
  *
  * Two threads of the coordinator run each link, each inside one call that
@@ -42,7 +42,7 @@
 #define SHMBUS_LINK_MISS 5  /* up: install a route for shmbus_link_miss, then call again */
 #define SHMBUS_LINK_DEAD 6  /* up: take the undelivered frames, then call again */
 
-/* MessageType.PUBLISH (shmbus/message.py; the bridge checks they agree). */
+/* MessageType.PUBLISH (shmbus/core/message.py; the bridge checks they agree). */
 #define SHMBUS_LINK_PUBLISH 2
 
 /* Why a frame was not delivered. */

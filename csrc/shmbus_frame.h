@@ -35,7 +35,7 @@
 #define SHMBUS_FRAME_MAX_TOPIC 1024
 
 /* The same layout in Python's struct notation, so Python never spells it
- * out itself; tests/test_message.py checks it field by field against
+ * out itself; tests/core/test_message.py checks it field by field against
  * shmbus_frame_offsets(). */
 #define SHMBUS_FRAME_STRUCT "<HBBBBHIIQQQqIBBHII"
 

@@ -7,7 +7,7 @@
  * pointers.  It reads a block of frames straight from the ring reader's
  * scratch buffer (no bytes object per frame), checks every length before it
  * reads, and builds each record with the same values Python's
- * shmbus.message.decode_frame would.  A frame that fails a check becomes a
+ * shmbus.core.message.decode_frame would.  A frame that fails a check becomes a
  * str saying why, in its place, for the caller to log and skip.
  *
  * decode_block(scratch, lens, count, state) -> list
@@ -350,7 +350,7 @@ static PyObject *decode_one(decode_state *st, const char *f, uint32_t size)
         payload = PyObject_Vectorcall(st->unpackb, argv, 1, st->kwnames);
         Py_DECREF(packed);
         if (!payload) {
-            /* shmbus.message's ext_hook raises CorruptFrame, msgpack its own
+            /* shmbus.core.message's ext_hook raises CorruptFrame, msgpack its own
              * errors: every one of them makes this frame corrupt, nothing
              * more (MemoryError and KeyboardInterrupt stay errors). */
             if (PyErr_ExceptionMatches(PyExc_MemoryError) ||

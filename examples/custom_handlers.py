@@ -97,8 +97,12 @@ class Shop:
         return {"sku": sku, "qty": qty, "total": PRICES[sku] * qty, "in_stock": self.stock[sku]}
 
     def report(self, msg: Message) -> dict[str, Any]:  # REQUEST from admin
-        return {"stock": dict(self.stock), "orders": self.orders, "trail": dict(self.trail),
-                "counts": dict(self.counts)}  # fmt: skip
+        return {
+            "stock": dict(self.stock),
+            "orders": self.orders,
+            "trail": dict(self.trail),
+            "counts": dict(self.counts),
+        }
 
     def count(self, msg: Message) -> None:  # everything, priority -100
         self.counts[msg.type.name] += 1
@@ -111,8 +115,9 @@ def shop_agent(agent: shmbus.Agent) -> None:
     shop = Shop()
     agent.subscribe("orders.>")
     agent.route(RoutingRule(topic="orders.>", priority=100), shop.audit)
-    agent.route(RoutingRule(topic="orders.new", msg_type=MessageType.PUBLISH, priority=50),
-                shop.place)  # fmt: skip
+    agent.route(
+        RoutingRule(topic="orders.new", msg_type=MessageType.PUBLISH, priority=50), shop.place
+    )
     agent.route(RoutingRule(topic="orders.cancel", priority=50), shop.cancel)
     agent.route(RoutingRule(msg_type=MessageType.DIRECT, sender="warehouse"), shop.restock)
     agent.route(RoutingRule(msg_type=MessageType.REQUEST, sender="frontend"), shop.quote)
@@ -179,12 +184,13 @@ def run(bus: str) -> None:
             print(f"handlers that took {order}, in order: {report['trail'][order]}")
         print(f"messages counted by the catch-all rule: {report['counts']}")
         expect(
-            report["orders"] == {
+            report["orders"]
+            == {
                 "o1": {"sku": "widget", "qty": 4, "status": "placed"},
                 "o4": {"sku": "gadget", "qty": 2, "status": "cancelled"},
             },
             repr(report["orders"]),
-        )  # fmt: skip
+        )
         expect(report["stock"] == {"widget": 6, "gadget": 3}, repr(report["stock"]))
         expect(report["trail"]["o1"] == ["audit", "place", "count"], repr(report["trail"]))
         expect(report["trail"]["o4"][:3] == ["audit", "place", "count"], repr(report["trail"]))

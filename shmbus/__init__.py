@@ -4,7 +4,10 @@ The core is a lock-free many-to-one ring in POSIX shared memory
 (:class:`shmbus.Ring`); see docs/architecture.md for the whole design.
 """
 
-from .agent import Agent, connect
+from .agent.agent import Agent, connect
+from .core.message import DeadLetter, Message, MessageType, RoutingRule
+from .core.ring import Ring
+from .core.stats import AgentStats, BusStats, Counters, TopicStats
 from .errors import (
     AlreadyExists,
     BackpressureTimeout,
@@ -29,12 +32,10 @@ from .errors import (
     RingSealed,
     ShmbusError,
     ShmbusTimeout,
+    SystemFailure,
     UnknownRecipient,
 )
-from .message import DeadLetter, Message, MessageType, RoutingRule
-from .ring import Ring
 from .runner import AgentProcess, Runner
-from .stats import AgentStats, BusStats, Counters, TopicStats
 
 __version__ = "0.1.0.dev0"
 

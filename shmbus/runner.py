@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .agent import Agent, connect
-from .control import lock_path, remove_bus_shm, socket_path, validate_bus_or_agent
+from .agent.agent import Agent, connect
+from .core.paths import lock_path, remove_bus_shm, socket_path, validate_bus_or_agent
+from .core.routes import check_keep
 from .errors import CoordinatorUnavailable, ShmbusError
-from .history import check_keep
 
 __all__ = ["AgentProcess", "Runner"]
 
@@ -51,8 +51,9 @@ def _exit_with(runner: int) -> None:
     threading.Thread(target=watch, name="shmbus-runner-watch", daemon=True).start()
 
 
-def _run_agent(bus: str, name: str, target: Callable[..., Any], args: tuple[Any, ...],
-               runner: int = 0) -> None:  # fmt: skip
+def _run_agent(
+    bus: str, name: str, target: Callable[..., Any], args: tuple[Any, ...], runner: int = 0
+) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     if runner:
         _exit_with(runner)
@@ -121,7 +122,7 @@ class AgentProcess:
 
 class _CoordinatorProcess(AgentProcess):
     """The coordinator's handle: ``restart`` returns once the new one listens.
-    After ``kill()``, the new one takes the bus over (shmbus/takeover.py):
+    After ``kill()``, the new one takes the bus over (shmbus/coordinator/takeover.py):
     the agents stay, and rejoin it on their own."""
 
     def __init__(self, runner: Runner) -> None:
@@ -144,8 +145,13 @@ class _CoordinatorProcess(AgentProcess):
 class Runner:
     """Starts a bus's coordinator and agents, and cleans all of it up on exit."""
 
-    def __init__(self, bus: str = "default", *, start_timeout: float = 10.0,
-                 history: dict[str, int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        bus: str = "default",
+        *,
+        start_timeout: float = 10.0,
+        history: dict[str, int] | None = None,
+    ) -> None:
         """``history``: patterns whose last N messages the coordinator keeps
         (``{"events.*": 100}``; see Agent.history)."""
         self.bus = validate_bus_or_agent(bus, "bus")
@@ -188,8 +194,16 @@ class Runner:
         raise SystemExit(128 + signum)
 
     def _start_coordinator(self) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "shmbus.coordinator", "--bus", self.bus,
-                "--exit-with-parent", str(os.getpid())]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "shmbus",
+            "coordinator",
+            "--bus",
+            self.bus,
+            "--exit-with-parent",
+            str(os.getpid()),
+        ]
         argv += [f"--history={p}={n}" for p, n in self.history.items()]
         return subprocess.Popen(
             argv,

@@ -128,7 +128,7 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 def start_coordinator(children: Children, bus: str, *args: str) -> subprocess.Popen[bytes]:
     """A coordinator process for ``bus`` (with more ``args``), once it listens."""
-    from shmbus.control import socket_path
+    from shmbus.core.paths import socket_path
 
     proc = children.popen([sys.executable, "-m", "shmbus", "coordinator", "--bus", bus, *args])
     deadline = time.monotonic() + 20

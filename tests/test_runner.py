@@ -125,7 +125,7 @@ def test_a_killed_runners_coordinator_and_agents_stop_and_leave_nothing(
 ):
     """SIGKILL gives the runner no chance to clean up: its coordinator and
     agents see it gone and stop on their own, the bus removed as on a stop."""
-    from shmbus.takeover import process_gone
+    from shmbus.coordinator.takeover import process_gone
 
     bus = names("bus")
     script = tmp_path / "run.py"

@@ -30,13 +30,13 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ..control import Client
+from ..core.control import Client
+from ..core.stats import BusStats
 from ..errors import InvalidArgument, ShmbusError
-from ..stats import BusStats
 
 __all__ = ["Inbox", "Link", "Outbox", "ShmUnavailable", "TRANSPORTS", "open_link"]
 
-log = logging.getLogger("shmbus.transport")
+log = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", "shm", "uds", "inproc")
 OPENERS = {"shm": ".shm", "uds": ".uds", "inproc": ".inproc"}
@@ -49,6 +49,7 @@ class ShmUnavailable(ShmbusError):
 class Inbox(Protocol):
     """What the agent reads its messages from."""
 
+    name: str  # its ring's, for the coordinator
     spin_ns: int
 
     def read_block(self, max_count: int, timeout: float | None = None) -> int:
@@ -77,23 +78,58 @@ class Outbox(Protocol):
     peers: dict[str, Any]
     counters: Any
 
-    def _fresh(self) -> None: ...
+    dead_letter: Callable[[bytes, str], None]  # a frame it could not deliver, and why
 
-    def _ring(self, name: str) -> Any: ...
+    def fresh(self) -> None:
+        """Drop the cached routes: the next send reads the routes table."""
+
+    def target(self, name: str) -> Any:
+        """Where a frame for agent ``name`` goes (its inbox or link); None: no such agent."""
 
     def frame(self, kind: int, data: bytes, flags: int, msg_id: int, **fields: Any) -> bytes: ...
 
-    def send(self, name: str, kind: int, data: bytes, flags: int, priority: Any, ttl: Any,
-             timeout: float | None, request_id: int = 0, correlation_id: int = 0,
-             policy: str = "block", first_rc: int = 0, on_sent: Any = None) -> int: ...  # fmt: skip
+    def send(
+        self,
+        name: str,
+        kind: int,
+        data: bytes,
+        flags: int,
+        priority: Any,
+        ttl: Any,
+        timeout: float | None,
+        request_id: int = 0,
+        correlation_id: int = 0,
+        policy: str = "block",
+        first_rc: int = 0,
+        on_sent: Any = None,
+    ) -> int: ...
 
-    def send_many(self, name: str, kind: int, payloads: Sequence[Any], priority: Any, ttl: Any,
-                  requires_ack: bool, timeout: float | None, policy: str = "block",
-                  on_sent: Any = None) -> list[int]: ...  # fmt: skip
+    def send_many(
+        self,
+        name: str,
+        kind: int,
+        payloads: Sequence[Any],
+        priority: Any,
+        ttl: Any,
+        requires_ack: bool,
+        timeout: float | None,
+        policy: str = "block",
+        on_sent: Any = None,
+    ) -> list[int]: ...
 
-    def publish(self, topic: str, kind: int, blob: bytes, lens: Any, flags: Any, priority: Any,
-                ttl: Any, timeout: float | None, rt: Any = None, rc: int = ...
-                ) -> int: ...  # fmt: skip
+    def publish(
+        self,
+        topic: str,
+        kind: int,
+        blob: bytes,
+        lens: Any,
+        flags: Any,
+        priority: Any,
+        ttl: Any,
+        timeout: float | None,
+        rt: Any = None,
+        rc: int = ...,
+    ) -> int: ...
 
     def close(self) -> None: ...
 
@@ -157,8 +193,9 @@ def open_link(
             ctl.close()
             if i + 1 == len(tries):
                 raise
-            log.warning("agent %s: shared memory unavailable (%s); using the uds transport",
-                        name, e)  # fmt: skip
+            log.warning(
+                "agent %s: shared memory unavailable (%s); using the uds transport", name, e
+            )
         except BaseException:
             ctl.close()
             raise

@@ -19,10 +19,10 @@ import threading
 import time
 from typing import Any
 
+from ..core.message import HEADER, HEADER_SIZE, MessageType
+from ..core.routes import subscribers, validate_pattern
+from ..core.stats import AgentStats, BusStats, Counters
 from ..errors import Closed, NameTaken, ShmbusError
-from ..message import HEADER, HEADER_SIZE, MessageType
-from ..routes import subscribers, validate_pattern
-from ..stats import AgentStats, BusStats, Counters
 from . import wire
 from .uds import UdsInbox, UdsOutbox
 
@@ -46,8 +46,9 @@ class Hub:
         self._next_id = 1
 
     def dead_letter(self, frame: bytes, reason: str) -> None:
-        self.dlq.append({"id": len(self.dlq) + 1, "time": time.time(), "reason": reason,
-                         "frame": bytes(frame)})  # fmt: skip
+        self.dlq.append(
+            {"id": len(self.dlq) + 1, "time": time.time(), "reason": reason, "frame": bytes(frame)}
+        )
 
     def deliver(self, frames: list[bytes]) -> None:
         """Route frames as the bridge does: direct to the recipient, publish to subscribers."""
@@ -206,23 +207,38 @@ class InprocLink:
     stats_segment = None
     slot = 0
 
-    def __init__(self, ctl: _Control, bus: str, name: str, *, inbox_capacity: int,
-                 dead_letter: Any) -> None:  # fmt: skip
+    def __init__(
+        self, ctl: _Control, bus: str, name: str, *, inbox_capacity: int, dead_letter: Any
+    ) -> None:
         self.ctl = ctl
         self.id: int = ctl.call("register", name=name, pid=os.getpid())["id"]
         self.stream = _Queue(ctl.hub, name)
         self.inbox = UdsInbox(self.stream)  # type: ignore[arg-type]
-        self.out = UdsOutbox(bus=bus, name=name, agent_id=self.id, ctl=ctl,  # type: ignore[arg-type]
-                             stream=self.stream, dead_letter=dead_letter)  # type: ignore[arg-type]  # fmt: skip
+        self.out = UdsOutbox(
+            bus=bus,
+            name=name,
+            agent_id=self.id,
+            ctl=ctl,  # type: ignore[arg-type]
+            stream=self.stream,  # type: ignore[arg-type]  # a Stream's duck: the hub's queue
+            dead_letter=dead_letter,
+        )
         self.out.refresh()
 
     def stats(self, bus: str) -> BusStats:
         self.out.refresh()
-        agents = {n: AgentStats(name=n, id=info[0], pid=info[2]) for n, info in
-                  self.out.agents.items()}  # fmt: skip
-        return BusStats(bus=bus, totals=Counters(), agents=agents, topics={},
-                        dlq=len(self.ctl.hub.dlq), dlq_total=len(self.ctl.hub.dlq),
-                        dlq_evicted=0, departed=Counters())  # fmt: skip
+        agents = {
+            n: AgentStats(name=n, id=info[0], pid=info[2]) for n, info in self.out.agents.items()
+        }
+        return BusStats(
+            bus=bus,
+            totals=Counters(),
+            agents=agents,
+            topics={},
+            dlq=len(self.ctl.hub.dlq),
+            dlq_total=len(self.ctl.hub.dlq),
+            dlq_evicted=0,
+            departed=Counters(),
+        )
 
     def sync(self) -> None:
         pass  # the hub delivers as we send

@@ -39,14 +39,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..control import Reader, recv_msg, runtime_dir, send_msg
+from ..core.control import Reader, recv_msg, send_msg
+from ..core.message import HEADER
+from ..core.paths import runtime_dir
+from ..core.ring import LANES
 from ..errors import Closed
-from ..message import HEADER
-from ..ring import LANES
 from . import wire
-from .uds import _QUIET, _SLICE, Stream, _Full
+from .stream import QUIET, SLICE, Full, Stream
 
-log = logging.getLogger("shmbus.transport.peer")
+log = logging.getLogger(__name__)
 
 ENV = "SHMBUS_UDS_DIRECT"  # "0": uds agents talk only through the bridge
 _HELLO_WAIT = 0.5  # seconds a connect, and its answer, may take before the bridge is used
@@ -104,8 +105,9 @@ class Link:
     socket: what a dying reader had not taken, its sender still holds, and
     dead-letters."""
 
-    def __init__(self, sock: socket.socket, name: str, peer_id: int, pid: int,
-                 capacity: int, max_frame: int) -> None:  # fmt: skip
+    def __init__(
+        self, sock: socket.socket, name: str, peer_id: int, pid: int, capacity: int, max_frame: int
+    ) -> None:
         self.name = name
         self.id = peer_id
         self.pid = pid
@@ -217,9 +219,9 @@ class Link:
                 if wire.HEAD - 4 <= size <= wire.MAX_RECORD and end - start >= 4 + size:
                     stream._start = start + 4 + size
                     stream.release(taken)
-                    body = bytes(stream._view[start + 4 : start + 4 + size])
-                    if count or self._control(word, body):
-                        return body
+                    whole = bytes(stream._view[start + 4 : start + 4 + size])
+                    if count or self._control(word, whole):
+                        return whole
                     continue
             elif start == end and self.ended is None:
                 stream._start = stream._end = 0  # nothing to take: read, into all the buffer
@@ -290,8 +292,11 @@ class Link:
     def _overrun(self) -> None:
         if not self.overran:
             self.overran = True
-            log.warning("agent %s sends past the room of our inbox on its direct link: "
-                        "it is read no further ahead (its sends wait)", self.name)  # fmt: skip
+            log.warning(
+                "agent %s sends past the room of our inbox on its direct link: "
+                "it is read no further ahead (its sends wait)",
+                self.name,
+            )
 
     def take_only(self) -> bytes | None:
         """``head()`` and ``pop()`` in one, for a reader whose only source is
@@ -420,7 +425,7 @@ class Link:
             return
         try:
             self.stream.write(took_record(numbers), wait)
-        except (_Full, Closed):
+        except (Full, Closed):
             with self.lock:
                 self._untold[:0] = numbers
 
@@ -475,10 +480,12 @@ def _frame_ids(body: bytes) -> list[Frame]:
 def _body(body: bytes, frames: list[Frame]) -> bytes:
     """A body of these frames of ``body``."""
     return b"".join(
-        [wire.RECORD.pack(0, len(frames), 0, 0, 0)[4:],
-         struct.pack(f"<{len(frames)}I", *(e - s for *_, s, e in frames)),
-         *(body[s:e] for *_, s, e in frames)]
-    )  # fmt: skip
+        [
+            wire.RECORD.pack(0, len(frames), 0, 0, 0)[4:],
+            struct.pack(f"<{len(frames)}I", *(e - s for *_, s, e in frames)),
+            *(body[s:e] for *_, s, e in frames),
+        ]
+    )
 
 
 class Mux:
@@ -632,8 +639,9 @@ class Mux:
                 return _body(body, frames)
             return self.bridge.poll_record()
         bridge = self.bridge
-        if self._held is None and (self._bridge_ready or bridge._stash
-                                   or bridge._end - bridge._start >= 4):  # fmt: skip
+        if self._held is None and (
+            self._bridge_ready or bridge._stash or bridge._end - bridge._start >= 4
+        ):
             self._bridge_ready = False
             got = bridge.poll_record()  # (a sender reading it for a verdict stashes)
             if got is not None and got[:4] != b"\0\0\0\0":  # (counts alone: nothing to hand)
@@ -642,13 +650,13 @@ class Mux:
         if held is None and n == 1:  # one link, nothing from the bridge: a round trip's case
             link = order[0]
             try:
-                body = link.take_only()
+                only = link.take_only()
             except Closed as e:
                 self.broken(link, str(e))
                 return None
             stream = link.stream  # (read on for recv_many only if something is here)
             self._more = bool(link.queued or stream._stash or stream._end - stream._start >= 4)
-            return body
+            return only
         self._more = True
         best = choice = -1
         for i in range(n + 1):
@@ -662,8 +670,10 @@ class Mux:
                 continue
             if held is not None:  # an older message of its sender's in that lane waits?
                 lane, first = link.lane, link.first_id()
-                if any(s == link.id and ln == lane and m < first  # type: ignore[operator]
-                       for s, m, ln, _, _ in held[1]):  # fmt: skip
+                if any(
+                    s == link.id and ln == lane and m < first  # type: ignore[operator]
+                    for s, m, ln, _, _ in held[1]
+                ):
                     continue
             best, choice = link.lane, k
         if choice < 0:
@@ -744,17 +754,17 @@ class Mux:
                 if s.granted == s.taken:
                     s.granted += 1  # nothing asked for: ask for the next record
             if any(s._told != (s.taken, s.granted) for s in streams):
-                quiet = _QUIET if left is None else min(left, _QUIET)
+                quiet = QUIET if left is None else min(left, QUIET)
                 if self._poll.poll(math.ceil(quiet * 1000)):
                     self._drain_wake()
                     continue
                 if not all([s.idle() for s in streams]):
-                    left = _SLICE if left is None else min(left, _SLICE)
+                    left = SLICE if left is None else min(left, SLICE)
                 left = None if deadline is None else deadline - time.monotonic()
             if self.bridge._rlock.locked():
-                left = _SLICE if left is None else min(left, _SLICE)  # a verdict's reader stashes
+                left = SLICE if left is None else min(left, SLICE)  # a verdict's reader stashes
             if self._unwatch_ended():  # its records wait for the bridge: its wait runs out
-                left = _SLICE if left is None else min(left, _SLICE)
+                left = SLICE if left is None else min(left, SLICE)
             self._poll.poll(-1 if left is None else max(math.ceil(left * 1000), 0))
             self._drain_wake()
 
@@ -864,15 +874,22 @@ def peer_pid(sock: socket.socket) -> int:
     return int(pid)
 
 
-def admit(conn: socket.socket, me: str, lookup: Callable[[str], Any], inbox: dict[str, int],
-          add: Callable[[Link], None], remove: Callable[[Link], Any]) -> Link:  # fmt: skip
+def admit(
+    conn: socket.socket,
+    me: str,
+    lookup: Callable[[str], Any],
+    inbox: dict[str, int],
+    add: Callable[[Link], None],
+    remove: Callable[[Link], Any],
+) -> Link:
     """Check a connecting agent's hello and answer it (with ``inbox``, our
     capacity and max_frame), the link ``add``-ed first; ValueError if refused."""
     conn.settimeout(_HELLO_WAIT)
     hello = recv_msg(conn, Reader(), [])
     if not isinstance(hello, dict):
         raise ValueError("not a link hello")
-    name, agent_id = hello.get("name"), hello.get("id")
+    name: Any = hello.get("name")
+    agent_id: Any = hello.get("id")
     why = ""
     if hello.get("op") != "link" or not isinstance(name, str) or type(agent_id) is not int:
         why = "not a link hello"
@@ -908,8 +925,9 @@ def _inbox_ok(msg: dict[str, Any]) -> bool:
     return type(cap) is int and type(most) is int and 0 < most <= cap < 1 << 48
 
 
-def dial(bus: str, me: str, my_id: int, name: str, info: list[Any],
-         inbox: dict[str, int]) -> Link | None:  # fmt: skip
+def dial(
+    bus: str, me: str, my_id: int, name: str, info: list[Any], inbox: dict[str, int]
+) -> Link | None:
     """A link to uds agent ``name`` (its routes entry ``info``), accepted by
     its listener; None if it cannot be had."""
     peer_id = info[0]
@@ -928,8 +946,11 @@ def dial(bus: str, me: str, my_id: int, name: str, info: list[Any],
         sock.close()
         raise
     if not isinstance(answer, dict) or not answer.get("ok") or not _inbox_ok(answer):
-        log.info("agent %s refused a direct link: %s", name,
-                 answer.get("message") if isinstance(answer, dict) else answer)  # fmt: skip
+        log.info(
+            "agent %s refused a direct link: %s",
+            name,
+            answer.get("message") if isinstance(answer, dict) else answer,
+        )
         sock.close()
         return None
     link = Link(sock, name, peer_id, info[2], answer["capacity"], answer["max_frame"])

@@ -1,5 +1,5 @@
 """The shared-memory transport: the agent's own inbox ring, and writes straight
-into its peers' inboxes (shmbus/ring.py, shmbus/outbox.py).
+into its peers' inboxes (shmbus/core/ring.py, shmbus/transport/shm_outbox.py).
 
 The agent's fast paths stay one dictionary hit and one C call: ``out.direct``
 and ``out.topics`` are the outbox's route caches, and the inbox is the ring.
@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .._native import ffi, lib
-from ..control import Client, routes_name, stats_name
+from ..core.control import Client
+from ..core.paths import routes_name, stats_name
+from ..core.ring import LANES, Ring
+from ..core.routes import Table
+from ..core.stats import BusStats, StatsSegment, count_reads, inbox_fill
 from ..errors import ShmbusError
-from ..outbox import Outbox
-from ..ring import LANES, Ring
-from ..routes import Table
-from ..stats import BYTES_RECEIVED, RECEIVED, BusStats, StatsSegment, inbox_fill
 from . import ShmUnavailable
+from .shm_outbox import Outbox
 
 __all__ = ["ShmLink", "open"]
 
@@ -34,14 +34,16 @@ def _map(what: str, make: Any) -> Any:
 class ShmLink:
     kind = "shm"
 
-    def __init__(self, ctl: Client, bus: str, name: str, *, inbox_capacity: int,
-                 dead_letter: Any) -> None:  # fmt: skip
+    def __init__(
+        self, ctl: Client, bus: str, name: str, *, inbox_capacity: int, dead_letter: Any
+    ) -> None:
         reply = ctl.call("register", name=name, pid=os.getpid(), transport="shm")
         self.id: int = reply["id"]
         self.slot: int = reply.get("slot", 0)
         try:
-            self.inbox = _map("inbox", lambda: Ring.create(reply["inbox"], inbox_capacity,
-                                                           lanes=LANES))  # fmt: skip
+            self.inbox = _map(
+                "inbox", lambda: Ring.create(reply["inbox"], inbox_capacity, lanes=LANES)
+            )
         except ShmUnavailable:
             ctl.call("unregister")  # the name is free again before we try the socket
             raise
@@ -53,13 +55,16 @@ class ShmLink:
             )
             counters = self.stats_segment.agent(self.slot)
             if counters:
-                lib.shmbus_ring_count_reads(
-                    self.inbox._handle(), counters + RECEIVED, counters + BYTES_RECEIVED
-                )
+                count_reads(self.inbox, counters)
             self.out = Outbox(
-                bus=bus, name=name, agent_id=self.id, table=self.table,
-                stats=self.stats_segment, counters=counters, dead_letter=dead_letter,
-            )  # fmt: skip
+                bus=bus,
+                name=name,
+                agent_id=self.id,
+                table=self.table,
+                stats=self.stats_segment,
+                counters=counters,
+                dead_letter=dead_letter,
+            )
         except BaseException as e:
             if isinstance(e, ShmUnavailable):
                 ctl.call("unregister")
@@ -70,7 +75,7 @@ class ShmLink:
             raise
 
     def stats(self, bus: str) -> BusStats:
-        self.out._fresh()
+        self.out.fresh()
         return self.stats_segment.snapshot(bus, inbox_fill(self.out.agents, self.out.peers))
 
     def sync(self) -> None:
@@ -82,7 +87,7 @@ class ShmLink:
     def close(self) -> None:
         self.out.close()
         self.table.close()
-        lib.shmbus_ring_count_reads(self.inbox._handle(), ffi.NULL, ffi.NULL)
+        count_reads(self.inbox, None)
         self.stats_segment.close()
         self.inbox.close()
         self.inbox.unlink()

@@ -1,7 +1,7 @@
 """The Unix-socket transport: for agents that cannot map the bus's shared memory.
 
 The agent registers as ever (transport "uds"); the coordinator makes its
-inbox ring on its behalf and its bridge (shmbus/bridge.py) carries the
+inbox ring on its behalf and its bridge (shmbus/coordinator/bridge.py) carries the
 traffic: it reads that inbox and writes the frames to this agent's data
 socket, and it routes the frames this agent writes into the recipients'
 inboxes. Peers write into the inbox exactly as into any other, so they see no
@@ -19,22 +19,22 @@ by the bridge, with the reason. Counters are kept by the bridge.
 from __future__ import annotations
 
 import array
-import collections
 import contextlib
-import errno
 import logging
-import math
 import os
-import select
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .._native import ffi, lib
-from ..control import Client, Reader, recv_msg, send_msg
+from ..core.control import BEAT_EVERY, Client, Reader, recv_msg, send_msg
+from ..core.message import FLAG_ACK, HEADER, HEADER_SIZE, MAGIC, NOT_MESSAGES, VERSION
+from ..core.ring import LANES
+from ..core.routes import subscribers, validate_topic
+from ..core.stats import AgentStats, BusStats, Counters, TopicStats
 from ..errors import (
     BackpressureTimeout,
     Closed,
@@ -45,437 +45,20 @@ from ..errors import (
     ShmbusError,
     UnknownRecipient,
 )
-from ..message import FLAG_ACK, HEADER, HEADER_SIZE, MAGIC, VERSION, MessageType
-from ..outbox import check_priority, pack_many, split_blob, ttl_ms
-from ..ring import DEFAULT_SPIN_NS, LANES
-from ..routes import subscribers, validate_topic
-from ..stats import AgentStats, BusStats, Counters, TopicStats
-from . import wire
+from . import peer, wire
+from .shm_outbox import check_priority, pack_many, split_blob, ttl_ms
+from .stream import Full, Stream
 
 __all__ = ["UdsLink", "open"]
 
-log = logging.getLogger("shmbus.transport.uds")
+log = logging.getLogger(__name__)
 
-_BUF = 1 << 20
-_SOCKBUF = 4 << 20
-BEAT_EVERY = 0.5
 _LEAVE_WAIT = 10.0
-_NOT_MESSAGES = frozenset((MessageType.ACK, MessageType.CONTROL, MessageType.HEARTBEAT))
-_AHEAD = 8  # records the bridge may send ahead of what we took (its limit too)
-_QUIET = 1e-3  # seconds a wait lasts before it tells the bridge our counts
 ROUTES_TTL = 0.25  # seconds a uds agent trusts its copy of the routes for a direct send
-_SLICE = 0.05
 _VERDICT_WAIT = 30.0  # seconds a send of policy "error" waits for the bridge's word
 _SYNC_WAIT = 2.0  # seconds ``sync`` waits for the bridge to catch up
 _GATHER = 256  # records a read takes together at most
-_SCRATCH = 64 << 10  # a one-frame record up to this size is built and sent in one C call
-_EAGAIN = -errno.EAGAIN
-_record_send = lib.shmbus_record_send
 _pack = HEADER.pack
-
-
-class _Full(Exception):
-    """The data socket took nothing of the record within the wait."""
-
-
-class Stream:
-    """The data socket: records in (one reader thread), records out (any thread)."""
-
-    def __init__(self, sock: socket.socket, label: str = "the bridge") -> None:
-        self.label = label  # who is at the other end, for errors
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKBUF)
-            except OSError:
-                pass  # the system's limit applies
-        sock.setblocking(False)  # every wait is a poll with a timeout of ours
-        self.sock = sock
-        self._fd = sock.fileno()
-        self._scratch = ffi.new("char[]", _SCRATCH)
-        self._sent = ffi.new("int64_t *")
-        self._rpoll = select.poll()
-        self._rpoll.register(sock, select.POLLIN)
-        self._wpoll = select.poll()
-        self._wpoll.register(sock, select.POLLOUT)
-        self._buf = bytearray(_BUF)
-        self._view = memoryview(self._buf)  # (slices of a view are a step quicker to make)
-        self._start = self._end = 0
-        self.wlock = threading.Lock()
-        self._closed = False
-        self.last_write = time.monotonic()
-        # Records taken from the bridge and asked for (wire.py), in every record we write.
-        self.taken = self.granted = 0
-        self._told = (0, 0)
-        self.written = 0  # records we wrote: a verdict names the record it is on
-        # A direct link's (peer.py): records of frames written and not yet taken
-        # by the peer, numbered as its ``taken`` counts them. They are the
-        # sender's until taken: if the peer goes first, they go to the DLQ.
-        self.keep: collections.deque[tuple[int, bytes, int]] | None = None
-        self.kept = 0
-        self.keep_bytes = [0] * LANES  # of keep, per lane of their frames
-        self.peer_taken = 0
-        self.sent_frames = self.sent_bytes = 0  # a link's, for its stats (under wlock)
-        self._early: set[int] = set()  # taken out of order before _keep had them
-        self._klock = threading.Lock()
-        self._rlock = threading.Lock()  # one reader of the socket at a time
-        self._stash: collections.deque[bytes] = collections.deque()  # read while awaiting a verdict
-        # Called when a record is set aside by a reader other than the inbox's
-        # (its reader may be an event loop that waits for a readable fd).
-        self.on_stash: Callable[[], None] | None = None
-        self._verdicts: dict[int, tuple[int, int]] = {}
-        self._unwaited: set[int] = set()  # records whose verdict nobody waits for
-        self._vcond = threading.Condition()
-        # Seconds of polling before a wait (the agent's ``spin``), as an shm reader
-        # spins: in a round trip the answer comes sooner than a sleeping reader
-        # wakes (50 against 70 us here). The bridge's hub then sleeps between
-        # records (SHMBUS_BRIDGE_SPIN_US=0): a third spinner on 2 CPUs slows all.
-        self.spin = DEFAULT_SPIN_NS / 1e9
-
-    # ------------------------------------------------------------ reading
-
-    def read_record(self, timeout: float | None) -> bytes | None:
-        """The next record's body (count, info, lengths, frames); None on timeout."""
-        if self._stash:
-            return self._stash.popleft()
-        with self._rlock:
-            # A verdict's waiter may have stashed one while we waited for the lock.
-            if self._stash:
-                return self._stash.popleft()
-            return self._read(timeout)
-
-    def poll_record(self, read: bool = True) -> bytes | None:
-        """The next record's body if it is here now: no wait, no counts told.
-        ``read=False``: only if it was read off the socket already."""
-        if self._stash:
-            return self._stash.popleft()
-        if not self._rlock.acquire(blocking=False):
-            return None
-        try:
-            while True:
-                if self._stash:
-                    return self._stash.popleft()
-                body = self.take()
-                if body is not None or not read or not self.fill():
-                    return body
-        finally:
-            self._rlock.release()
-
-    def verdict(self, number: int, timeout: float) -> tuple[int, int]:
-        """The bridge's verdict on our record ``number`` (a send of policy
-        "error"): (a SHMBUS_DEAD_* code or 0, and its info word's fill; the
-        frames it delivered). Reads the socket for it unless another thread
-        does; what else comes meanwhile waits for the reader."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._vcond:
-                found = self._verdicts.pop(number & wire.MASK, None)
-            if found is not None:
-                return found
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.forget(number)
-                raise CoordinatorUnavailable(f"no word from the bridge on a send in {timeout}s")
-            if self._rlock.acquire(blocking=False):
-                try:
-                    body = self._read(min(left, _SLICE))
-                    if body is not None:
-                        self._stash.append(body)
-                        if self.on_stash is not None:
-                            self.on_stash()
-                finally:
-                    self._rlock.release()
-            else:  # the reader stores it and tells us
-                with self._vcond:
-                    if (number & wire.MASK) not in self._verdicts:
-                        self._vcond.wait(min(left, _SLICE))
-
-    def forget(self, number: int) -> None:
-        """Nobody waits for the verdict on our record ``number``: drop it,
-        whether it came already or comes later."""
-        number &= wire.MASK
-        with self._vcond:
-            if self._verdicts.pop(number, None) is None:
-                self._unwaited.add(number)
-
-    def take(self) -> bytes | None:
-        """The next whole record among the bytes read already (a verdict is
-        stored for its waiter); None if there is none. Under ``_rlock``."""
-        while True:
-            buf, start, avail = self._buf, self._start, self._end - self._start
-            need = wire.HEAD
-            if avail >= 4:
-                body = int.from_bytes(buf[start : start + 4], "little")
-                if not wire.HEAD - 4 <= body <= wire.MAX_RECORD:
-                    raise Closed(f"{self.label} sent a record of {body} bytes: not a shmbus peer")
-                need = 4 + body
-                if avail >= need:
-                    self._start = start + need
-                    if (
-                        body == wire.HEAD - 4
-                        and buf[start + 8] & 3 == wire.VERDICT
-                        and self.keep is None
-                    ):  # (only the bridge gives verdicts)
-                        word, number, done = wire.VERDICT_FIELDS.unpack_from(buf, start + 8)
-                        with self._vcond:
-                            if number in self._unwaited:
-                                self._unwaited.discard(number)
-                            else:
-                                self._verdicts[number] = (word >> 2, done)
-                                self._vcond.notify_all()
-                        continue  # not one of the records the bridge counts
-                    if buf[start + 4 : start + 8] != b"\0\0\0\0" and self.keep is None:
-                        self.took()  # a link's reader counts it when it takes it (peer.py)
-                    return bytes(memoryview(buf)[start + 4 : start + need])
-            if len(buf) - start < need or len(buf) - self._end < 4096:
-                self._compact(need)
-            return None
-
-    def took(self, n: int = 1) -> None:
-        """Records of frames are taken (records of no frames, the counts, are not counted)."""
-        self.taken += n
-        # More may come while this one is read. The counts ride on our next
-        # record, or go on their own once the peer has used most of what we
-        # granted it, or when a wait goes on: a record of its own costs a
-        # system call and wakes the peer, so a stream or a ping-pong must
-        # not pay one per record.
-        self.granted = self.taken + _AHEAD
-        if (self._told[1] - self.taken) & wire.MASK <= _AHEAD // 4 or (
-            self.keep is not None and self.taken - self._told[0] >= _AHEAD // 2
-        ):  # (a link's sender does not wait for grants: it must hear of takes)
-            self.ack()
-
-    def fill(self) -> bool:
-        """Read what the socket holds now; False if it held nothing. Under ``_rlock``."""
-        try:
-            n = self.sock.recv_into(self._view[self._end :])
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            raise Closed(f"the connection to {self.label} broke: {e}") from None
-        if not n:
-            raise Closed(f"{self.label} closed the connection")
-        self._end += n
-        return True
-
-    def idle(self) -> bool:
-        """Before a wait: ask for the next record if we asked for none; True
-        if our counts are told (or nothing was to tell)."""
-        if self.granted == self.taken:
-            self.granted += 1  # nothing asked for: ask for the next record
-        return self._told == (self.taken, self.granted) or self.ack()
-
-    def _read(self, timeout: float | None) -> bytes | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        spin_until = None if timeout != 0 else 0.0
-        while True:
-            body = self.take()
-            if body is not None:
-                return body
-            if self.fill():
-                continue
-            if spin_until is None:
-                spin_until = time.perf_counter() + self.spin
-            if time.perf_counter() < spin_until:
-                continue  # as an shm reader spins before it sleeps: an answer is near
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                # Ask for the next record all the same: a look that never
-                # waits (the heartbeat thread's) finds it later.
-                self.idle()
-                return None
-            if self.granted == self.taken:
-                self.granted += 1  # nothing asked for: ask for the next record
-            told = self._told == (self.taken, self.granted)
-            if not told and (self._told[1] - self.taken) & wire.MASK > 0:
-                # The bridge may still send: an answer near at hand comes before
-                # the counts are worth a record of their own.
-                quiet = _QUIET if left is None else min(left, _QUIET)
-                if self._rpoll.poll(math.ceil(quiet * 1000)):
-                    continue
-                left = None if deadline is None else deadline - time.monotonic()
-            if not told and not self.ack():
-                left = _SLICE if left is None else min(left, _SLICE)  # a sender has the socket
-            self._rpoll.poll(-1 if left is None else max(math.ceil(left * 1000), 0))
-
-    def _compact(self, need: int) -> None:
-        avail = self._end - self._start
-        if len(self._buf) < need or len(self._buf) - avail < 4096:
-            old = self._buf  # a record larger than the buffer: a larger one
-            self._buf = bytearray(max(need, len(old)) + _BUF)
-            self._view = memoryview(self._buf)
-            self._buf[:avail] = old[self._start : self._end]
-            self._start, self._end = 0, avail
-            return
-        buf = self._buf
-        buf[:avail] = buf[self._start : self._end]
-        self._start, self._end = 0, avail
-
-    # ------------------------------------------------------------ writing
-
-    def write(self, data: bytearray, wait: float | None) -> int:
-        """Write one record, waiting up to ``wait`` (None: forever) for the
-        socket to take its first byte; :class:`_Full` if it took none.
-
-        A record the socket took in part is finished before this returns,
-        however long that takes: nothing a send returned for is left in this
-        process, so the kernel hands it to the bridge even if a SIGKILL comes
-        next (a user-space cork, once here, lost exactly those records;
-        batches are ``send_many``'s)."""
-        deadline = None if wait is None else time.monotonic() + wait
-        if not self.wlock.acquire(timeout=-1 if wait is None else wait):
-            raise _Full  # another sender holds the socket, waiting for room
-        try:
-            told = self._write(data, deadline)
-            if self.keep is not None and data[4:8] != b"\0\0\0\0":
-                self._keep(data, int.from_bytes(data[4:8], "little"), wire.lane(data))
-            return self._wrote(told)
-        finally:
-            self.wlock.release()
-
-    def send_one(self, lane: int, *build: Any) -> int:
-        """Build a record of one frame of ``lane`` (``shmbus_record_send``'s
-        arguments from ``names`` to ``flags``) and send it, in one C call: a send's
-        usual path. The record's number; 0 when another thread has the
-        socket or it took nothing at once, and the caller writes the record
-        the usual way (which waits, or raises)."""
-        if not self.wlock.acquire(blocking=False):
-            return 0
-        try:
-            sent = self._sent
-            told = (self.taken, self.granted)  # (the reader's thread may take on meanwhile)
-            size = _record_send(self._fd, told[0] & wire.MASK, told[1] & wire.MASK,
-                                *build, self._scratch, _SCRATCH, sent)  # fmt: skip
-            n = sent[0]
-            if size <= 0 or n == _EAGAIN or n == 0:
-                return 0  # too large for the scratch, or full: the usual path
-            if n < 0:
-                raise Closed(f"the connection to {self.label} broke: {os.strerror(-n)}")
-            if n < size:  # the frame boundaries must hold: the rest goes now
-                self._send(ffi.buffer(self._scratch, size)[n:], None)
-            if self.keep is not None:
-                self._keep(ffi.buffer(self._scratch, size)[:], 1, lane)
-            return self._wrote(told)
-        finally:
-            self.wlock.release()
-
-    def _write(self, data: bytearray, deadline: float | None) -> tuple[int, int]:
-        """Send ``data`` with our counts in it; the counts."""
-        told = (self.taken, self.granted)
-        wire.COUNTS.pack_into(data, wire.COUNTS_AT, told[0] & wire.MASK, told[1] & wire.MASK)
-        rest = self._send(data, deadline)
-        if rest is data:
-            raise _Full
-        if rest is not None:  # the frame boundaries must hold: the rest goes now
-            self._send(rest, None)
-        return told
-
-    def _keep(self, record: bytes | bytearray, count: int, lane: int) -> None:
-        self.sent_frames += count
-        self.sent_bytes += len(record) - wire.HEAD - 4 * count
-        self.kept += 1
-        number = self.kept & wire.MASK
-        with self._klock:
-            self._trim()
-            # The peer may have taken it (and said so) before we got here.
-            if self._early and number in self._early:
-                self._early.discard(number)
-            elif (self.peer_taken - number) & wire.MASK >= 1 << 31:
-                self.keep.append((number, record, lane))  # type: ignore[union-attr]
-                self.keep_bytes[lane] += len(record)
-
-    def release(self, taken: int) -> None:
-        """The peer has taken our records up to number ``taken``: they are its
-        own now. Its reader says so with no lock (the records come in order,
-        one reader at a time): who looks at ``keep`` trims it first."""
-        self.peer_taken = taken
-
-    def _trim(self) -> None:
-        keep, taken = self.keep, self.peer_taken
-        while keep and (taken - keep[0][0]) & wire.MASK < 1 << 31:
-            _, record, lane = keep.popleft()
-            self.keep_bytes[lane] -= len(record)
-        if self._early:
-            self._early = {n for n in self._early if (taken - n) & wire.MASK >= 1 << 31}
-
-    def release_some(self, numbers: list[int]) -> None:
-        """The peer took these records of ours out of order (a higher lane
-        first): they are its own now, though ``taken`` has not passed them."""
-        with self._klock:
-            self._trim()
-            wanted = {n for n in numbers if (self.peer_taken - n) & wire.MASK >= 1 << 31}
-            if not wanted or self.keep is None:
-                return
-            rest: collections.deque[tuple[int, bytes, int]] = collections.deque()
-            for entry in self.keep:
-                if entry[0] in wanted:
-                    wanted.discard(entry[0])
-                    self.keep_bytes[entry[2]] -= len(entry[1])
-                else:
-                    rest.append(entry)
-            self.keep = rest
-            self._early |= wanted  # taken before we noted them sent (_keep)
-
-    def held(self, lane: int) -> int:
-        """Bytes of our records of ``lane`` the peer has not taken."""
-        if self.keep_bytes[lane]:
-            with self._klock:
-                self._trim()
-        return self.keep_bytes[lane]
-
-    def untaken(self) -> list[bytes]:
-        """The frames of the records the peer never took, the highest lane
-        first and each lane in order, as a dead inbox's go (and forget them)."""
-        with self._klock:
-            self._trim()
-            records = [r for _, r, _ in sorted(self.keep or (), key=lambda e: -e[2])]
-            if self.keep:
-                self.keep.clear()
-            self.keep_bytes = [0] * LANES
-        return [f for r in records for f in wire.frames_of(r)]
-
-    def _wrote(self, told: tuple[int, int]) -> int:
-        """A whole record is in the kernel, our counts ``told`` in it: its number."""
-        self.last_write = time.monotonic()
-        self._told = told
-        self.written += 1
-        return self.written
-
-    def ack(self) -> bool:
-        """Tell the bridge our counts now, unless a sender has the socket (then
-        its record tells them); False if nothing could be written."""
-        if not self.wlock.acquire(blocking=False):
-            return False
-        self.wlock.release()
-        try:
-            self.write(wire.record([]), 0)
-        except (_Full, Closed):
-            return False
-        return True
-
-    def _send(self, data: bytes, deadline: float | None) -> Any:
-        """What is left of ``data`` at the deadline (None: all sent)."""
-        view = memoryview(data)
-        off = 0
-        while off < len(data):
-            try:
-                off += self.sock.send(view[off:])
-                continue
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                raise Closed(f"the connection to {self.label} broke: {e}") from None
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return data if off == 0 else bytes(view[off:])
-            if self._closed:
-                raise Closed("the data connection is closed")
-            # In slices: a close from another thread is seen within one.
-            self._wpoll.poll(100 if left is None else max(1, min(100, math.ceil(left * 1000))))
-        return None
-
-    def close(self) -> None:
-        self._closed = True
-        self.sock.close()
 
 
 class UdsInbox:
@@ -528,7 +111,7 @@ class UdsInbox:
         """More records that are here already, up to ``max_count`` frames, as
         one body: a ``recv_many`` gets what waits, as from an shm inbox, though
         each record came on its own (one message each, on a direct link)."""
-        more = []
+        more: list[tuple[bytes, int]] = []
         total = count
         while total < max_count and len(more) < _GATHER:
             nxt = self.source.poll_record(read=False)  # a fill reads all the socket held
@@ -574,7 +157,7 @@ class _Peer:
         try:
             stream = self.out.stream
             number = stream.write(wire.record([frame], wire.info("error", 0)), 0)
-        except _Full:
+        except Full:
             return False
         stream.forget(number)  # not delivered: no ACK comes, and it is resent
         return True
@@ -584,15 +167,16 @@ class UdsOutbox:
     """The sending half: frames built here, routed by the bridge. No C fast
     path (``direct`` and ``topics`` stay empty), so every send comes here."""
 
-    def __init__(self, *, bus: str, name: str, agent_id: int, ctl: Client, stream: Stream,
-                 dead_letter: Any) -> None:  # fmt: skip
+    def __init__(
+        self, *, bus: str, name: str, agent_id: int, ctl: Client, stream: Stream, dead_letter: Any
+    ) -> None:
         self.bus = bus
         self.name = name
         self._name_b = name.encode()
         self.agent_id = agent_id
         self.ctl = ctl
         self.stream = stream
-        self._dead_letter = dead_letter
+        self.dead_letter = dead_letter
         self.direct: dict[str, Any] = {}
         self.topics: dict[str, Any] = {}
         self.peers: dict[str, Any] = {}
@@ -624,9 +208,9 @@ class UdsOutbox:
         self.subs = reply["subs"]
         self._refreshed = time.monotonic()
 
-    _fresh = refresh  # no shared table to check: ask (peers(), a death, a resend round)
+    fresh = refresh  # no shared table to check: ask (peers(), a death, a resend round)
 
-    def _ring(self, name: str) -> _Peer | None:
+    def target(self, name: str) -> _Peer | None:
         return _Peer(self) if name in self.agents else None
 
     def _recipient(self, name: str) -> list[Any]:
@@ -638,25 +222,71 @@ class UdsOutbox:
             raise UnknownRecipient(f"no agent named {name!r} on bus {self.bus!r}")
         return info
 
-    def frames(self, kind: int, datas: Sequence[bytes], flags: Sequence[int], first_id: int, *,
-               recipient: bytes = b"", recipient_id: int = 0, topic: bytes = b"",
-               priority: int = 0, ttl: int = 0, request_id: int = 0, correlation_id: int = 0,
-               attempts: int = 0, timestamp_ns: int | None = None) -> list[bytes]:  # fmt: skip
+    def frames(
+        self,
+        kind: int,
+        datas: Sequence[bytes],
+        flags: Sequence[int],
+        first_id: int,
+        *,
+        recipient: bytes = b"",
+        recipient_id: int = 0,
+        topic: bytes = b"",
+        priority: int = 0,
+        ttl: int = 0,
+        request_id: int = 0,
+        correlation_id: int = 0,
+        attempts: int = 0,
+        timestamp_ns: int | None = None,
+    ) -> list[bytes]:
         names = self._name_b + recipient + topic
         sl, rl, tl = len(self._name_b), len(recipient), len(topic)
         ts = time.time_ns() if timestamp_ns is None else timestamp_ns
         me = self.agent_id
         return [
-            _pack(MAGIC, VERSION, kind, priority, flags[i], attempts, me, recipient_id,
-                  first_id + i, request_id, correlation_id, ts, ttl, sl, rl, tl, len(data), 0)
-            + names + data
+            _pack(
+                MAGIC,
+                VERSION,
+                kind,
+                priority,
+                flags[i],
+                attempts,
+                me,
+                recipient_id,
+                first_id + i,
+                request_id,
+                correlation_id,
+                ts,
+                ttl,
+                sl,
+                rl,
+                tl,
+                len(data),
+                0,
+            )
+            + names
+            + data
             for i, data in enumerate(datas)
-        ]  # fmt: skip
+        ]
 
-    def _record(self, kind: int, blob: bytes, lens: Any, flags: Any, first_id: int, *,
-                recipient: bytes = b"", recipient_id: int = 0, topic: bytes = b"",
-                priority: int = 0, ttl: int = 0, request_id: int = 0, correlation_id: int = 0,
-                policy: str = "block", timeout: float | None = None) -> bytearray:  # fmt: skip
+    def _record(
+        self,
+        kind: int,
+        blob: bytes,
+        lens: Any,
+        flags: Any,
+        first_id: int,
+        *,
+        recipient: bytes = b"",
+        recipient_id: int = 0,
+        topic: bytes = b"",
+        priority: int = 0,
+        ttl: int = 0,
+        request_id: int = 0,
+        correlation_id: int = 0,
+        policy: str = "block",
+        timeout: float | None = None,
+    ) -> bytearray:
         """The record of these frames, built in one C call (csrc/shmbus_bridge.c)."""
         names = self._name_b + recipient + topic
         if not isinstance(lens, array.array):
@@ -669,20 +299,52 @@ class UdsOutbox:
             raise MessageTooLarge(size - 4, wire.MAX_RECORD, "a uds record")
         out = bytearray(size)
         rc = lib.shmbus_record_build(
-            names, len(self._name_b), len(recipient), len(topic), self.agent_id, recipient_id,
-            kind, priority, ttl, wire.info(policy, timeout), first_id, request_id, correlation_id,
-            0, blob, ffi.from_buffer("uint32_t[]", lens), ffi.from_buffer("uint8_t[]", flags), n,
-            ffi.from_buffer(out), size,
-        )  # fmt: skip
+            names,
+            len(self._name_b),
+            len(recipient),
+            len(topic),
+            self.agent_id,
+            recipient_id,
+            kind,
+            priority,
+            ttl,
+            wire.info(policy, timeout),
+            first_id,
+            request_id,
+            correlation_id,
+            0,
+            blob,
+            ffi.from_buffer("uint32_t[]", lens),
+            ffi.from_buffer("uint8_t[]", flags),
+            n,
+            ffi.from_buffer(out),
+            size,
+        )
         if rc != size:
             raise InvalidArgument(f"a uds record could not be built: error {rc}")
         return out
 
-    def frame(self, kind: int, data: bytes, flags: int, msg_id: int, *, recipient: str = "",
-              topic: str = "", **fields: Any) -> bytes:  # fmt: skip
+    def frame(
+        self,
+        kind: int,
+        data: bytes,
+        flags: int,
+        msg_id: int,
+        *,
+        recipient: str = "",
+        topic: str = "",
+        **fields: Any,
+    ) -> bytes:
         """A frame built in Python, for the DLQ or a resend: the message as it goes."""
-        return self.frames(kind, [data], [flags], msg_id, recipient=recipient.encode(),
-                           topic=topic.encode(), **fields)[0]  # fmt: skip
+        return self.frames(
+            kind,
+            [data],
+            [flags],
+            msg_id,
+            recipient=recipient.encode(),
+            topic=topic.encode(),
+            **fields,
+        )[0]
 
     @contextlib.contextmanager
     def no_wait(self) -> Iterator[None]:
@@ -708,8 +370,9 @@ class UdsOutbox:
                     if info[4] == "uds" and info[0] != self.agent_id:  # to itself: the bridge
                         link = self.mux.by_id.get(info[0])  # it linked to us first
                         if link is None:
-                            link = peer.dial(self.bus, self.name, self.agent_id, name, info,
-                                             self.inbox)  # fmt: skip
+                            link = peer.dial(
+                                self.bus, self.name, self.agent_id, name, info, self.inbox
+                            )
                             if link is not None:
                                 self.mux.add(link)
                     self._paths[info[0]] = link
@@ -717,8 +380,18 @@ class UdsOutbox:
             return None  # all it held is taken or dead-lettered: the bridge from now on
         return link
 
-    def _room(self, link: Any, name: str, size: int, biggest: int, n: int, policy: str,
-              timeout: float | None, frames: Any, lane: int) -> bool:  # fmt: skip
+    def _room(
+        self,
+        link: Any,
+        name: str,
+        size: int,
+        biggest: int,
+        n: int,
+        policy: str,
+        timeout: float | None,
+        frames: Any,
+        lane: int,
+    ) -> bool:
         """Before a record of ``n`` frames goes on a link: room for it in the
         peer's inbox, as a send through the bridge would find (raise, or
         dead-letter ``frames()`` for "drop" and say False)."""
@@ -732,15 +405,19 @@ class UdsOutbox:
         link.count_lost(n, policy == "drop")
         some = f"; 0 of {n} messages were sent" if n > 1 else ""
         held = link.stream.held(lane)
-        fill = (f"direct link, priority lane {lane}: {held} of {link.capacity} bytes, "
-                f"{min(100, held * 100 // max(link.capacity, 1))}% in use")  # fmt: skip
+        fill = (
+            f"direct link, priority lane {lane}: {held} of {link.capacity} bytes, "
+            f"{min(100, held * 100 // max(link.capacity, 1))}% in use"
+        )
         if policy == "drop":
             for frame in frames():
-                self._dead_letter(frame, f"inbox full: {where} ({fill}); policy 'drop'")
+                self.dead_letter(frame, f"inbox full: {where} ({fill}); policy 'drop'")
             return False
         if policy == "error" or no_wait:
-            raise InboxFull(f"{where} on bus {self.bus!r} is full ({fill}); backpressure "
-                            f"policy 'error' does not wait{some}")  # fmt: skip
+            raise InboxFull(
+                f"{where} on bus {self.bus!r} is full ({fill}); backpressure "
+                f"policy 'error' does not wait{some}"
+            )
         raise BackpressureTimeout(
             f"{where} on bus {self.bus!r} stayed full for {timeout}s ({fill}); its reader "
             f"is slow or stuck{some}"
@@ -750,22 +427,26 @@ class UdsOutbox:
         """A send found the link broken: the peer is gone (or leaving)."""
         self.mux.ended(link, str(e))
 
-    def _write(self, data: bytearray, where: str, policy: str, timeout: float | None,
-               link: Any = None) -> bool:  # fmt: skip
+    def _write(
+        self, data: bytearray, where: str, policy: str, timeout: float | None, link: Any = None
+    ) -> bool:
         """One record (from ``_record``); False if the socket was full and the
         policy is "drop"."""
         stream = self.stream if link is None else link.stream
-        full = ("the uds data socket is full" if link is None
-                else "the direct link is full: its reader is behind")  # fmt: skip
+        full = (
+            "the uds data socket is full"
+            if link is None
+            else "the direct link is full: its reader is behind"
+        )
         if getattr(self._tls, "no_wait", False):
             try:
                 stream.write(data, 0)
-            except _Full:
+            except Full:
                 raise InboxFull(f"{where} on bus {self.bus!r}: {full} now") from None
             return True
         try:
             number = stream.write(data, timeout if policy == "block" else 0)
-        except _Full:
+        except Full:
             pass
         else:
             if policy == "error" and link is None:  # as for shm, it raises when the inbox
@@ -774,7 +455,7 @@ class UdsOutbox:
             return True
         if policy == "drop":
             for frame in wire.frames_of(data):
-                self._dead_letter(frame, f"inbox full: {where} ({full}); policy 'drop'")
+                self.dead_letter(frame, f"inbox full: {where} ({full}); policy 'drop'")
             return False
         if policy == "error":
             raise InboxFull(
@@ -801,15 +482,28 @@ class UdsOutbox:
             )
         if code in (lib.SHMBUS_DEAD_NOAGENT, lib.SHMBUS_DEAD_LEFT):
             self.refresh()
-            raise UnknownRecipient(f"{where} on bus {self.bus!r} is gone (the message is in "
-                                   f"the DLQ){some}")  # fmt: skip
+            raise UnknownRecipient(
+                f"{where} on bus {self.bus!r} is gone (the message is in the DLQ){some}"
+            )
         if code == lib.SHMBUS_DEAD_TOOBIG:
             raise MessageTooLarge(size, 0, f"{where} (the message is in the DLQ){some}")
         raise ShmbusError(f"{where} on bus {self.bus!r} failed (the message is in the DLQ){some}")
 
-    def send(self, name: str, kind: int, data: bytes, flags: int, priority: Any, ttl: Any,
-             timeout: float | None, request_id: int = 0, correlation_id: int = 0,
-             policy: str = "block", first_rc: int = 0, on_sent: Any = None) -> int:  # fmt: skip
+    def send(
+        self,
+        name: str,
+        kind: int,
+        data: bytes,
+        flags: int,
+        priority: Any,
+        ttl: Any,
+        timeout: float | None,
+        request_id: int = 0,
+        correlation_id: int = 0,
+        policy: str = "block",
+        first_rc: int = 0,
+        on_sent: Any = None,
+    ) -> int:
         priority = check_priority(priority)
         ms = ttl_ms(ttl)
         while True:
@@ -817,24 +511,58 @@ class UdsOutbox:
                 info = self._recipient(name)
             except UnknownRecipient as e:
                 msg_id = self._take(1)
-                frame = self.frame(kind, data, flags, msg_id, recipient=name, priority=priority,
-                                   ttl=ms, request_id=request_id,
-                                   correlation_id=correlation_id)  # fmt: skip
-                self._dead_letter(frame, f"no recipient: {e}")
+                frame = self.frame(
+                    kind,
+                    data,
+                    flags,
+                    msg_id,
+                    recipient=name,
+                    priority=priority,
+                    ttl=ms,
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                )
+                self.dead_letter(frame, f"no recipient: {e}")
                 raise
             link = self._link(name, info)
             try:
-                return self._send(link, name, info, kind, data, flags, priority, ms, timeout,
-                                  request_id, correlation_id, policy, on_sent)  # fmt: skip
+                return self._send(
+                    link,
+                    name,
+                    info,
+                    kind,
+                    data,
+                    flags,
+                    priority,
+                    ms,
+                    timeout,
+                    request_id,
+                    correlation_id,
+                    policy,
+                    on_sent,
+                )
             except Closed as e:
                 if link is None:
                     raise
                 self._lost(link, e)  # and again: the bridge, which knows if it is gone
                 self.refresh()  # (it left, most likely: then it raises, as for shm)
 
-    def _send(self, link: Any, name: str, info: list[Any], kind: int, data: bytes, flags: int,
-              priority: int, ms: int, timeout: float | None, request_id: int,
-              correlation_id: int, policy: str, on_sent: Any) -> int:  # fmt: skip
+    def _send(
+        self,
+        link: Any,
+        name: str,
+        info: list[Any],
+        kind: int,
+        data: bytes,
+        flags: int,
+        priority: int,
+        ms: int,
+        timeout: float | None,
+        request_id: int,
+        correlation_id: int,
+        policy: str,
+        on_sent: Any,
+    ) -> int:
         msg_id = self._take(1)
         lane = wire.LANE_OF[priority]
         names = self._names.get(name)
@@ -850,40 +578,91 @@ class UdsOutbox:
                 self._fence(link)
             size = HEADER_SIZE + len(self._name_b) + len(recipient) + len(data)
             held = link.stream.keep_bytes[lane]
-            if (size > link.max_frame or held and held + wire.HEAD + 4 + size > link.capacity
-                ) and not self._room(
-                    link, name, wire.HEAD + 4 + size, size, 1, policy, timeout,
-                    lambda: [self.frame(kind, data, flags, msg_id, recipient=name,
-                                        recipient_id=info[0], priority=priority, ttl=ms,
-                                        request_id=request_id, correlation_id=correlation_id)],
-                    lane,
-            ):  # fmt: skip
+            if (
+                size > link.max_frame or held and held + wire.HEAD + 4 + size > link.capacity
+            ) and not self._room(
+                link,
+                name,
+                wire.HEAD + 4 + size,
+                size,
+                1,
+                policy,
+                timeout,
+                lambda: [
+                    self.frame(
+                        kind,
+                        data,
+                        flags,
+                        msg_id,
+                        recipient=name,
+                        recipient_id=info[0],
+                        priority=priority,
+                        ttl=ms,
+                        request_id=request_id,
+                        correlation_id=correlation_id,
+                    )
+                ],
+                lane,
+            ):
                 return msg_id  # (the test before _room: a round trip's usual case, for 1 us)
         if type(data) is bytes:
             me = self._name_b
             number = stream.send_one(
-                lane, names[1], len(me), len(recipient), 0, self.agent_id, info[0], kind,
-                priority, ms, wire.info(policy, timeout), msg_id, request_id, correlation_id,
-                data, len(data), flags,
-            )  # fmt: skip
+                lane,
+                names[1],
+                len(me),
+                len(recipient),
+                0,
+                self.agent_id,
+                info[0],
+                kind,
+                priority,
+                ms,
+                wire.info(policy, timeout),
+                msg_id,
+                request_id,
+                correlation_id,
+                data,
+                len(data),
+                flags,
+            )
         if number:
             if policy == "error" and link is None:
                 self._verdict(1, len(data), number, f"the inbox of {name!r}")
         else:
-            record = self._record(kind, data, array.array("I", (len(data),)), bytes((flags,)),
-                                  msg_id, recipient=recipient, recipient_id=info[0],
-                                  priority=priority, ttl=ms, request_id=request_id,
-                                  correlation_id=correlation_id, policy=policy,
-                                  timeout=timeout)  # fmt: skip
+            record = self._record(
+                kind,
+                data,
+                array.array("I", (len(data),)),
+                bytes((flags,)),
+                msg_id,
+                recipient=recipient,
+                recipient_id=info[0],
+                priority=priority,
+                ttl=ms,
+                request_id=request_id,
+                correlation_id=correlation_id,
+                policy=policy,
+                timeout=timeout,
+            )
             if not self._write(record, f"the inbox of {name!r}", policy, timeout, link):
                 return msg_id
         if on_sent:
             on_sent(msg_id, data, flags)
         return msg_id
 
-    def send_many(self, name: str, kind: int, payloads: Sequence[Any], priority: Any, ttl: Any,
-                  requires_ack: bool, timeout: float | None, policy: str = "block",
-                  on_sent: Any = None) -> list[int]:  # fmt: skip
+    def send_many(
+        self,
+        name: str,
+        kind: int,
+        payloads: Sequence[Any],
+        priority: Any,
+        ttl: Any,
+        requires_ack: bool,
+        timeout: float | None,
+        policy: str = "block",
+        on_sent: Any = None,
+    ) -> list[int]:
         priority = check_priority(priority)
         ms = ttl_ms(ttl)
         blob, lens, flags = pack_many(payloads, FLAG_ACK if requires_ack else 0)
@@ -895,23 +674,40 @@ class UdsOutbox:
             info = self._recipient(name)
         except UnknownRecipient as e:
             datas = list(split_blob(blob, lens))
-            for frame in self.frames(kind, datas, flags, first, recipient=name.encode(),
-                                     priority=priority, ttl=ms):  # fmt: skip
-                self._dead_letter(frame, f"no recipient: {e}")
+            for frame in self.frames(
+                kind, datas, flags, first, recipient=name.encode(), priority=priority, ttl=ms
+            ):
+                self.dead_letter(frame, f"no recipient: {e}")
             raise
-        record = self._record(kind, blob, lens, flags, first, recipient=name.encode(),
-                              recipient_id=info[0], priority=priority, ttl=ms, policy=policy,
-                              timeout=timeout)  # fmt: skip
+        record = self._record(
+            kind,
+            blob,
+            lens,
+            flags,
+            first,
+            recipient=name.encode(),
+            recipient_id=info[0],
+            priority=priority,
+            ttl=ms,
+            policy=policy,
+            timeout=timeout,
+        )
         while True:
             link = self._link(name, info)
             try:
                 if link is not None and link.fences:
                     self._fence(link)
                 if link is not None and not self._room(
-                    link, name, len(record), max(lens) + HEADER_SIZE + len(self._name_b)
-                    + len(name.encode()), n, policy, timeout, lambda: wire.frames_of(record),
+                    link,
+                    name,
+                    len(record),
+                    max(lens) + HEADER_SIZE + len(self._name_b) + len(name.encode()),
+                    n,
+                    policy,
+                    timeout,
+                    lambda: wire.frames_of(record),
                     wire.LANE_OF[priority],
-                ):  # fmt: skip
+                ):
                     return list(range(first, first + n))
                 written = self._write(record, f"the inbox of {name!r}", policy, timeout, link)
                 break
@@ -924,23 +720,44 @@ class UdsOutbox:
                     info = self._recipient(name)
                 except UnknownRecipient as e:
                     for frame in wire.frames_of(record):
-                        self._dead_letter(frame, f"no recipient: {e}")
+                        self.dead_letter(frame, f"no recipient: {e}")
                     raise
         if written and on_sent:
             for i, data in enumerate(split_blob(blob, lens)):
                 on_sent(first + i, data, flags[i])
         return list(range(first, first + n))
 
-    def publish(self, topic: str, kind: int, blob: bytes, lens: Any, flags: Any, priority: Any,
-                ttl: Any, timeout: float | None, rt: Any = None, rc: int = 0) -> int:  # fmt: skip
+    def publish(
+        self,
+        topic: str,
+        kind: int,
+        blob: bytes,
+        lens: Any,
+        flags: Any,
+        priority: Any,
+        ttl: Any,
+        timeout: float | None,
+        rt: Any = None,
+        rc: int = 0,
+    ) -> int:
         priority = check_priority(priority)
         ms = ttl_ms(ttl)
         raw = validate_topic(topic).encode()
         first = self._take(len(lens))
         # A publish never raises for a full subscriber: the bridge dead-letters its copy.
         policy = "block" if timeout is None or timeout > 0 else "drop"
-        record = self._record(kind, blob, lens, flags, first, topic=raw, priority=priority, ttl=ms,
-                              policy=policy, timeout=timeout)  # fmt: skip
+        record = self._record(
+            kind,
+            blob,
+            lens,
+            flags,
+            first,
+            topic=raw,
+            priority=priority,
+            ttl=ms,
+            policy=policy,
+            timeout=timeout,
+        )
         if self.mux is not None and (self._paths or self.mux.by_id):
             self._fences(topic, priority, first + len(lens) - 1)
         self._write(record, f"the subscribers of {topic!r}", policy, timeout)
@@ -1007,17 +824,19 @@ class UdsLink:
     kind = "uds"
     stats_segment = None  # the bridge beats and counts for us
 
-    def __init__(self, ctl: Client, bus: str, name: str, *, inbox_capacity: int,
-                 dead_letter: Any) -> None:  # fmt: skip
+    def __init__(
+        self, ctl: Client, bus: str, name: str, *, inbox_capacity: int, dead_letter: Any
+    ) -> None:
         self.name = name
         self.ctl = ctl
-        reply = ctl.call("register", name=name, pid=os.getpid(), transport="uds",
-                         inbox_capacity=inbox_capacity)  # fmt: skip
+        reply = ctl.call(
+            "register", name=name, pid=os.getpid(), transport="uds", inbox_capacity=inbox_capacity
+        )
         self.id: int = reply["id"]
         self.slot: int = reply.get("slot", 0)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(ctl._sock.gettimeout())
+            sock.settimeout(ctl.timeout)
             sock.connect(reply["data"])
             send_msg(sock, {"op": "hello", "name": name, "token": reply["token"]})
             answer = recv_msg(sock, Reader(), [])
@@ -1028,12 +847,19 @@ class UdsLink:
             ) from None
         if not answer.get("ok"):
             sock.close()
-            raise CoordinatorUnavailable(f"agent {name!r}: the bridge refused the data "
-                                         f"connection: {answer.get('message')}")  # fmt: skip
+            raise CoordinatorUnavailable(
+                f"agent {name!r}: the bridge refused the data connection: {answer.get('message')}"
+            )
         self.stream = Stream(sock)
-        self.out = UdsOutbox(bus=bus, name=name, agent_id=self.id, ctl=ctl, stream=self.stream,
-                             dead_letter=dead_letter)  # fmt: skip
-        self._dead_letter = dead_letter
+        self.out = UdsOutbox(
+            bus=bus,
+            name=name,
+            agent_id=self.id,
+            ctl=ctl,
+            stream=self.stream,
+            dead_letter=dead_letter,
+        )
+        self.dead_letter = dead_letter
         self.mux: Any = None
         self.listener: Any = None
         self._counts_lock = threading.Lock()
@@ -1084,17 +910,24 @@ class UdsLink:
         self._keep_counts(link)
         # The bus's own traffic to it (ACKs) is nobody's message: as the
         # coordinator drops it from a dead inbox.
-        frames = [f for f in link.stream.untaken() if f[wire.TYPE_AT] not in _NOT_MESSAGES]
+        frames = [f for f in link.stream.untaken() if f[wire.TYPE_AT] not in NOT_MESSAGES]
         why = "recipient left" if link.leaving else "recipient died"
         for frame in frames:
             # As the coordinator says of what an inbox held (and an acked
             # message's sender resends it).
             acked = len(frame) > 5 and frame[5] & FLAG_ACK
-            self._dead_letter(frame, f"{why}: {link.name!r} (pid {link.pid})"
-                              + ("; its sender resends it" if acked else ""))  # fmt: skip
+            self.dead_letter(
+                frame,
+                f"{why}: {link.name!r} (pid {link.pid})"
+                + ("; its sender resends it" if acked else ""),
+            )
         if frames:
-            log.warning("agent %s: %d messages to %s were never taken: in the DLQ", self.name,
-                        len(frames), link.name)  # fmt: skip
+            log.warning(
+                "agent %s: %d messages to %s were never taken: in the DLQ",
+                self.name,
+                len(frames),
+                link.name,
+            )
 
     def _keep_counts(self, link: Any) -> None:
         sent, received, lost = link.take_counts()
@@ -1121,8 +954,13 @@ class UdsLink:
                 return
             self._sent, self._received, self._lost = {}, [0, 0], [0, 0]
         try:
-            self.ctl.call("count", sent=[[k, *v] for k, v in sent.items()], received=received,
-                          failed=lost[0], dropped=lost[1])  # fmt: skip
+            self.ctl.call(
+                "count",
+                sent=[[k, *v] for k, v in sent.items()],
+                received=received,
+                failed=lost[0],
+                dropped=lost[1],
+            )
         except ShmbusError as e:
             log.debug("agent %s could not tell its counts: %s", self.name, e)
 
@@ -1150,7 +988,7 @@ class UdsLink:
         try:
             number = stream.write(wire.record([], wire.info("error", 0)), _SYNC_WAIT)
             stream.verdict(number, _SYNC_WAIT)
-        except (_Full, CoordinatorUnavailable, Closed):
+        except (Full, CoordinatorUnavailable, Closed):
             pass  # the call that follows says what is wrong, if anything is
         # A link whose peer left or died: what it never took goes to the DLQ
         # now, not at the next heartbeat (and the counts are told).
@@ -1160,12 +998,15 @@ class UdsLink:
     def stats(self, bus: str) -> BusStats:
         d = self.ctl.call("stats")["stats"]
         return BusStats(
-            bus=d["bus"], totals=Counters(**d["totals"]),
+            bus=d["bus"],
+            totals=Counters(**d["totals"]),
             agents={k: AgentStats(**v) for k, v in d["agents"].items()},
             topics={k: TopicStats(**v) for k, v in d["topics"].items()},
-            dlq=d["dlq"], dlq_total=d["dlq_total"], dlq_evicted=d["dlq_evicted"],
+            dlq=d["dlq"],
+            dlq_total=d["dlq_total"],
+            dlq_evicted=d["dlq_evicted"],
             departed=Counters(**d["departed"]),
-        )  # fmt: skip
+        )
 
     def leave(self, dead_letter: Any) -> None:
         """Before unregistering: tell the bridge our last counts, then take what the bridge had
@@ -1174,7 +1015,7 @@ class UdsLink:
         inbox = self.inbox
         self._leave_links(dead_letter)
         try:
-            with contextlib.suppress(_Full):  # our last counts: what we took is received
+            with contextlib.suppress(Full):  # our last counts: what we took is received
                 self.stream.write(wire.record([]), _LEAVE_WAIT)
             self.stream.sock.shutdown(socket.SHUT_WR)  # the bridge routes all, then ends
             deadline = time.monotonic() + _LEAVE_WAIT
@@ -1200,7 +1041,7 @@ class UdsLink:
             self.mux.remove(link)
             stream = link.stream
             link.tell_took(1.0)  # what we took out of order is ours: not the DLQ's
-            with contextlib.suppress(_Full, Closed, OSError):
+            with contextlib.suppress(Full, Closed, OSError):
                 stream.write(wire.record([], peer.LEAVING), 1.0)  # our last counts: we leave
             link.broken = "this agent left"
             stream._stash.clear()  # not taken: their sender dead-letters them, seeing us go
@@ -1223,4 +1064,3 @@ open = UdsLink
 
 
 # Last: peer.py builds on Stream (and this module calls it at run time only).
-from . import peer  # noqa: E402

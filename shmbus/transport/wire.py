@@ -1,6 +1,6 @@
 """The uds transport's stream format, shared by the client (uds.py) and the bridge.
 
-After a hello (one control-format message each way, shmbus/control.py), both
+After a hello (one control-format message each way, shmbus/core/control.py), both
 directions carry *records*, each many frames written with one system call::
 
     u32 body length | u32 count | u32 info | u32 taken | u32 granted |
@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import struct
 
-from ..message import HEADER
-from ..ring import lane_of
+from ..core.message import HEADER
+from ..core.ring import lane_of
 
 RECORD = struct.Struct("<IIIII")  # body length, count, info, taken, granted
 COUNTS = struct.Struct("<II")  # taken, granted: at COUNTS_AT in a record
@@ -70,9 +70,26 @@ def record(frames: list[bytes] | tuple[bytes, ...], word: int = 0) -> bytearray:
 
 
 #: The frame header's fields, in order (csrc/shmbus_frame.h).
-FIELDS = ("magic", "version", "type", "priority", "flags", "attempts", "sender_id",
-          "recipient_id", "id", "request_id", "correlation_id", "timestamp_ns", "ttl_ms",
-          "sender_len", "recipient_len", "topic_len", "payload_len", "reserved")  # fmt: skip
+FIELDS = (
+    "magic",
+    "version",
+    "type",
+    "priority",
+    "flags",
+    "attempts",
+    "sender_id",
+    "recipient_id",
+    "id",
+    "request_id",
+    "correlation_id",
+    "timestamp_ns",
+    "ttl_ms",
+    "sender_len",
+    "recipient_len",
+    "topic_len",
+    "payload_len",
+    "reserved",
+)
 TYPE_AT = struct.calcsize(HEADER.format[: 1 + FIELDS.index("type")])  # the type's offset
 PRIORITY_AT = struct.calcsize(HEADER.format[: 1 + FIELDS.index("priority")])
 LANE_OF = bytes(lane_of(min(p, 100)) for p in range(256))  # by a frame's priority byte

@@ -1,0 +1,271 @@
+"""The ``shmbus`` command: run a coordinator, a demo or a run file, list buses,
+send and publish from scripts, see to the DLQ, clean up."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..coordinator import dlq
+from ..core.paths import (
+    bus_is_live,
+    data_socket_path,
+    lock_path,
+    remove_bus_shm,
+    routes_name,
+    runtime_dir,
+    socket_path,
+    state_dir,
+    stats_name,
+    validate_bus_or_agent,
+)
+from ..core.ring import Ring
+from ..core.routes import Table
+from ..core.stats import BusStats, StatsSegment, format_stats, inbox_fill
+from ..errors import CoordinatorRunning, InvalidName, ShmbusError
+from . import coordinator as _coordinator
+from . import demo
+from . import dlq as cli_dlq
+from . import run as runfile
+from . import send as cli_send
+from . import tail as cli_tail
+
+SHM = Path("/dev/shm")
+
+
+# ------------------------------------------------------------- ls, cleanup
+
+
+def bus_names() -> list[str]:
+    """Buses with anything on this machine: a runtime dir or shared memory."""
+    names: set[str] = set()
+    with contextlib.suppress(FileNotFoundError):
+        names.update(p.name for p in runtime_dir("x").parent.iterdir() if p.is_dir())
+    for entry in SHM.iterdir():
+        name = entry.name.removeprefix("sem.")
+        if name.startswith("shmbus.") and name.count(".") >= 2:
+            names.add(name.split(".")[1])
+    return sorted(names)
+
+
+def run_ls() -> int:
+    for bus in bus_names():
+        live = bus_is_live(bus)
+        print(f"{bus}: {'live' if live else 'not running'}")
+        if not live:
+            continue
+        try:
+            with Table.attach(routes_name(bus)) as table:
+                _, routes = table.read()
+        except ShmbusError as e:
+            print(f"  (routes unreadable: {e})")
+            continue
+        for name, (agent_id, inbox, pid, _, transport, *_) in sorted(
+            (routes or {}).get("agents", {}).items()
+        ):
+            if name.startswith("."):  # the coordinator's own (.history): not an agent
+                continue
+            try:
+                with Ring.attach(inbox, lanes=True) as ring:
+                    fill = "{}/{} bytes".format(*ring.fill)
+            except ShmbusError:
+                fill = "inbox gone"
+            print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} {transport:4s} inbox {fill}")
+        for pattern, names in sorted((routes or {}).get("subs", {}).items()):
+            names = [n for n in names if not n.startswith(".")]
+            if names:
+                print(f"  sub {pattern} -> {', '.join(names)}")
+        for pattern, n in sorted((routes or {}).get("history", {}).items()):
+            print(f"  history {pattern}: the last {n} messages kept")
+    return 0
+
+
+def state_bus_names() -> list[str]:
+    """Buses with a state directory (a DLQ file), running or not."""
+    names = []
+    with contextlib.suppress(FileNotFoundError):
+        for path in state_dir("x").parent.iterdir():
+            with contextlib.suppress(InvalidName):  # not one of ours
+                if path.is_dir():
+                    names.append(validate_bus_or_agent(path.name, "bus"))
+    return sorted(names)
+
+
+def run_cleanup(buses: list[str], purge_dlq: bool = False) -> int:
+    """Remove what killed buses left; never touch a bus whose coordinator lives.
+
+    A bus's DLQ file is data, not debris: it stays unless ``purge_dlq``.
+    """
+    status = 0
+    found = sorted(set(bus_names()) | set(state_bus_names() if purge_dlq else []))
+    for bus in buses or found:
+        if bus_is_live(bus):
+            print(f"{bus}: live (its coordinator holds the lock): left alone")
+            status = status or (1 if buses else 0)
+            continue
+        removed = remove_bus_shm(bus)
+        for path in (socket_path(bus), data_socket_path(bus), lock_path(bus)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            runtime_dir(bus).rmdir()
+        print(f"{bus}: removed {len(removed)} shared-memory entries")
+        if purge_dlq:
+            try:
+                files = dlq.remove_files(bus)
+            except (CoordinatorRunning, OSError) as e:
+                print(f"{bus}: DLQ kept: {e}")
+                status = 1
+            else:
+                print(f"{bus}: removed its DLQ file" if files else f"{bus}: no DLQ file")
+        elif (state_dir(bus) / dlq.FILE).exists():
+            print(f"{bus}: kept its DLQ, {state_dir(bus) / dlq.FILE} (--purge-dlq removes it)")
+    return status
+
+
+# ------------------------------------------------------------------ stats
+
+
+def read_stats(bus: str) -> BusStats:
+    """A snapshot of a live bus's counters, straight from shared memory."""
+    with Table.attach(routes_name(bus)) as table, StatsSegment.attach(stats_name(bus)) as stats:
+        _, routes = table.read()
+        return stats.snapshot(bus, inbox_fill((routes or {}).get("agents", {})))
+
+
+def run_stats(buses: list[str], as_json: bool, watch: float | None) -> int:
+    buses = buses or [b for b in bus_names() if bus_is_live(b)]
+    if not buses:
+        print("no live bus on this machine", file=sys.stderr)
+        return 1
+    try:
+        while True:
+            for bus in buses:
+                try:
+                    snap = read_stats(bus)
+                except ShmbusError as e:
+                    print(f"{bus}: no stats ({e}); is its coordinator running?", file=sys.stderr)
+                    return 1
+                print(json.dumps(snap.as_dict()) if as_json else format_stats(snap), flush=True)
+            if watch is None:
+                return 0
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+# ----------------------------------------------------------------- bench
+
+
+def run_bench(argv: list[str]) -> int:
+    """Become bench/bench_bus.py (``--ring``: bench_ring.py, ``--aio``: bench_aio.py)
+    of the source checkout.
+
+    The process is replaced, not wrapped: Ctrl-C and SIGTERM reach the
+    benchmark itself, which stops its children and removes its buses.
+    """
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    which = "ring" if "--ring" in argv else "aio" if "--aio" in argv else "bus"
+    script = bench / f"bench_{which}.py"
+    if not script.is_file():
+        print(
+            f"shmbus bench: no {script.name} in {bench}: the benchmarks ship with the "
+            "source tree, not with the installed package; run this from a git checkout "
+            "installed with pip install -e '.[bench]'",
+            file=sys.stderr,
+        )
+        return 2
+    args = [a for a in argv if a not in ("--ring", "--aio")]
+    if "-h" in args or "--help" in args:
+        print(
+            "usage: shmbus bench [--ring] [--aio] [ARGS ...]\n\n"
+            f"Runs {bench / 'bench_bus.py'} (with --ring: bench_ring.py, with --aio: "
+            "bench_aio.py) with ARGS.\n"
+            f"The options of {script.name}:\n",
+            flush=True,
+        )
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, str(script), *args])
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shmbus", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("coordinator", help="run a bus's coordinator", add_help=False)
+    p = sub.add_parser("demo", help="run a few agents on a bus for a few seconds")
+    p.add_argument("--bus", default="demo")
+    p.add_argument("--seconds", type=float, default=3.0)
+    sub.add_parser("bench", help="run the benchmarks (from a source checkout)", add_help=False)
+    sub.add_parser("ls", help="list buses, their agents and inbox fill")
+    p = sub.add_parser("stats", help="a bus's counters: totals, per agent, per topic, DLQ")
+    p.add_argument("--bus", action="append", default=[], help="a bus (default: every live one)")
+    p.add_argument("--json", action="store_true", help="one JSON object per snapshot")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=1.0,
+        metavar="SECONDS",
+        help="print again every SECONDS (default 1) until interrupted",
+    )
+    p = sub.add_parser("cleanup", help="remove what killed buses left (never a live bus)")
+    p.add_argument("buses", nargs="*", help="bus names (default: every bus found)")
+    p.add_argument(
+        "--purge-dlq",
+        action="store_true",
+        help="also delete their dead-letter queues (kept by default: they are data)",
+    )
+    cli_dlq.add_parser(sub)
+    p = sub.add_parser("run", help="run a bus and its agents from a TOML file")
+    p.add_argument("file", help="the run file, e.g. agents.toml")
+    p.add_argument("--bus", help="run this bus instead of the file's")
+    p.add_argument(
+        "--for",
+        dest="seconds",
+        type=cli_send.positive_seconds,
+        metavar="SECONDS",
+        help="stop everything after this long (default: until the agents exit)",
+    )
+    p = sub.add_parser("send", help="send one message (or a request) to an agent")
+    p.add_argument("recipient", metavar="RECIPIENT")
+    cli_send.add_arguments(p, request=True)
+    p = sub.add_parser("publish", help="publish one message on a topic")
+    p.add_argument("topic", metavar="TOPIC")
+    cli_send.add_arguments(p, request=False)
+    cli_tail.add_parser(sub)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "coordinator":
+        return _coordinator.main(rest)
+    if args.command == "bench":
+        return run_bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "demo":
+        return demo.run_demo(args.bus, args.seconds)
+    if args.command == "ls":
+        return run_ls()
+    if args.command == "stats":
+        return run_stats(args.bus, args.json, args.watch)
+    if args.command == "run":
+        return runfile.main(args.file, bus=args.bus, seconds=args.seconds)
+    if args.command == "send":
+        return cli_send.run_send(args)
+    if args.command == "publish":
+        return cli_send.run_publish(args)
+    if args.command == "dlq":
+        return cli_dlq.run(args)
+    if args.command == "tail":
+        return cli_tail.run(args)
+    return run_cleanup(args.buses, args.purge_dlq)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

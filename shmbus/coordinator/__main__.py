@@ -1,0 +1,7 @@
+"""``python -m shmbus.coordinator``: the older spelling of ``shmbus coordinator``."""
+
+import sys
+
+from ..cli.coordinator import main
+
+sys.exit(main())
