@@ -38,7 +38,8 @@ C_EXTENSIONS = ("shmbus._native", "shmbus._decode")
 C_EXCEPTIONS = {
     # The send path: one C call per message (or per batch) is the whole cost
     # of a 64 B send; a Python wrapper in between would add a call per message.
-    "shmbus.agent.agent": "the one-message send (lib.shmbus_send) and the C decoder",
+    "shmbus.agent.sender": "the one-message send (lib.shmbus_send), one C call per message",
+    "shmbus.agent.receiver": "the C decoder: a block of frames to Messages in one call",
     "shmbus.transport.shm_outbox": "batched sends and publishes into the rings, one C call each",
     "shmbus.transport.stream": "a uds record built and sent in one C call",
     "shmbus.transport.uds": "frame and record headers read in place on the uds receive path",

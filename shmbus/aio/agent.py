@@ -9,8 +9,10 @@
 
 The loop reads a shared-memory inbox itself, never waiting: a small C
 thread waits on the inbox's doorbell and wakes the loop through an eventfd
-(see :mod:`shmbus.aio.feed`). An inbox of another transport (uds) is read
-by a thread of its own that hands messages over (:mod:`shmbus.aio.reader`).
+(see :mod:`shmbus.aio.feed`). A uds inbox is read on the loop too: its
+sockets sit behind one epoll whose fd the loop watches (``SocketWaiter``).
+Any other inbox (the in-process transport) is read by a thread of its own
+that hands messages over (:mod:`shmbus.aio.reader`).
 RESPONSEs go straight to the ``request`` that waits for them, the rest to
 ``recv``. Sends are direct calls on the loop; one that would wait for room
 in a full inbox ("block") waits in a thread of its own instead, so the loop

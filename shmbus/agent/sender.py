@@ -1,0 +1,333 @@
+"""The sending half of :class:`~shmbus.agent.Agent`: send, publish, their
+batches, requests' and replies' frames, and the backpressure policy.
+
+A mixin of the Agent class, not a helper object: the hot paths stay one
+method call deep. It uses the Agent's transport (``_out``, the fast paths'
+caches ``_direct`` and ``_topics``) and its ack tracker (``_acks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .._native import lib
+from ..core.message import (
+    FLAG_ACK,
+    FLAG_RAW,
+    MessageType,
+    pack_payload,
+)
+from ..core.ring import _ns
+from ..transport import Outbox
+from ..transport.shm_outbox import check_policy, pack_many
+from .acks import Acks
+
+log = logging.getLogger(__name__)
+
+_send = lib.shmbus_send
+_send_ex = lib.shmbus_send_ex
+_DIRECT = int(MessageType.DIRECT)
+_PUBLISH = int(MessageType.PUBLISH)
+
+
+class _AgentDefault:
+    def __repr__(self) -> str:
+        return "<the agent's send_timeout>"
+
+
+_DEFAULT: Any = _AgentDefault()  # "timeout not given": the agent's own applies
+
+
+class Sender:
+    """Agent methods that send (see the module docstring)."""
+
+    # The Agent's state this half works on (set in Agent.__init__).
+    _out: Outbox
+    _acks: Acks
+    _direct: dict[str, Any]  # the outbox's fast-path caches, filled and cleared in place
+    _topics: dict[str, Any]
+
+    def send(
+        self,
+        recipient: str,
+        payload: Any,
+        *,
+        priority: int = 0,
+        ttl: float | None = None,
+        requires_ack: bool = False,
+        timeout: float | None = _DEFAULT,
+        backpressure: str | None = None,
+    ) -> int:
+        """Send one message to the agent ``recipient``; returns its id.
+
+        A full inbox is met with the agent's backpressure policy (see
+        :func:`connect`), or ``backpressure`` and ``timeout`` (None: wait as
+        long as it takes) if given. Raises :class:`UnknownRecipient` (and
+        dead-letters the message) for a name nobody has.
+        """
+        if type(payload) is bytes:
+            data, flags = payload, FLAG_RAW
+        else:
+            data, flags = pack_payload(payload)
+        if requires_ack:
+            flags |= FLAG_ACK
+        rt = self._direct.get(recipient)
+        if rt is not None:
+            # The fast path: one C call. Anything unusual (a moved table, a
+            # full inbox, a bad field, a signal) goes the whole way below.
+            try:
+                rc = _send(
+                    rt,
+                    _DIRECT,
+                    flags,
+                    priority,
+                    0 if ttl is None else (round(ttl * 1000) or -1),
+                    data,
+                    len(data),
+                    self._wait_ns
+                    if timeout is _DEFAULT and backpressure is None
+                    else self._policy(timeout, backpressure)[2],
+                )
+                if rc > 0:
+                    if requires_ack:
+                        self._track(rc, recipient, _DIRECT, data, flags, priority, ttl)
+                    return rc  # type: ignore[no-any-return]
+            except (TypeError, OverflowError, ValueError):
+                rc = 0  # a field of the wrong type or range: the full path says which
+        else:
+            rc = 0
+        policy, wait, _ = self._policy(timeout, backpressure)
+        on_sent = self._tracker(recipient, _DIRECT, priority, ttl) if requires_ack else None
+        return self._out.send(
+            recipient, _DIRECT, data, flags, priority, ttl, wait, 0, 0, policy, rc, on_sent
+        )
+
+    def _tracker(
+        self,
+        recipient: str,
+        kind: int,
+        priority: Any,
+        ttl: float | None,
+        request_id: int = 0,
+        correlation_id: int = 0,
+    ) -> Any:
+        """What the outbox calls for each message that reached the inbox: wait for its ACK."""
+        return lambda msg_id, data, flags: self._track(
+            msg_id, recipient, kind, data, flags, priority, ttl, request_id, correlation_id
+        )
+
+    def _track(
+        self,
+        msg_id: int,
+        recipient: str,
+        kind: int,
+        data: bytes,
+        flags: int,
+        priority: Any,
+        ttl: float | None,
+        request_id: int = 0,
+        correlation_id: int = 0,
+    ) -> None:
+        """Wait for the ACK of ``msg_id``."""
+        now = time.monotonic()
+        acks = self._acks
+        acks.track(
+            msg_id,
+            recipient,
+            kind,
+            data,
+            flags,
+            operator.index(priority),
+            0 if ttl is None else max(1, round(ttl * 1000)),
+            request_id,
+            correlation_id,
+            now,
+        )
+        if now >= acks.next_due:
+            acks.resend_due(now)
+
+    def send_kind(
+        self,
+        recipient: str,
+        payload: Any,
+        kind: int,
+        request_id: int = 0,
+        correlation_id: int = 0,
+        *,
+        priority: int = 0,
+        ttl: float | None = None,
+        requires_ack: bool = False,
+        timeout: float | None = _DEFAULT,
+        backpressure: str | None = None,
+    ) -> int:
+        """A REQUEST, RESPONSE or ERROR: ``send`` with a type and the ids replies carry."""
+        data, flags = pack_payload(payload)
+        if requires_ack:
+            flags |= FLAG_ACK
+        policy, wait, ns = self._policy(timeout, backpressure)
+        rc = 0
+        rt = self._direct.get(recipient)
+        if rt is not None:
+            try:
+                rc = _send_ex(
+                    rt,
+                    kind,
+                    flags,
+                    priority,
+                    0 if ttl is None else (round(ttl * 1000) or -1),
+                    data,
+                    len(data),
+                    ns,
+                    request_id,
+                    correlation_id,
+                    0,
+                )
+            except (TypeError, OverflowError, ValueError):
+                rc = 0
+        if rc > 0:
+            if requires_ack:
+                self._track(
+                    rc, recipient, kind, data, flags, priority, ttl, request_id, correlation_id
+                )
+            return rc  # type: ignore[no-any-return]
+        on_sent = (
+            self._tracker(recipient, kind, priority, ttl, request_id, correlation_id)
+            if requires_ack
+            else None
+        )
+        return self._out.send(
+            recipient,
+            kind,
+            data,
+            flags,
+            priority,
+            ttl,
+            wait,
+            request_id,
+            correlation_id,
+            policy,
+            rc,
+            on_sent,
+        )
+
+    @property
+    def backpressure(self) -> str:
+        """What a send does when the recipient's inbox is full: "block", "error" or "drop"."""
+        return self._backpressure
+
+    @backpressure.setter
+    def backpressure(self, policy: str) -> None:
+        self._backpressure = check_policy(policy)
+        self._wait_ns = self._policy(_DEFAULT, None)[2]
+
+    @property
+    def send_timeout(self) -> float | None:
+        """How long a "block" send waits for room, by default (None: forever)."""
+        return self._send_timeout
+
+    @send_timeout.setter
+    def send_timeout(self, seconds: float | None) -> None:
+        self._send_timeout = seconds
+        self._wait_ns = self._policy(_DEFAULT, None)[2]
+
+    def _policy(self, timeout: Any, backpressure: str | None) -> tuple[str, float | None, int]:
+        """The policy, the wait in seconds and in C's nanoseconds for one send."""
+        policy = self._backpressure if backpressure is None else check_policy(backpressure)
+        if policy != "block":
+            return policy, 0.0, 0
+        wait = self._send_timeout if timeout is _DEFAULT else timeout
+        return policy, wait, -1 if wait is None else _ns(wait)
+
+    def send_many(
+        self,
+        recipient: str,
+        payloads: Sequence[Any],
+        *,
+        priority: int = 0,
+        ttl: float | None = None,
+        requires_ack: bool = False,
+        timeout: float | None = _DEFAULT,
+        backpressure: str | None = None,
+    ) -> list[int]:
+        """Send several messages to one recipient in one C call; returns their ids.
+
+        With "block" or "error", a full inbox raises after what fitted was
+        sent (the exception says how many); with "drop" the rest is
+        dead-lettered.
+        """
+        policy, wait, _ = self._policy(timeout, backpressure)
+        on_sent = self._tracker(recipient, _DIRECT, priority, ttl) if requires_ack else None
+        return self._out.send_many(
+            recipient, _DIRECT, payloads, priority, ttl, requires_ack, wait, policy, on_sent
+        )
+
+    def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        priority: int = 0,
+        ttl: float | None = None,
+        timeout: float | None = _DEFAULT,
+        backpressure: str | None = None,
+    ) -> int:
+        """Copy a message into the inbox of every subscriber of ``topic``; returns its id.
+
+        A full subscriber never holds up the others, nor makes the publish
+        raise: once the backpressure policy's wait is over ("block": up to
+        ``timeout``; "error" and "drop": none), its copy goes to the DLQ
+        ("inbox full").
+        """
+        if type(payload) is bytes:
+            data, flags = payload, FLAG_RAW
+        else:
+            data, flags = pack_payload(payload)
+        rt = self._topics.get(topic)
+        rc = lib.SHMBUS_ESTALE
+        if rt is not None:
+            try:
+                ns = (
+                    self._wait_ns
+                    if timeout is _DEFAULT and backpressure is None
+                    else self._policy(timeout, backpressure)[2]
+                )
+                rc = _send(
+                    rt,
+                    _PUBLISH,
+                    flags,
+                    priority,
+                    0 if ttl is None else (round(ttl * 1000) or -1),
+                    data,
+                    len(data),
+                    ns,
+                )
+                if rc > 0:
+                    return rc  # type: ignore[no-any-return]
+            except (TypeError, OverflowError, ValueError):
+                rt = None
+        _, wait, _ = self._policy(timeout, backpressure)
+        return self._out.publish(
+            topic, _PUBLISH, data, [len(data)], bytes((flags,)), priority, ttl, wait, rt, rc
+        )
+
+    def publish_many(
+        self,
+        topic: str,
+        payloads: Sequence[Any],
+        *,
+        priority: int = 0,
+        ttl: float | None = None,
+        timeout: float | None = _DEFAULT,
+        backpressure: str | None = None,
+    ) -> list[int]:
+        """Publish several messages on ``topic`` in one C call; returns their ids."""
+        if not payloads:
+            return []
+        blob, lens, flags = pack_many(payloads, 0)
+        _, wait, _ = self._policy(timeout, backpressure)
+        first = self._out.publish(topic, _PUBLISH, blob, lens, flags, priority, ttl, wait)
+        return list(range(first, first + len(lens)))
