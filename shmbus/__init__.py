@@ -9,6 +9,7 @@ from .core.message import DeadLetter, Message, MessageType, RoutingRule
 from .core.ring import Ring
 from .core.stats import AgentStats, BusStats, Counters, TopicStats
 from .errors import (
+    AgentExited,
     AlreadyExists,
     BackpressureTimeout,
     BadSegment,
@@ -25,6 +26,7 @@ from .errors import (
     NameTaken,
     NotFound,
     ReadTimeout,
+    ReadyTimeout,
     RecvTimeout,
     RejoinRefused,
     RequestTimeout,
@@ -51,6 +53,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Agent",
     "AgentProcess",
+    "AgentExited",
     "AgentStats",
     "BusStats",
     "Counters",
@@ -80,6 +83,7 @@ __all__ = [
     "MessageTooLarge",
     "NotFound",
     "ReadTimeout",
+    "ReadyTimeout",
     "RejoinRefused",
     "Ring",
     "RingFull",

@@ -119,6 +119,39 @@ class RejoinRefused(CoordinatorUnavailable):
     started a fresh bus, or gave the name to another): reconnect as new."""
 
 
+class AgentExited(ShmbusError, ChildProcessError):
+    """An agent process a Runner started ended before it joined the bus.
+
+    ``name``: the agent; ``exitcode``: its exit code (negative: killed by
+    that signal); ``reason``: what a spawned target's process said (the
+    error that kept it off the bus), else ""; ``stderr``: the last lines of
+    its stderr, when the runner saw them (a command's), else ``[]``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        name: str,
+        exitcode: int | None,
+        stderr: list[str] | None = None,
+        reason: str = "",
+    ) -> None:
+        self.name = name
+        self.exitcode = exitcode
+        self.stderr = list(stderr or [])
+        self.reason = reason
+        super().__init__(message)
+
+
+class ReadyTimeout(ShmbusTimeout):
+    """An agent process a Runner started had not joined the bus when its
+    ``ready_timeout`` passed; ``name`` is the agent."""
+
+    def __init__(self, message: str, name: str = "") -> None:
+        self.name = name
+        super().__init__(message)
+
+
 class InvalidRunFile(ShmbusError, ValueError):
     """A run file (``shmbus run agents.toml``) that cannot be run; lists every problem."""
 

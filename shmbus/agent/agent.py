@@ -23,6 +23,7 @@ from ..core.message import (
     DeadLetter,
     Message,
     MessageType,
+    PayloadPacker,
     RoutingRule,
     decode_frame,
     decode_state,
@@ -69,6 +70,7 @@ def connect(
     ack_timeout: float = 1.0,
     max_attempts: int = 3,
     timeout: float = 5.0,
+    default: Callable[[Any], Any] | None = None,
 ) -> Agent:
     """Join ``bus`` as ``name``; both default to $SHMBUS_BUS and $SHMBUS_AGENT.
 
@@ -88,6 +90,11 @@ def connect(
     ``attempts + 1``) when no ACK came within ``ack_timeout`` seconds, up to
     ``max_attempts`` sends in all, then dead-lettered ("retries exhausted");
     its recipient hands it over once, however many copies arrive.
+
+    ``default``, as in ``json.dumps(default=)``: a function that gets each
+    object of a payload msgpack cannot carry and returns one it can (a dict, a
+    str, ...), sent in its place; it raises TypeError for what it cannot
+    convert. Without it such a payload raises TypeError naming the type.
     """
     if not ack_timeout > 0 or max_attempts < 1:
         raise ValueError("ack_timeout must be > 0 and max_attempts at least 1")
@@ -98,7 +105,14 @@ def connect(
     name = name if name is not None else os.environ.get("SHMBUS_AGENT")
     if name is None:
         raise ValueError("give the agent a name, or set SHMBUS_AGENT")
-    agent = Agent(bus, name, inbox_capacity=inbox_capacity, timeout=timeout, transport=transport)
+    agent = Agent(
+        bus,
+        name,
+        inbox_capacity=inbox_capacity,
+        timeout=timeout,
+        transport=transport,
+        default=default,
+    )
     agent.backpressure = backpressure
     agent.send_timeout = send_timeout
     agent._acks.timeout = ack_timeout
@@ -117,10 +131,19 @@ class Agent(Sender, Receiver):
     """A member of a bus. Use :func:`connect`; close it (or use ``with``) when done."""
 
     def __init__(
-        self, bus: str, name: str, *, inbox_capacity: int, timeout: float, transport: str = "auto"
+        self,
+        bus: str,
+        name: str,
+        *,
+        inbox_capacity: int,
+        timeout: float,
+        transport: str = "auto",
+        default: Callable[[Any], Any] | None = None,
     ) -> None:
         self.bus = validate_bus_or_agent(bus, "bus")
         self.name = validate_bus_or_agent(name, "agent")
+        # connect's default=: only an agent given one packs with it (Sender._repack).
+        self._payload_packer = None if default is None else PayloadPacker(default)
         self._name_b = name.encode()
         self._closed = False
         self._subscriptions: set[str] = set()  # told again to a coordinator that takes over
@@ -291,10 +314,30 @@ class Agent(Sender, Receiver):
                 return out
             reply = self._call("history", pattern=pattern, start=reply["next"], end=reply["end"])
 
-    def request(self, recipient: str, payload: Any, timeout: float = 1.0, **kw: Any) -> Message:
-        """Send a REQUEST and wait for its RESPONSE; other messages are kept for ``recv``."""
+    def request(
+        self,
+        recipient: str,
+        payload: Any,
+        timeout: float = 1.0,
+        *,
+        wait_for_recipient: bool = False,
+        **kw: Any,
+    ) -> Message:
+        """Send a REQUEST and wait for its RESPONSE; other messages are kept for ``recv``.
+
+        ``timeout`` bounds the whole call. A ``recipient`` not on the bus
+        raises :class:`UnknownRecipient` at once, or, with
+        ``wait_for_recipient=True``, is waited for within ``timeout`` (an
+        agent still starting up)."""
         deadline = time.monotonic() + timeout
-        msg_id = self.send_kind(recipient, payload, _REQUEST, timeout=timeout, **kw)
+        msg_id = self.send_kind(
+            recipient,
+            payload,
+            _REQUEST,
+            timeout=timeout,
+            wait_for_recipient=wait_for_recipient,
+            **kw,
+        )
         while True:
             left = deadline - time.monotonic()
             try:

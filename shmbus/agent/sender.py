@@ -19,9 +19,11 @@ from ..core.message import (
     FLAG_ACK,
     FLAG_RAW,
     MessageType,
+    PayloadPacker,
     pack_payload,
 )
 from ..core.ring import _ns
+from ..errors import UnknownRecipient
 from ..transport import Outbox
 from ..transport.shm_outbox import check_policy, pack_many
 from .acks import Acks
@@ -50,6 +52,14 @@ class Sender:
     _acks: Acks
     _direct: dict[str, Any]  # the outbox's fast-path caches, filled and cleared in place
     _topics: dict[str, Any]
+    _payload_packer: PayloadPacker | None  # connect's default=, if given
+
+    def _repack(self, payload: Any, refused: TypeError) -> tuple[bytes, int]:
+        """A payload the module's packer ``refused``: packed with connect's
+        ``default=``, or that refusal raised again (it names the type and ``default=``)."""
+        if self._payload_packer is None:
+            raise refused
+        return self._payload_packer.again(payload, refused)
 
     def send(
         self,
@@ -61,18 +71,25 @@ class Sender:
         requires_ack: bool = False,
         timeout: float | None = _DEFAULT,
         backpressure: str | None = None,
+        wait_for_recipient: bool = False,
     ) -> int:
         """Send one message to the agent ``recipient``; returns its id.
 
         A full inbox is met with the agent's backpressure policy (see
         :func:`connect`), or ``backpressure`` and ``timeout`` (None: wait as
         long as it takes) if given. Raises :class:`UnknownRecipient` (and
-        dead-letters the message) for a name nobody has.
+        dead-letters the message) for a name nobody has; with
+        ``wait_for_recipient=True``, first waits for the name to join, up to
+        ``timeout`` (the agent's send_timeout by default; None: as long as
+        it takes).
         """
         if type(payload) is bytes:
             data, flags = payload, FLAG_RAW
         else:
-            data, flags = pack_payload(payload)
+            try:  # costs nothing unless it raises: then connect's default= has a go
+                data, flags = pack_payload(payload)
+            except TypeError as refused:
+                data, flags = self._repack(payload, refused)
         if requires_ack:
             flags |= FLAG_ACK
         rt = self._direct.get(recipient)
@@ -101,10 +118,87 @@ class Sender:
         else:
             rc = 0
         policy, wait, _ = self._policy(timeout, backpressure)
+        if wait_for_recipient:  # off the fast path: no route to it was cached
+            return self._send_when_there(
+                recipient,
+                _DIRECT,
+                data,
+                flags,
+                priority,
+                ttl,
+                timeout,
+                policy,
+                0,
+                0,
+                rc,
+                self._tracker(recipient, _DIRECT, priority, ttl) if requires_ack else None,
+            )
         on_sent = self._tracker(recipient, _DIRECT, priority, ttl) if requires_ack else None
         return self._out.send(
             recipient, _DIRECT, data, flags, priority, ttl, wait, 0, 0, policy, rc, on_sent
         )
+
+    def _send_when_there(
+        self,
+        recipient: str,
+        kind: int,
+        data: bytes,
+        flags: int,
+        priority: Any,
+        ttl: float | None,
+        timeout: Any,
+        policy: str,
+        request_id: int,
+        correlation_id: int,
+        rc: int,
+        on_sent: Any,
+    ) -> int:
+        """``send(..., wait_for_recipient=True)`` past its fast path: wait for
+        ``recipient`` to be on the bus (up to the call's timeout), then send
+        with what is left of it. Waited for before the send, not after an
+        UnknownRecipient: that one would have dead-lettered the message."""
+        limit = self._send_timeout if timeout is _DEFAULT else timeout
+        start = time.monotonic()
+        left = self._await_recipient(recipient, limit)
+        wait = left if policy == "block" else 0.0
+        try:
+            return self._out.send(
+                recipient,
+                kind,
+                data,
+                flags,
+                priority,
+                ttl,
+                wait,
+                request_id,
+                correlation_id,
+                policy,
+                rc,
+                on_sent,
+            )
+        except UnknownRecipient as e:
+            raise UnknownRecipient(
+                f"{e}, after waiting {time.monotonic() - start:.3g}s for it to join "
+                f"(wait_for_recipient; the timeout was {limit}s): is it started, and "
+                "under that name?"
+            ) from None
+
+    def _await_recipient(self, name: str, timeout: float | None) -> float | None:
+        """Wait until ``name`` is on the bus or ``timeout`` passed (None:
+        until it is); the seconds left of ``timeout``."""
+        out = self._out
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            out.fresh()  # one atomic load on shm while the routes did not move
+            if not name.startswith(".") and out.target(name) is not None:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            time.sleep(pause if deadline is None else min(pause, deadline - now))
+            pause = min(pause * 2, 0.02)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _tracker(
         self,
@@ -163,9 +257,13 @@ class Sender:
         requires_ack: bool = False,
         timeout: float | None = _DEFAULT,
         backpressure: str | None = None,
+        wait_for_recipient: bool = False,
     ) -> int:
         """A REQUEST, RESPONSE or ERROR: ``send`` with a type and the ids replies carry."""
-        data, flags = pack_payload(payload)
+        try:
+            data, flags = pack_payload(payload)
+        except TypeError as refused:
+            data, flags = self._repack(payload, refused)
         if requires_ack:
             flags |= FLAG_ACK
         policy, wait, ns = self._policy(timeout, backpressure)
@@ -199,6 +297,21 @@ class Sender:
             if requires_ack
             else None
         )
+        if wait_for_recipient:
+            return self._send_when_there(
+                recipient,
+                kind,
+                data,
+                flags,
+                priority,
+                ttl,
+                timeout,
+                policy,
+                request_id,
+                correlation_id,
+                rc,
+                on_sent,
+            )
         return self._out.send(
             recipient,
             kind,
@@ -261,6 +374,11 @@ class Sender:
         """
         policy, wait, _ = self._policy(timeout, backpressure)
         on_sent = self._tracker(recipient, _DIRECT, priority, ttl) if requires_ack else None
+        if self._payload_packer is not None:  # the transport packs: with default= too
+            with self._payload_packer.installed():
+                return self._out.send_many(
+                    recipient, _DIRECT, payloads, priority, ttl, requires_ack, wait, policy, on_sent
+                )
         return self._out.send_many(
             recipient, _DIRECT, payloads, priority, ttl, requires_ack, wait, policy, on_sent
         )
@@ -285,7 +403,10 @@ class Sender:
         if type(payload) is bytes:
             data, flags = payload, FLAG_RAW
         else:
-            data, flags = pack_payload(payload)
+            try:
+                data, flags = pack_payload(payload)
+            except TypeError as refused:
+                data, flags = self._repack(payload, refused)
         rt = self._topics.get(topic)
         rc = lib.SHMBUS_ESTALE
         if rt is not None:
@@ -327,7 +448,11 @@ class Sender:
         """Publish several messages on ``topic`` in one C call; returns their ids."""
         if not payloads:
             return []
-        blob, lens, flags = pack_many(payloads, 0)
+        if self._payload_packer is None:
+            blob, lens, flags = pack_many(payloads, 0)
+        else:
+            with self._payload_packer.installed():
+                blob, lens, flags = pack_many(payloads, 0)
         _, wait, _ = self._policy(timeout, backpressure)
         first = self._out.publish(topic, _PUBLISH, blob, lens, flags, priority, ttl, wait)
         return list(range(first, first + len(lens)))

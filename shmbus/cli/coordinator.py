@@ -10,15 +10,26 @@ import sys
 from typing import Any
 
 from ..coordinator import coordinator as _coordinator
-from ..coordinator.coordinator import Coordinator
+from ..coordinator.coordinator import DLQ_STORES, Coordinator
 from ..core.routes import MAX_KEEP, check_keep
-from ..errors import CoordinatorRunning
+from ..errors import CoordinatorRunning, ShmbusError
+from .send import add_verbose, report
+
+PROG = "shmbus coordinator"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shmbus coordinator", description=_coordinator.__doc__)
-    parser.add_argument("--bus", default=os.environ.get("SHMBUS_BUS", "default"))
+def main(argv: list[str] | None = None, *, verbose: bool = False) -> int:
+    """``shmbus coordinator``; returns the exit status: 0 once stopped (SIGTERM,
+    SIGINT, SIGHUP), 2 for bad arguments or a bus another coordinator runs, 1
+    for any other error (one line; the traceback with ``-v`` or $SHMBUS_DEBUG=1)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=_coordinator.__doc__)
+    parser.add_argument(
+        "--bus",
+        default=os.environ.get("SHMBUS_BUS", "default"),
+        help="the bus (default: $SHMBUS_BUS, else 'default')",
+    )
     parser.add_argument("--log-level", default="WARNING")
+    add_verbose(parser, top=True)
     parser.add_argument(
         "--heartbeat-timeout",
         type=float,
@@ -32,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         default=10_000,
         metavar="N",
         help="dead letters kept (the oldest go first; default 10000)",
+    )
+    parser.add_argument(
+        "--dlq",
+        choices=DLQ_STORES,
+        default="file",
+        help="where dead letters live: 'file' (default) keeps them in the bus's state "
+        "directory, for the next coordinator of the bus; 'memory' for this one's life only",
     )
     parser.add_argument(
         "--exit-with-parent",
@@ -49,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the last N messages published on PATTERN (repeatable)",
     )
     args = parser.parse_args(argv)
+    verbose = verbose or args.verbose
     history: dict[str, int] = {}
     for spec in args.history:
         pattern, _, n = spec.rpartition("=")
@@ -62,17 +81,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--heartbeat-timeout must be positive, got {args.heartbeat_timeout}")
     if args.dlq_size < 1:
         parser.error(f"--dlq-size must be at least 1, got {args.dlq_size}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
+    try:
+        logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
+    except ValueError as e:
+        parser.error(f"--log-level: {e}")
     try:
         coordinator = Coordinator(
             args.bus,
             dlq_size=args.dlq_size,
             heartbeat_timeout=args.heartbeat_timeout,
             history=history,
+            dlq=args.dlq,
         )
     except CoordinatorRunning as e:
-        print(f"shmbus coordinator: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 2
+    except (ShmbusError, OSError, KeyboardInterrupt) as e:
+        return report(PROG, e, verbose=verbose)
 
     coordinator.parent = args.exit_with_parent
     hand_over = False
@@ -86,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, stop)  # a restart: leave the bus to the next one
     try:
-        coordinator.serve()
-    finally:
-        coordinator.close(hand_over=hand_over)
+        try:
+            coordinator.serve()
+        finally:
+            coordinator.close(hand_over=hand_over)
+    except (ShmbusError, OSError) as e:
+        return report(PROG, e, verbose=verbose)
     return 0

@@ -47,7 +47,7 @@ from ..errors import (
     ShmbusError,
     UnknownRecipient,
 )
-from .send import positive_seconds, to_json
+from .send import add_verbose, positive_seconds, to_json
 
 __all__ = ["Control", "add_parser", "run"]
 
@@ -153,6 +153,11 @@ def run_list(ctl: Control, as_json: bool, limit: int | None) -> int:
             f"{info['size']} in the DLQ of bus {ctl.bus!r}"
             + (f", {count} shown" if count != info["size"] else "")
             + f" ({info['added']} dead-lettered in all, {info['evicted']} evicted)"
+            + (
+                "; kept in memory only, gone when its coordinator stops"
+                if info.get("store") == "memory"
+                else ""
+            )
         )
     return 0
 
@@ -258,12 +263,9 @@ def add_parser(sub: Any) -> None:
     env_bus = os.environ.get("SHMBUS_BUS")
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument(
-            "--bus",
-            default=env_bus,
-            required=env_bus is None,
-            help="the bus (default: $SHMBUS_BUS)",
-        )
+        # Optional in the usage line: $SHMBUS_BUS serves too (main() asks for one).
+        q.add_argument("--bus", default=env_bus, help="the bus (default: $SHMBUS_BUS)")
+        add_verbose(q)
 
     q = cmds.add_parser("list", help="print the entries, oldest first")
     common(q)

@@ -108,10 +108,20 @@ def run_cleanup(buses: list[str], purge_dlq: bool = False) -> int:
             print(f"{bus}: live (its coordinator holds the lock): left alone")
             status = status or (1 if buses else 0)
             continue
-        removed = remove_bus_shm(bus)
-        for path in (socket_path(bus), data_socket_path(bus), lock_path(bus)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        try:
+            removed = remove_bus_shm(bus)
+            for path in (socket_path(bus), data_socket_path(bus), lock_path(bus)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        except OSError as e:  # another user's bus: one line, and on to the next bus
+            hint = cli_send.error_hint(e)
+            print(
+                f"shmbus cleanup: {bus}: not removed: {cli_send.error_text(e)}"
+                + (f"; {hint}" if hint else ""),
+                file=sys.stderr,
+            )
+            status = 1
+            continue
         with contextlib.suppress(OSError):
             runtime_dir(bus).rmdir()
         print(f"{bus}: removed {len(removed)} shared-memory entries")
@@ -139,6 +149,8 @@ def read_stats(bus: str) -> BusStats:
 
 
 def run_stats(buses: list[str], as_json: bool, watch: float | None) -> int:
+    for bus in buses:
+        validate_bus_or_agent(bus, "bus")  # named as typed, not as the segment it would be
     buses = buses or [b for b in bus_names() if bus_is_live(b)]
     if not buses:
         print("no live bus on this machine", file=sys.stderr)
@@ -148,8 +160,14 @@ def run_stats(buses: list[str], as_json: bool, watch: float | None) -> int:
             for bus in buses:
                 try:
                     snap = read_stats(bus)
-                except ShmbusError as e:
-                    print(f"{bus}: no stats ({e}); is its coordinator running?", file=sys.stderr)
+                except (ShmbusError, OSError) as e:
+                    if not bus_is_live(bus):
+                        why = f"no coordinator runs bus {bus!r}"
+                        hint = "`shmbus ls` lists the buses of this machine"
+                    else:
+                        why = f"bus {bus!r}: {cli_send.error_text(e)}"
+                        hint = cli_send.error_hint(e) or "is its coordinator running?"
+                    print(f"shmbus stats: {why}, so no stats; {hint}", file=sys.stderr)
                     return 1
                 print(json.dumps(snap.as_dict()) if as_json else format_stats(snap), flush=True)
             if watch is None:
@@ -196,8 +214,31 @@ def run_bench(argv: list[str]) -> int:
 # ------------------------------------------------------------------ main
 
 
+def _version() -> str:
+    # The package's own __version__, read without importing the package (it
+    # sits above the cli): running any of its modules has imported it.
+    return str(getattr(sys.modules[__name__.partition(".")[0]], "__version__", "unknown"))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``shmbus`` command; returns its exit status.
+
+    An error (any :class:`ShmbusError` or ``OSError``) that reaches here is
+    one line on stderr, ``shmbus SUBCOMMAND: what happened; what to do``, and
+    exit status 1; ``-v``/``--verbose`` or $SHMBUS_DEBUG=1 print its traceback
+    too. Ctrl-C is one line and exit status 130.
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the subcommand was known
+        print("shmbus: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="shmbus", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"shmbus {_version()}")
+    cli_send.add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("coordinator", help="run a bus's coordinator", add_help=False)
     p = sub.add_parser("demo", help="run a few agents on a bus for a few seconds")
@@ -241,14 +282,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("topic", metavar="TOPIC")
     cli_send.add_arguments(p, request=False)
     cli_tail.add_parser(sub)
+    for name, choice in sub.choices.items():
+        if name not in ("coordinator", "bench"):  # those parse their own arguments
+            cli_send.add_verbose(choice)
     args, rest = parser.parse_known_args(argv)
     if args.command == "coordinator":
-        return _coordinator.main(rest)
+        return _coordinator.main(rest, verbose=args.verbose)
     if args.command == "bench":
         return run_bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    prog = f"shmbus {args.command}"
+    if args.command == "dlq":
+        prog += f" {args.dlq_command}"
+    if args.command in ("send", "publish", "tail", "dlq") and args.bus is None:
+        print(f"{prog}: which bus? give --bus NAME, or set $SHMBUS_BUS", file=sys.stderr)
+        return 2
+    try:
+        return _dispatch(args)
+    except CoordinatorRunning as e:
+        hint = f"run the demo on a bus of its own: shmbus demo --bus {args.bus}-2"
+        return cli_send.report(
+            prog, e, verbose=args.verbose, hint=hint if args.command == "demo" else ""
+        )
+    except (ShmbusError, OSError, KeyboardInterrupt) as e:
+        return cli_send.report(prog, e, verbose=args.verbose)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
+        if bus_is_live(args.bus):  # said here, before a Runner starts a coordinator to fail
+            raise CoordinatorRunning(f"bus {args.bus!r} is in use: a coordinator runs it")
         return demo.run_demo(args.bus, args.seconds)
     if args.command == "ls":
         return run_ls()

@@ -15,6 +15,9 @@
     command = ["python3", "tool.py"]   # a program with SHMBUS_BUS / SHMBUS_AGENT set
     env = { LEVEL = "debug" }          # optional, either kind
     cwd = "tools"                      # optional, either kind
+    restart = true                     # optional, either kind: start it again when it fails
+    ready_timeout = 30                 # optional, either kind: seconds to wait for it to
+                                       # join the bus (default 10; 0: do not wait)
 
     [history]                          # optional: the coordinator keeps the last N
     "events.*" = 100                   # messages of each pattern (Agent.history)
@@ -24,6 +27,18 @@ replicas, every target imported, every command found -- and every problem is
 reported at once, as an :class:`~shmbus.errors.InvalidRunFile`. Relative
 paths mean the file's directory: targets are imported from it, and agents
 start in it unless ``cwd`` says otherwise.
+
+Agents start in the file's order, each ``[[agents]]`` table once the ones
+before it have joined the bus (its replicas together): an agent finds those
+listed before it on the bus. One that exits before it joined is reported
+with why (its error, the end of its stderr); one that has not joined within
+``ready_timeout`` is reported, and the run goes on without waiting for it.
+
+An agent with ``restart = true`` is started again, after a pause that grows
+with each quick failure (0.1 s doubling up to 5 s), whenever it fails (exits
+with a code other than 0, or is killed by a signal); one that exits with 0
+is done. The run ends when every agent is done (exit status 1 if one that
+does not restart failed), after ``--for SECONDS``, or on SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -40,8 +55,8 @@ from typing import Any, TextIO
 
 from ..core.paths import validate_bus_or_agent
 from ..core.routes import check_keep
-from ..errors import InvalidName, InvalidRunFile, ShmbusError
-from ..runner import Runner
+from ..errors import AgentExited, InvalidName, InvalidRunFile, ReadyTimeout, ShmbusError
+from ..runner import AgentProcess, Runner, describe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,7 +66,20 @@ else:  # pragma: no cover - exercised on 3.10 only
 __all__ = ["AgentSpec", "RunPlan", "load", "resolve_target", "run", "main"]
 
 TOP_KEYS = ("bus", "agents", "history")
-AGENT_KEYS = ("name", "target", "args", "command", "replicas", "env", "cwd")
+AGENT_KEYS = (
+    "name",
+    "target",
+    "args",
+    "command",
+    "replicas",
+    "env",
+    "cwd",
+    "restart",
+    "ready_timeout",
+)
+READY_TIMEOUT = 10.0  # seconds an agent has to join the bus, unless its table says
+RESTART_PAUSE = (0.1, 5.0)  # the pause before a restart: first, and at most (doubling)
+STEADY = 10.0  # seconds an agent must have run for its next failure to count as a first
 POLL = 0.05  # seconds between looks at the agents; an exit is reported this late at most
 
 
@@ -65,6 +93,9 @@ class AgentSpec:
     args: tuple[Any, ...] = ()
     command: tuple[str, ...] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    restart: bool = False  # started again whenever it fails
+    ready_timeout: float = READY_TIMEOUT  # 0: do not wait for it to join
+    table: int = field(default=0, compare=False)  # which [[agents]] table (replicas share it)
 
 
 @dataclass(frozen=True)
@@ -127,7 +158,7 @@ def load(path: str | os.PathLike[str], bus: str | None = None) -> RunPlan:
         if not isinstance(table, dict):
             problems.append(f"{label}: must be a table ([[agents]])")
             continue
-        for spec in _check_agent(table, label, base, problems):
+        for spec in _check_agent(table, label, base, problems, i):
             if spec.name in owner:
                 problems.append(f"{label}: name {spec.name!r} is taken by {owner[spec.name]}")
             else:
@@ -170,7 +201,7 @@ def _check_bus(bus: object, problems: list[str]) -> str | None:
 
 
 def _check_agent(
-    table: dict[str, Any], label: str, base: str, problems: list[str]
+    table: dict[str, Any], label: str, base: str, problems: list[str], index: int = 0
 ) -> list[AgentSpec]:
     """The specs one [[agents]] table stands for; [] with problems added if it is wrong."""
     before = len(problems)
@@ -208,6 +239,18 @@ def _check_agent(
     ):
         bad('env must be a table of strings, e.g. env = { LEVEL = "debug" }')
         env = {}
+    restart = table.get("restart", False)
+    if not isinstance(restart, bool):
+        bad(f"restart must be true or false, got {restart!r}")
+        restart = False
+    ready_timeout = table.get("ready_timeout", READY_TIMEOUT)
+    if (
+        not isinstance(ready_timeout, (int, float))
+        or isinstance(ready_timeout, bool)
+        or not ready_timeout >= 0
+    ):
+        bad(f"ready_timeout must be seconds >= 0 (0: do not wait), got {ready_timeout!r}")
+        ready_timeout = READY_TIMEOUT
     cwd = table.get("cwd", ".")
     if not isinstance(cwd, str):
         bad(f"cwd must be a string, got {cwd!r}")
@@ -246,6 +289,9 @@ def _check_agent(
             args=tuple(table.get("args", ())),
             command=None if command is None else tuple(command),
             env=dict(env),
+            restart=restart,
+            ready_timeout=float(ready_timeout),
+            table=index,
         )
         for n in names
     ]
@@ -276,77 +322,173 @@ def _call_target(
     the target's module while unpickling: before ``env`` and ``cwd`` apply,
     and only if the file's directory were on the sys.path the child inherits.
     Passing the name instead, the child imports it here, from that
-    directory, once its environment is in place.
+    directory, once its environment is in place. (It ignores SIGINT, as
+    every agent of a Runner does: the runner stops the agents in order.)
     """
-    # A Ctrl-C at the terminal reaches the whole process group: let the
-    # runner stop the agents in order instead of each dying mid-message.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(env)
     os.chdir(cwd)
     resolve_target(target, base)(agent, *args)
 
 
-def _start(runner: Runner, spec: AgentSpec, base: str) -> None:
+def _start(runner: Runner, spec: AgentSpec, base: str) -> AgentProcess:
+    """Start ``spec``'s process; it is waited for (wait_ready) by the caller."""
     if spec.target is not None:
-        runner.spawn(
-            spec.name, _call_target, args=(base, spec.target, spec.cwd, spec.env, *spec.args)
-        )
-    else:
-        assert spec.command is not None
-        runner.spawn_command(
+        return runner.spawn(
             spec.name,
-            list(spec.command),
-            cwd=spec.cwd,
-            env={**os.environ, **spec.env},
-            start_new_session=True,  # as for targets: a Ctrl-C reaches it through the runner
+            _call_target,
+            args=(base, spec.target, spec.cwd, spec.env, *spec.args),
+            ready_timeout=None,
         )
+    assert spec.command is not None
+    return runner.spawn_command(
+        spec.name,
+        list(spec.command),
+        ready_timeout=None,
+        cwd=spec.cwd,
+        env={**os.environ, **spec.env},
+        start_new_session=True,  # as for targets: a Ctrl-C reaches it through the runner
+    )
 
 
 def _describe(code: int | None) -> str:
-    if code is not None and code < 0:
+    return describe(code)
+
+
+class _Run:
+    """One run's book: who is done, who restarts when, whether one failed."""
+
+    def __init__(self, plan: RunPlan, runner: Runner, say: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.runner = runner
+        self.say = say
+        self.specs = {spec.name: spec for spec in plan.agents}
+        self.done: dict[str, int | None] = {}  # name -> its last exit code: not restarted
+        self.due: dict[str, float] = {}  # name -> when it is started again
+        self.quick: dict[str, int] = {}  # name -> failures in a row, each soon after its start
+        self.started: dict[str, float] = {}
+        self.failed = False
+
+    def start_all(self) -> None:
+        """Table by table, in the file's order: a table's replicas together,
+        the next table once they joined the bus (or exited)."""
+        tables: dict[int, list[AgentSpec]] = {}
+        for spec in self.plan.agents:
+            tables.setdefault(spec.table, []).append(spec)
+        for specs in tables.values():
+            procs = [(spec, self.launch(spec)) for spec in specs]
+            for spec, proc in procs:
+                if proc is not None:
+                    self.await_ready(spec, proc)
+
+    def launch(self, spec: AgentSpec) -> AgentProcess | None:
+        self.started[spec.name] = time.monotonic()
         try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
+            return _start(self.runner, spec, self.plan.base)
+        except OSError as e:  # the program vanished since the check, or cannot run
+            self.say(f"{spec.name} could not start: {e}")
+            self.ended(spec.name, 127)
+            return None
+
+    def await_ready(self, spec: AgentSpec, proc: AgentProcess) -> None:
+        if not spec.ready_timeout:
+            return
+        try:
+            proc.wait_ready(spec.ready_timeout)
+        except AgentExited as e:
+            text = f"{spec.name} {_describe(e.exitcode)} before it joined the bus"
+            if e.reason:
+                text += f": {e.reason}"
+            if e.stderr:
+                text += "; the end of its stderr:\n" + "\n".join(f"    {x}" for x in e.stderr)
+            self.say(text)
+            self.ended(spec.name, e.exitcode, said=True)
+        except ReadyTimeout:
+            self.say(
+                f"{spec.name} has not joined the bus within {spec.ready_timeout:g}s "
+                "(ready_timeout); going on without waiting for it"
+            )
+
+    def ended(self, name: str, code: int | None, said: bool = False) -> None:
+        """``name``'s process ended on its own: done, or due for a restart."""
+        spec = self.specs[name]
+        if not said:
+            self.say(f"{name} {_describe(code)}")
+        if code == 0 or not spec.restart:
+            self.done[name] = code
+            self.failed = self.failed or code != 0
+            return
+        ran = time.monotonic() - self.started.get(name, 0.0)
+        n = 0 if ran >= STEADY else self.quick.get(name, 0)
+        self.quick[name] = n + 1
+        pause = min(RESTART_PAUSE[0] * 2**n, RESTART_PAUSE[1])
+        self.due[name] = time.monotonic() + pause
+        self.say(f"{name} restarts in {pause:g}s (restart = true)")
+
+    def poll(self) -> None:
+        """Note the agents that ended since, restart those that are due."""
+        for name, proc in self.runner.agents().items():
+            if name in self.done or name in self.due:
+                continue
+            code = proc._ended_on_its_own()
+            if code is not None:
+                self.ended(name, code)
+        now = time.monotonic()
+        for name, when in list(self.due.items()):
+            if now >= when:
+                del self.due[name]
+                self.say(f"{name} restarting")
+                spec = self.specs[name]
+                old = self.runner.agents().get(name)
+                if old is None:  # it never started (launch failed)
+                    new = self.launch(spec)
+                else:
+                    self.started[name] = now
+                    try:
+                        old.restart(ready_timeout=None)
+                        new = old
+                    except OSError as e:
+                        self.say(f"{name} could not start: {e}")
+                        self.ended(name, 127)
+                        continue
+                if new is not None:
+                    self.await_ready(spec, new)
+
+    def finished(self) -> bool:
+        return len(self.done) == len(self.plan.agents)
 
 
 def run(plan: RunPlan, *, seconds: float | None = None, out: TextIO | None = None) -> int:
-    """Run ``plan`` until every agent exits, ``seconds`` pass, or SIGINT/SIGTERM.
+    """Run ``plan`` until every agent is done, ``seconds`` pass, or SIGINT/SIGTERM.
 
-    Prints a line as each agent exits. Returns 0 when every agent exited 0
-    or the run was stopped on purpose, 1 when an agent (or the coordinator)
-    failed on its own.
+    Prints a line as each agent exits (and restarts). Returns 0 when every
+    agent exited 0 or the run was stopped on purpose, 1 when an agent that
+    does not restart (or the coordinator) failed on its own.
     """
     out = out or sys.stdout
 
     def say(text: str) -> None:
         print(f"shmbus run: {text}", file=out, flush=True)
 
-    runner = Runner(bus=plan.bus, history=plan.history)
-    exited: dict[str, int | None] = {}
-    failed = False
+    # No waiting in spawn: _Run waits table by table, and reports what it saw.
+    runner = Runner(bus=plan.bus, history=plan.history, ready_timeout=None)
+    book = _Run(plan, runner, say)
     try:
         with runner:
             say(f"bus {plan.bus!r} from {plan.path}: {', '.join(a.name for a in plan.agents)}")
-            for spec in plan.agents:
-                _start(runner, spec, plan.base)
             deadline = None if seconds is None else time.monotonic() + seconds
-            while len(exited) < len(plan.agents):
-                for name, proc in runner.agents().items():
-                    if name not in exited and not proc.alive:
-                        exited[name] = proc.exitcode
-                        failed = failed or proc.exitcode != 0
-                        say(f"{name} {_describe(proc.exitcode)}")
+            book.start_all()
+            while not book.finished():
+                book.poll()
                 assert runner.coordinator is not None
                 if not runner.coordinator.alive:
-                    failed = True
+                    book.failed = True
                     say(f"the coordinator {_describe(runner.coordinator.exitcode)}; stopping")
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     say(f"stopping after {seconds:g}s (--for)")
                     break
-                time.sleep(POLL)
+                if not book.finished():
+                    time.sleep(POLL)
     except KeyboardInterrupt:
         say("stopped by SIGINT")
     except SystemExit as e:  # the Runner turns SIGTERM into SystemExit(128 + signum)
@@ -354,9 +496,9 @@ def run(plan: RunPlan, *, seconds: float | None = None, out: TextIO | None = Non
             raise
         say("stopped by SIGTERM")
     for name, proc in runner.agents().items():
-        if name not in exited:
+        if name not in book.done:
             say(f"{name} stopped ({_describe(proc.exitcode)})")
-    return 1 if failed else 0
+    return 1 if book.failed else 0
 
 
 def main(path: str, bus: str | None = None, seconds: float | None = None) -> int:

@@ -38,9 +38,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("tail", help="print the messages published on a topic pattern")
     p.add_argument("pattern", metavar="PATTERN", help="topic pattern: a.b exact, * one, > the rest")
     env_bus = os.environ.get("SHMBUS_BUS")
-    p.add_argument(
-        "--bus", default=env_bus, required=env_bus is None, help="the bus (default: $SHMBUS_BUS)"
-    )
+    # Optional in the usage line: $SHMBUS_BUS serves too (main() asks for one).
+    p.add_argument("--bus", default=env_bus, help="the bus (default: $SHMBUS_BUS)")
     p.add_argument("--history", action="store_true", help="print the kept messages first")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
     p.add_argument("--count", type=_count, metavar="N", help="stop after N messages")

@@ -48,7 +48,7 @@ from ..core.stats import (
     SENT,
     inbox_fill,
 )
-from ..errors import CoordinatorRunning, ShmbusError
+from ..errors import CoordinatorRunning, InvalidArgument, ShmbusError
 from ..transport.peer import peer_path
 from . import takeover
 from .bridge import Bridge
@@ -62,6 +62,8 @@ from .takeover import process_gone as _process_gone
 
 log = logging.getLogger(__name__)
 
+DLQ_STORES = ("file", "memory")  # where the dead letters live: Coordinator(dlq=...)
+
 
 class Coordinator:
     """One bus's control plane. ``serve()`` runs it until ``stop()``."""
@@ -73,8 +75,16 @@ class Coordinator:
         dlq_size: int = 10_000,
         heartbeat_timeout: float = 5.0,
         history: dict[str, int] | None = None,
+        dlq: str = "file",
     ) -> None:
+        """``dlq``: "file" keeps the dead letters in the bus's state directory,
+        where a restarted coordinator finds them again; "memory" keeps them for
+        this coordinator's life only, and reads and writes no file."""
         self.bus = validate_bus_or_agent(bus, "bus")
+        if dlq not in DLQ_STORES:
+            raise InvalidArgument(
+                f"dlq must be one of {', '.join(map(repr, DLQ_STORES))}, got {dlq!r}"
+            )
         history = dict(check_keep(p, n, stop=False) for p, n in (history or {}).items())
         make_runtime_dir(bus)
         self._lock_fd = os.open(lock_path(bus), os.O_RDWR | os.O_CREAT, 0o600)
@@ -98,7 +108,7 @@ class Coordinator:
         # Reloaded from the bus's state directory (shmbus/coordinator/dlq.py): before the
         # shared memory, so a refusal leaves nothing behind.
         try:
-            self.dlq = DeadLetterQueue(bus, dlq_size)
+            self.dlq = DeadLetterQueue(bus, dlq_size, persist=dlq == "file")
         except BaseException:
             os.close(self._lock_fd)
             raise

@@ -24,6 +24,10 @@ found by its length or CRC on the next load, cut off and logged. ``fdatasync``
 runs at most once a second (from the coordinator's loop) and at close: a power
 cut loses at most the last second. The file is rewritten (compacted) when it
 has grown past twice what it holds and past ``compact_min`` bytes.
+
+With ``persist=False`` (``shmbus coordinator --dlq memory``) there is no file:
+the queue lives as long as its coordinator, nothing is read or written in the
+state directory, and a restarted coordinator starts with an empty queue.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class DeadLetterQueue:
     ``directory`` defaults to the bus's state directory; nothing is created
     there until the first entry comes (a bus that never dead-letters leaves no
     file). Raises :class:`CoordinatorRunning` when another coordinator already
-    keeps this DLQ.
+    keeps this DLQ. ``persist=False``: memory only, no file read or written.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class DeadLetterQueue:
         directory: Path | None = None,
         compact_min: int = 1 << 20,
         sync_interval: float = 1.0,
+        persist: bool = True,
     ) -> None:
         if maxlen < 1:
             raise ValueError(f"the DLQ must hold at least 1 entry, not {maxlen}")
@@ -114,7 +119,8 @@ class DeadLetterQueue:
         self._dirty = False
         self._synced = time.monotonic()
         self._disabled = False  # the file is there but unusable: memory only
-        if self.dir.exists():
+        self.persist = persist
+        if persist and self.dir.exists():
             self._lock()
             if self.path.exists():
                 try:
@@ -226,6 +232,7 @@ class DeadLetterQueue:
                 "added": self.total,
                 "evicted": self.evicted,
                 "next_id": self.next_id,
+                "store": "file" if self.persist else "memory",
             }
             if ids is not None:
                 reply["missing"] = [i for i in ids if i not in self.entries]
@@ -276,7 +283,7 @@ class DeadLetterQueue:
         """Open the file for appending, creating it (and the directory) on first use."""
         if self._fd >= 0:
             return True
-        if self._disabled:
+        if self._disabled or not self.persist:
             return False
         try:
             if self._dir_fd < 0:

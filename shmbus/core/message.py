@@ -10,11 +10,13 @@ length is checked before it is used and msgpack decodes with bounds.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -26,6 +28,7 @@ from ..errors import CorruptFrame, InvalidArgument, InvalidName
 __all__ = [
     "DeadLetter",
     "Message",
+    "PayloadPacker",
     "MessageType",
     "RoutingRule",
     "decode_frame",
@@ -162,11 +165,18 @@ def _payload_equal(a: Any, b: Any) -> bool:
 # ------------------------------------------------------------- payloads
 
 
+_KINDS = (
+    "None, bool, int, float, str, bytes, list, tuple (it arrives as a list), dict and "
+    "numpy arrays or scalars without Python objects"
+)
+
+
 def _refuse(obj: Any) -> TypeError:
     return TypeError(
         f"cannot send an object of type {type(obj).__module__}.{type(obj).__qualname__}: "
-        "payloads are None, bool, int, float, str, bytes, list, tuple, dict and numpy "
-        "arrays or scalars without Python objects (nothing is pickled)"
+        f"payloads are {_KINDS} (nothing is pickled); convert it first, or give "
+        "connect(..., default=fn) a function that turns such objects into those "
+        "(as json.dumps(default=) does)"
     )
 
 
@@ -219,6 +229,85 @@ def pack_payload(payload: Any) -> tuple[bytes, int]:
         raise
     except (ValueError, OverflowError) as e:  # ints beyond 64 bits, too deep nesting
         raise TypeError(f"cannot encode payload: {e}") from None
+
+
+class PayloadPacker:
+    """:func:`pack_payload` with a ``default`` (``connect(..., default=fn)``): an
+    object msgpack cannot carry (numpy arrays aside, which the bus carries
+    itself) goes to ``fn``, and what ``fn`` returns is packed in its place, as
+    with ``json.dumps(default=)``. ``fn`` raises TypeError for what it cannot
+    convert either.
+
+    An agent without ``default`` has none of this: its sends use the
+    module's packer, whose ``default`` is the numpy one only.
+    """
+
+    __slots__ = ("default", "_local")
+
+    def __init__(self, default: Callable[[Any], Any]) -> None:
+        if not callable(default):
+            raise TypeError(
+                f"default must be a function of one object, like json.dumps's; got {default!r}"
+            )
+        self.default = default
+        self._local = threading.local()  # a packer per thread, as for _packer()
+
+    def _convert(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray | np.generic):
+            return _default(obj)
+        out = self.default(obj)
+        if isinstance(out, np.ndarray | np.generic):  # msgpack would not ask again
+            return _default(out)
+        return out
+
+    def packer(self) -> msgpack.Packer:
+        """This thread's packer, with ``default`` behind the numpy one."""
+        try:
+            return self._local.packer  # type: ignore[no-any-return]
+        except AttributeError:
+            self._local.packer = msgpack.Packer(
+                default=self._convert, use_bin_type=True, autoreset=True
+            )
+            return self._local.packer  # type: ignore[no-any-return]
+
+    def again(self, payload: Any, refused: TypeError) -> tuple[bytes, int]:
+        """Pack ``payload`` that :func:`pack_payload` ``refused``, from the
+        handler of that error: an error now is not shown chained to it."""
+        try:
+            return self(payload)
+        except TypeError as e:
+            if e.__context__ is refused:
+                e.__suppress_context__ = True
+            raise
+
+    def __call__(self, payload: Any) -> tuple[bytes, int]:
+        if type(payload) is bytes:
+            return payload, FLAG_RAW
+        if isinstance(payload, bytearray | memoryview):
+            return bytes(payload), FLAG_RAW
+        try:
+            return self.packer().pack(payload), 0
+        except TypeError as e:
+            if str(e).startswith("can not serialize"):  # msgpack's: what default returned
+                raise TypeError(
+                    f"cannot send the payload: {self.default!r} (connect's default=) "
+                    f"returned an object msgpack cannot carry either ({e}); it must return "
+                    f"{_KINDS}, or raise TypeError"
+                ) from None
+            raise
+        except (ValueError, OverflowError) as e:
+            raise TypeError(f"cannot encode payload: {e}") from None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Within: this thread's :func:`pack_payload` and batch packing use our
+        packer (for the batch paths, which pack in the transports)."""
+        old = _packer()
+        _local.packer = self.packer()
+        try:
+            yield
+        finally:
+            _local.packer = old
 
 
 def _tuplify(descr: Any) -> Any:

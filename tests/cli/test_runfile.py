@@ -247,6 +247,151 @@ def test_a_run_on_a_live_bus_is_refused(bus, runtime, tmp_path):
     assert not (tmp_path / "started").exists()
 
 
+# A command agent that asks the service listed before it, once, with no retry
+# and no wait_for_recipient: it is on the bus, since the run waited for it.
+ASK_ONCE = """
+    import json, pathlib, shmbus
+    with shmbus.connect() as agent:
+        reply = agent.request("tool", "once", timeout=30)
+        pathlib.Path(agent.name + ".out").write_text(json.dumps(reply.payload))
+"""
+
+# Fails (after joining) the first time it runs, succeeds the second.
+FAIL_ONCE = """
+    import pathlib, sys, shmbus
+    with shmbus.connect() as agent:
+        runs = pathlib.Path(agent.name + ".runs")
+        runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
+        if len(runs.read_text()) == 1:
+            sys.exit(2)
+"""
+
+PID_COMMAND = """
+    import os, pathlib, shmbus
+    with shmbus.connect() as agent:
+        pathlib.Path(agent.name + ".pid").write_text(str(os.getpid()))
+        for _ in agent:
+            pass
+"""
+
+
+def test_agents_start_in_the_files_order_each_once_those_before_joined(names, runtime, tmp_path):
+    bus = names("bus")
+    write(tmp_path / "service.py", SERVICE)
+    write(tmp_path / "ask.py", ASK_ONCE)
+    toml = write(
+        tmp_path / "agents.toml",
+        f"""
+        bus = "{bus}"
+        [[agents]]
+        name = "tool"
+        command = [{PY}, "service.py", "2"]
+        env = {{ GREETING = "hi" }}
+        [[agents]]
+        name = "asker"
+        command = [{PY}, "ask.py"]
+        replicas = 2
+        """,
+    )
+    for _ in range(2):  # the race of issue 17 lost every time: try it twice
+        result = shmbus_run(str(toml))
+        assert result.returncode == 0, result.stdout + result.stderr
+        for n in (1, 2):
+            assert json.loads((tmp_path / f"asker-{n}.out").read_text())["got"] == "once"
+    assert_nothing_left(bus, runtime)
+
+
+def test_an_agent_marked_restart_is_started_again_when_it_fails(names, runtime, tmp_path):
+    bus = names("bus")
+    write(tmp_path / "fail_once.py", FAIL_ONCE)
+    toml = write(
+        tmp_path / "agents.toml",
+        f"""
+        bus = "{bus}"
+        [[agents]]
+        name = "flaky"
+        command = [{PY}, "fail_once.py"]
+        restart = true
+        """,
+    )
+    result = shmbus_run(str(toml))
+    assert result.returncode == 0, result.stdout + result.stderr  # it failed, and recovered
+    assert (tmp_path / "flaky.runs").read_text() == "xx"
+    assert "flaky exited with code 2" in result.stdout
+    assert "flaky restarts in" in result.stdout
+    assert "flaky exited with code 0" in result.stdout
+    assert_nothing_left(bus, runtime)
+
+
+def test_a_failure_before_joining_is_told_with_the_end_of_its_stderr(names, runtime, tmp_path):
+    bus = names("bus")
+    write(tmp_path / "agents.py", AGENTS)
+    toml = write(
+        tmp_path / "agents.toml",
+        f"""
+        bus = "{bus}"
+        [[agents]]
+        name = "bad"
+        command = [{PY}, "-c", "import sys; print('no config file', file=sys.stderr); sys.exit(3)"]
+        [[agents]]
+        name = "ok"
+        target = "agents:done"
+        """,
+    )
+    result = shmbus_run(str(toml))
+    assert result.returncode == 1, result.stdout + result.stderr  # bad does not restart
+    assert "bad exited with code 3 before it joined the bus" in result.stdout
+    assert "    no config file" in result.stdout  # quoted
+    assert "no config file" in result.stderr  # and passed on as it came
+    assert "ok exited with code 0" in result.stdout
+    assert_nothing_left(bus, runtime)
+
+
+def test_a_killed_run_leaves_no_agent_behind(names, runtime, tmp_path, children):
+    from shmbus.coordinator.takeover import process_gone
+    from shmbus.core.paths import remove_bus_shm
+
+    bus = names("bus")
+    write(tmp_path / "agents.py", AGENTS)
+    write(tmp_path / "pid.py", PID_COMMAND)
+    toml = write(
+        tmp_path / "agents.toml",
+        f"""
+        bus = "{bus}"
+        [[agents]]
+        name = "idle"
+        target = "agents:idle"
+        [[agents]]
+        name = "cmd"
+        command = [{PY}, "pid.py"]
+        """,
+    )
+    proc = children.popen(
+        [sys.executable, "-m", "shmbus", "run", str(toml)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    pids: list[int] = []
+    try:
+        wait_for_files([tmp_path / "idle.up", tmp_path / "cmd.pid"], proc)
+        pids = [int((tmp_path / "cmd.pid").read_text())]
+        proc.kill()  # kill -9: no chance to stop anything
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while not all(map(process_gone, pids)) or bus_entries(bus):
+            assert time.monotonic() < deadline, f"outlived shmbus run: {pids}, {bus_entries(bus)}"
+            time.sleep(0.05)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        remove_bus_shm(bus)
+
+
 # ------------------------------------------------------------ checking
 
 
@@ -422,6 +567,14 @@ CASES = {
     "cwd missing": (
         'bus = "b"\n[[agents]]\nname = "a"\ncwd = "nowhere"\n' + TARGET,
         "cwd 'nowhere' is not a directory",
+    ),
+    "restart not a boolean": (
+        'bus = "b"\n[[agents]]\nname = "a"\nrestart = "yes"\n' + TARGET,
+        "agent 'a': restart must be true or false, got 'yes'",
+    ),
+    "ready_timeout negative": (
+        'bus = "b"\n[[agents]]\nname = "a"\nready_timeout = -1\n' + TARGET,
+        "agent 'a': ready_timeout must be seconds >= 0 (0: do not wait), got -1",
     ),
     "history not a table": (
         'bus = "b"\nhistory = 3\n[[agents]]\nname = "a"\n' + TARGET,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -95,6 +96,27 @@ def test_nothing_is_created_until_something_is_dead_lettered(tmp_path):
     assert (tmp_path / "b").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "b" / FILE).stat().st_mode & 0o777 == 0o600
     dlq.close()
+
+
+def test_a_memory_dlq_reads_writes_and_locks_nothing(tmp_path):
+    keeper = DeadLetterQueue("b", 10, directory=tmp_path / "b")  # a file DLQ, with letters
+    fill(keeper, 2)
+    before = (tmp_path / "b" / FILE).read_bytes()
+    dlq = DeadLetterQueue("b", 3, directory=tmp_path / "b", persist=False)  # no lock asked
+    assert dlq.entries == {}  # the file's letters are not loaded
+    fill(dlq, 5, start=10)
+    assert dlq.remove([4]) == [4]
+    assert payloads(dlq) == [12, 14] and (dlq.total, dlq.evicted) == (5, 2)
+    assert dlq.handle("dlq_list", {})["store"] == "memory"
+    assert dlq.purge() == 2 and dlq.entries == {}
+    dlq.close()
+    assert (tmp_path / "b" / FILE).read_bytes() == before  # left as it was
+    assert keeper.handle("dlq_list", {})["store"] == "file"
+    keeper.close()
+    memory = DeadLetterQueue("m", 3, directory=tmp_path / "m", persist=False)
+    fill(memory, 1)
+    memory.close()
+    assert not (tmp_path / "m").exists()
 
 
 def test_ids_are_stable_and_never_given_twice(tmp_path):
@@ -256,6 +278,69 @@ def test_the_dlq_survives_a_coordinator_restart(names, runtime, children, state,
         assert [d.message.payload["n"] for d in agent.dlq()] == [3, 4, 5]
         assert agent.stats().dlq_evicted == 3
     stop(proc, bus, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_memory_dlq_leaves_no_file_and_a_restart_starts_empty(
+    names, runtime, children, state, how
+):
+    bus = names("bus")
+    proc = start(children, bus, "--dlq", "file")  # an old letter, in the file
+    with shmbus.connect(bus=bus, name="a") as agent:
+        with pytest.raises(UnknownRecipient):
+            agent.send("nobody", {"n": "old"})
+    stop(proc, bus, signal.SIGTERM)
+    old = (state / bus / FILE).read_bytes()
+    proc = start(children, bus, "--dlq", "memory")
+    with shmbus.connect(bus=bus, name="a") as agent:
+        assert agent.dlq() == []  # the file's letter is not loaded
+        for n in range(3):
+            with pytest.raises(UnknownRecipient):
+                agent.send("nobody", {"n": n})
+        assert [d.message.payload["n"] for d in agent.dlq()] == [0, 1, 2]
+        assert agent.stats().dlq == 3
+    listing = subprocess.run(
+        [sys.executable, "-m", "shmbus", "dlq", "list", "--bus", bus],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listing.returncode == 0 and "kept in memory only" in listing.stdout, listing.stderr
+    stop(proc, bus, how)
+    assert (state / bus / FILE).read_bytes() == old  # nothing written
+    assert sorted(p.name for p in (state / bus).iterdir()) == [FILE]
+    proc = start(children, bus, "--dlq", "memory")
+    with shmbus.connect(bus=bus, name="b") as agent:
+        assert agent.dlq() == []  # the last coordinator's letters went with it
+        assert agent.stats().dlq == 0
+    stop(proc, bus, signal.SIGTERM)
+    assert proc.returncode == 0
+
+
+def test_a_memory_dlq_on_a_fresh_bus_creates_no_state_directory(names, runtime, children, state):
+    bus = names("bus")
+    proc = start(children, bus, "--dlq", "memory")
+    with shmbus.connect(bus=bus, name="a") as agent:
+        with pytest.raises(UnknownRecipient):
+            agent.send("nobody", 1)
+        assert len(agent.dlq()) == 1
+    stop(proc, bus, signal.SIGTERM)
+    assert not (state / bus).exists()
+
+
+def test_the_dlq_store_is_checked(names, runtime):
+    from shmbus.coordinator import Coordinator
+    from shmbus.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="'file', 'memory'"):
+        Coordinator(names("bus"), dlq="disk")
+    bad = subprocess.run(
+        [sys.executable, "-m", "shmbus", "coordinator", "--bus", names("bus"), "--dlq", "disk"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "invalid choice: 'disk'" in bad.stderr
 
 
 def test_a_coordinator_killed_mid_record_loses_only_that_record(names, runtime, children, state):

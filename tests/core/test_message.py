@@ -20,6 +20,7 @@ from shmbus.core.message import (
     HEADER_SIZE,
     Message,
     MessageType,
+    PayloadPacker,
     decode_frame,
     encode_frame,
     encode_message,
@@ -268,3 +269,117 @@ def test_a_message_is_an_immutable_record_with_a_replace():
     assert msg == Message(id=7, sender="a", payload=np.arange(3)) and msg != changed
     with pytest.raises(TypeError):
         hash(msg)
+
+
+# ------------------------------------------- connect(..., default=fn)
+
+
+class Point:
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+
+def _to_msgpack(obj):
+    if isinstance(obj, Point):
+        return {"x": obj.x, "y": obj.y}
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, complex):
+        return np.complex128(obj)  # the bus carries numpy scalars itself
+    if isinstance(obj, int):
+        return str(obj)  # past 64 bits
+    raise TypeError(f"no conversion for {type(obj).__name__}")
+
+
+def test_a_refusal_names_the_type_and_says_default_and_tuples_arrive_as_lists():
+    with pytest.raises(TypeError) as info:
+        pack_payload({"p": Point(1, 2)})
+    assert "Point" in str(info.value) and "default=" in str(info.value)
+    data, flags = pack_payload({"t": (1, (2, 3))})
+    assert unpack_payload(data, flags) == {"t": [1, [2, 3]]}
+
+
+def test_default_converts_what_msgpack_cannot_carry_wherever_it_is():
+    pack = PayloadPacker(_to_msgpack)
+    when = datetime(2020, 1, 2, 3, 4, 5)
+    payload = {"p": Point(1, 2), "l": [when, (Point(3, 4),)], "c": 1 + 2j, "big": 2**70}
+    got = unpack_payload(*pack(payload))
+    assert got == {
+        "p": {"x": 1, "y": 2},
+        "l": [when.isoformat(), [{"x": 3, "y": 4}]],
+        "c": np.complex128(1 + 2j),
+        "big": str(2**70),
+    }
+    assert unpack_payload(*pack(Point(5, 6))) == {"x": 5, "y": 6}  # the payload itself
+    arr = np.arange(4)  # numpy stays the bus's own: never handed to default
+    assert (unpack_payload(*pack({"a": arr}))["a"] == arr).all()
+    assert pack(b"raw") == (b"raw", lib.SHMBUS_FRAME_FLAG_RAW)
+    # Without a default, the same payload is refused as before.
+    with pytest.raises(TypeError, match="Point"):
+        pack_payload(payload)
+
+
+def test_a_default_that_fails_or_returns_the_unsendable_says_so():
+    with pytest.raises(TypeError, match="no conversion for object"):
+        PayloadPacker(_to_msgpack)({"o": object()})
+    with pytest.raises(TypeError) as info:
+        PayloadPacker(lambda obj: obj)({"p": Point(1, 2)})  # handed back as it came
+    text = str(info.value)
+    assert "default=" in text and "Point" in text and "raise TypeError" in text
+    with pytest.raises(TypeError, match="default must be a function"):
+        PayloadPacker("not callable")  # type: ignore[arg-type]
+
+
+def test_an_installed_default_serves_the_batch_packer_and_is_removed_after():
+    from shmbus.transport.shm_outbox import pack_many
+
+    pack = PayloadPacker(_to_msgpack)
+    with pack.installed():
+        blob, lens, flags = pack_many([Point(1, 2), {"n": 1}, b"x"], 0)
+        assert unpack_payload(blob[: lens[0]], flags[0]) == {"x": 1, "y": 2}
+    with pytest.raises(TypeError, match="Point"):
+        pack_many([Point(1, 2)], 0)  # the module's packer again
+
+
+def test_an_agent_with_default_sends_every_way_and_one_without_is_unchanged(bus):
+    with (
+        shmbus.connect(bus=bus, name="a", default=_to_msgpack) as a,
+        shmbus.connect(bus=bus, name="b") as b,
+    ):
+        assert b._payload_packer is None  # no default: the module's packer, as before
+        b.subscribe("pts.*")
+        a.send("b", {"p": Point(1, 2)})
+        a.send_many("b", [Point(3, 4), (Point(5, 6),)])
+        a.publish("pts.one", Point(7, 8))
+        a.publish_many("pts.many", [Point(9, 10)])
+        got = [m.payload for m in b.recv_many(16, timeout=10)]
+        while len(got) < 5:
+            got += [m.payload for m in b.recv_many(16, timeout=10)]
+        assert got == [
+            {"p": {"x": 1, "y": 2}},
+            {"x": 3, "y": 4},
+            [{"x": 5, "y": 6}],  # the tuple arrives as a list
+            {"x": 7, "y": 8},
+            {"x": 9, "y": 10},
+        ]
+        with pytest.raises(TypeError) as info:
+            b.send("a", Point(0, 0))
+        assert "Point" in str(info.value) and "default=" in str(info.value)
+        assert info.value.__context__ is None or info.value.__suppress_context__
+        with pytest.raises(TypeError, match="no conversion for object"):
+            a.send("b", object())
+        assert b.dlq() == []  # nothing refused was sent, nor dead-lettered
+
+
+def test_the_asyncio_connect_takes_default(bus):
+    import asyncio
+
+    import shmbus.aio
+
+    async def main() -> object:
+        async with await shmbus.aio.connect(bus=bus, name="x", default=_to_msgpack) as x:
+            with shmbus.connect(bus=bus, name="y") as y:
+                await x.send("y", Point(1, 2))
+                return y.recv(timeout=10).payload
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == {"x": 1, "y": 2}
