@@ -13,7 +13,7 @@ from ..coordinator import coordinator as _coordinator
 from ..coordinator.coordinator import DLQ_STORES, Coordinator
 from ..core.routes import MAX_KEEP, check_keep
 from ..errors import CoordinatorRunning, ShmbusError
-from .send import add_verbose, report
+from .report import add_verbose, report
 
 PROG = "shmbus coordinator"
 

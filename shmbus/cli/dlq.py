@@ -47,7 +47,8 @@ from ..errors import (
     ShmbusError,
     UnknownRecipient,
 )
-from .send import add_verbose, positive_seconds, to_json
+from .report import add_verbose
+from .send import positive_seconds, to_json
 
 __all__ = ["Control", "add_parser", "run"]
 

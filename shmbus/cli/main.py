@@ -29,7 +29,7 @@ from ..core.routes import Table
 from ..core.stats import BusStats, StatsSegment, format_stats, inbox_fill
 from ..errors import CoordinatorRunning, InvalidName, ShmbusError
 from . import coordinator as _coordinator
-from . import demo
+from . import demo, report
 from . import dlq as cli_dlq
 from . import run as runfile
 from . import send as cli_send
@@ -114,9 +114,9 @@ def run_cleanup(buses: list[str], purge_dlq: bool = False) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         except OSError as e:  # another user's bus: one line, and on to the next bus
-            hint = cli_send.error_hint(e)
+            hint = report.error_hint(e)
             print(
-                f"shmbus cleanup: {bus}: not removed: {cli_send.error_text(e)}"
+                f"shmbus cleanup: {bus}: not removed: {report.error_text(e)}"
                 + (f"; {hint}" if hint else ""),
                 file=sys.stderr,
             )
@@ -165,8 +165,8 @@ def run_stats(buses: list[str], as_json: bool, watch: float | None) -> int:
                         why = f"no coordinator runs bus {bus!r}"
                         hint = "`shmbus ls` lists the buses of this machine"
                     else:
-                        why = f"bus {bus!r}: {cli_send.error_text(e)}"
-                        hint = cli_send.error_hint(e) or "is its coordinator running?"
+                        why = f"bus {bus!r}: {report.error_text(e)}"
+                        hint = report.error_hint(e) or "is its coordinator running?"
                     print(f"shmbus stats: {why}, so no stats; {hint}", file=sys.stderr)
                     return 1
                 print(json.dumps(snap.as_dict()) if as_json else format_stats(snap), flush=True)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="shmbus", description=__doc__)
     parser.add_argument("--version", action="version", version=f"shmbus {_version()}")
-    cli_send.add_verbose(parser, top=True)
+    report.add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("coordinator", help="run a bus's coordinator", add_help=False)
     p = sub.add_parser("demo", help="run a few agents on a bus for a few seconds")
@@ -284,7 +284,7 @@ def _main(argv: list[str] | None) -> int:
     cli_tail.add_parser(sub)
     for name, choice in sub.choices.items():
         if name not in ("coordinator", "bench"):  # those parse their own arguments
-            cli_send.add_verbose(choice)
+            report.add_verbose(choice)
     args, rest = parser.parse_known_args(argv)
     if args.command == "coordinator":
         return _coordinator.main(rest, verbose=args.verbose)
@@ -302,11 +302,11 @@ def _main(argv: list[str] | None) -> int:
         return _dispatch(args)
     except CoordinatorRunning as e:
         hint = f"run the demo on a bus of its own: shmbus demo --bus {args.bus}-2"
-        return cli_send.report(
+        return report.report(
             prog, e, verbose=args.verbose, hint=hint if args.command == "demo" else ""
         )
     except (ShmbusError, OSError, KeyboardInterrupt) as e:
-        return cli_send.report(prog, e, verbose=args.verbose)
+        return report.report(prog, e, verbose=args.verbose)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
