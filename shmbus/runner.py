@@ -62,6 +62,7 @@ from .core.paths import (
     socket_path,
     validate_bus_or_agent,
 )
+from .core.process import process_gone
 from .core.routes import Table, check_keep
 from .errors import (
     AgentExited,
@@ -267,16 +268,6 @@ def describe(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class _Tail:
     """A command's stderr, passed on to ours as it comes (the program writes
     to a pipe, a thread copies it to our fd 2), its last bytes kept."""
@@ -460,7 +451,7 @@ class AgentProcess:
                 if table is not None and table.version != seen:
                     seen, routes = table.read()
                     entry = (routes or {}).get("agents", {}).get(self.name)
-                    if entry is not None and _alive(int(entry[2])):
+                    if entry is not None and not process_gone(int(entry[2])):
                         self._ready = True
                         return
                 code = self._poll()

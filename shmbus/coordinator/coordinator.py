@@ -31,6 +31,7 @@ from ..core.paths import (
     stats_name,
     validate_bus_or_agent,
 )
+from ..core.process import process_gone as _process_gone
 from ..core.ring import LANES, Ring
 from ..core.routes import check_keep, validate_pattern
 from ..core.stats import (
@@ -58,7 +59,6 @@ from .dlq import DeadLetterQueue
 from .history import HISTORY, History
 from .history import OPS as HISTORY_OPS
 from .registry import AgentEntry, Conn, Registry
-from .takeover import process_gone as _process_gone
 
 log = logging.getLogger(__name__)
 

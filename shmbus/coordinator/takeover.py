@@ -32,6 +32,7 @@ from typing import Any
 import msgpack
 
 from ..core.paths import inbox_name, pending_path, routes_name, stats_name, validate_bus_or_agent
+from ..core.process import process_gone
 from ..core.ring import LANES as _LANES
 from ..core.ring import Ring
 from ..core.routes import Table, validate_pattern
@@ -43,22 +44,6 @@ log = logging.getLogger(__name__)
 
 ORPHAN_CHECK = 0.5  # seconds between looks at agents that have not rejoined
 _SLOTS = AGENT_SLOTS
-
-
-def process_gone(pid: int) -> bool:
-    """Has ``pid`` ended (gone, or a zombie nobody reaped yet)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # someone else's: alive
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return True  # gone between the two looks
-    return state in (b"Z", b"X")
 
 
 def adopt(reg: Registry, host: Host) -> None:
