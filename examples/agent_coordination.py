@@ -217,7 +217,7 @@ def check(planner: Planner, outcomes: dict[int, Outcome], broken: str) -> None:
 def run(bus: str, n_workers: int) -> None:
     workers = [f"worker-{i}" for i in range(1, n_workers + 1)]
     broken = workers[-1]
-    with shmbus.Runner(bus=bus) as runner:
+    with shmbus.Runner(bus=bus, dlq="memory") as runner:  # an example leaves no DLQ file
         planner = Planner(runner.connect(PLANNER), workers)  # first: workers report to it
         procs = [runner.spawn(w, worker, args=(w == broken,)) for w in workers]
         planner.await_workers()

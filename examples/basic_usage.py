@@ -116,7 +116,7 @@ def show_stats(stats: shmbus.BusStats) -> None:
 
 
 def run(bus: str) -> None:
-    with shmbus.Runner(bus=bus) as runner:
+    with shmbus.Runner(bus=bus, dlq="memory") as runner:  # an example leaves no DLQ file
         main = runner.connect(DRIVER)  # first, so the agents can report to it
         procs = [
             runner.spawn("greeter", greeter),

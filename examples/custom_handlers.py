@@ -150,7 +150,7 @@ ORDERS = [  # (payload, why it should be refused, or None)
 
 
 def run(bus: str) -> None:
-    with shmbus.Runner(bus=bus) as runner:
+    with shmbus.Runner(bus=bus, dlq="memory") as runner:  # an example leaves no DLQ file
         admin = runner.connect("admin")
         frontend = runner.connect("frontend")
         warehouse = runner.connect("warehouse")

@@ -3,7 +3,8 @@
 Each example checks its own results and exits non-zero when one is wrong;
 these tests run it as a script (so its agents re-import it as ``__main__``,
 as they do for a user), then check its exit code, the lines that say what
-it showed, and that its bus left nothing in /dev/shm.
+it showed, and that its bus left nothing in /dev/shm nor in the state
+directory (issue 17: the examples' dead letters surfaced in later runs).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shmbus.core.paths import lock_path, remove_bus_shm, runtime_dir
+from shmbus.core.paths import lock_path, remove_bus_shm, runtime_dir, state_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,6 +48,7 @@ def run_example(script: str, bus: str, runtime: str, *args: str) -> str:
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{out}\n{err}"
     assert bus_entries(bus) == []
     assert not runtime_dir(bus).exists()
+    assert not state_dir(bus).exists(), "an example keeps its dead letters for the run only"
     return out
 
 
