@@ -12,7 +12,7 @@ import logging
 import operator
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._native import lib
 from ..core.message import (
@@ -42,6 +42,15 @@ class _AgentDefault:
 
 
 _DEFAULT: Any = _AgentDefault()  # "timeout not given": the agent's own applies
+
+
+class _Waited(NamedTuple):
+    """What a ``wait_for_recipient`` wait leaves for the send: the wait for
+    room (``left``), and for the error if the name never came."""
+
+    left: float | None
+    seconds: float
+    limit: float | None
 
 
 class Sender:
@@ -118,27 +127,16 @@ class Sender:
         else:
             rc = 0
         policy, wait, _ = self._policy(timeout, backpressure)
-        if wait_for_recipient:  # off the fast path: no route to it was cached
-            return self._send_when_there(
-                recipient,
-                _DIRECT,
-                data,
-                flags,
-                priority,
-                ttl,
-                timeout,
-                policy,
-                0,
-                0,
-                rc,
-                self._tracker(recipient, _DIRECT, priority, ttl) if requires_ack else None,
-            )
         on_sent = self._tracker(recipient, _DIRECT, priority, ttl) if requires_ack else None
-        return self._out.send(
-            recipient, _DIRECT, data, flags, priority, ttl, wait, 0, 0, policy, rc, on_sent
+        waited = None
+        if wait_for_recipient:  # off the fast path: no route to it was cached
+            waited = self._await_recipient(recipient, timeout, policy)
+            wait = waited.left
+        return self._deliver(
+            recipient, _DIRECT, data, flags, priority, ttl, wait, 0, 0, policy, rc, on_sent, waited
         )
 
-    def _send_when_there(
+    def _deliver(
         self,
         recipient: str,
         kind: int,
@@ -146,21 +144,17 @@ class Sender:
         flags: int,
         priority: Any,
         ttl: float | None,
-        timeout: Any,
-        policy: str,
+        wait: Any,
         request_id: int,
         correlation_id: int,
+        policy: str,
         rc: int,
         on_sent: Any,
+        waited: _Waited | None = None,
     ) -> int:
-        """``send(..., wait_for_recipient=True)`` past its fast path: wait for
-        ``recipient`` to be on the bus (up to the call's timeout), then send
-        with what is left of it. Waited for before the send, not after an
-        UnknownRecipient: that one would have dead-lettered the message."""
-        limit = self._send_timeout if timeout is _DEFAULT else timeout
-        start = time.monotonic()
-        left = self._await_recipient(recipient, limit)
-        wait = left if policy == "block" else 0.0
+        """The outbox's whole send path (past the one-call fast path). After
+        a ``wait_for_recipient`` wait (``waited``), an UnknownRecipient says
+        how long it waited."""
         try:
             return self._out.send(
                 recipient,
@@ -177,17 +171,23 @@ class Sender:
                 on_sent,
             )
         except UnknownRecipient as e:
+            if waited is None:
+                raise
             raise UnknownRecipient(
-                f"{e}, after waiting {time.monotonic() - start:.3g}s for it to join "
-                f"(wait_for_recipient; the timeout was {limit}s): is it started, and "
+                f"{e}, after waiting {waited.seconds:.3g}s for it to join "
+                f"(wait_for_recipient; the timeout was {waited.limit}s): is it started, and "
                 "under that name?"
             ) from None
 
-    def _await_recipient(self, name: str, timeout: float | None) -> float | None:
-        """Wait until ``name`` is on the bus or ``timeout`` passed (None:
-        until it is); the seconds left of ``timeout``."""
+    def _await_recipient(self, name: str, timeout: Any, policy: str) -> _Waited:
+        """``wait_for_recipient``: wait until ``name`` is on the bus, up to the
+        call's timeout (the agent's send_timeout by default; None: until it
+        is), before the send: waiting after an UnknownRecipient would leave a
+        dead letter for a message that is then delivered."""
+        limit = self._send_timeout if timeout is _DEFAULT else timeout
+        start = time.monotonic()
         out = self._out
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if limit is None else start + limit
         pause = 0.001
         while True:
             out.fresh()  # one atomic load on shm while the routes did not move
@@ -198,7 +198,8 @@ class Sender:
                 break
             time.sleep(pause if deadline is None else min(pause, deadline - now))
             pause = min(pause * 2, 0.02)
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        return _Waited(left if policy == "block" else 0.0, time.monotonic() - start, limit)
 
     def _tracker(
         self,
@@ -297,22 +298,11 @@ class Sender:
             if requires_ack
             else None
         )
+        waited = None
         if wait_for_recipient:
-            return self._send_when_there(
-                recipient,
-                kind,
-                data,
-                flags,
-                priority,
-                ttl,
-                timeout,
-                policy,
-                request_id,
-                correlation_id,
-                rc,
-                on_sent,
-            )
-        return self._out.send(
+            waited = self._await_recipient(recipient, timeout, policy)
+            wait = waited.left
+        return self._deliver(
             recipient,
             kind,
             data,
@@ -325,6 +315,7 @@ class Sender:
             policy,
             rc,
             on_sent,
+            waited,
         )
 
     @property
