@@ -18,6 +18,7 @@
 #define SHMBUS_ESMALL ...
 #define SHMBUS_ESTALE ...
 #define SHMBUS_ECLOSED ...
+#define SHMBUS_EFOREIGN ...
 
 typedef struct shmbus_ring shmbus_ring_t;
 
@@ -41,7 +42,7 @@ int shmbus_ring_sealed(const shmbus_ring_t *r);
  * handed out that must keep the mapping alive). */
 void shmbus_ring_close(shmbus_ring_t *r);
 void shmbus_ring_retain(shmbus_ring_t *r);
-int shmbus_ring_unlink(const char *shm_name, const char *bell_name);
+int shmbus_ring_unlink(const char *shm_name);
 
 uint64_t shmbus_ring_capacity(const shmbus_ring_t *r);
 uint32_t shmbus_ring_max_frame(const shmbus_ring_t *r);
@@ -248,7 +249,8 @@ int64_t shmbus_record_send(int fd, uint32_t taken, uint32_t granted, const char 
                            uint32_t len, uint32_t flags, char *out, uint64_t cap, int64_t *sent);
 
 /* shmbus_ring.h: waiting beside the reader (shmbus_waiter.h) */
-int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns);
+uint32_t shmbus_ring_bell(const shmbus_ring_t *r);
+int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns, uint32_t seq);
 
 /* shmbus_waiter.h */
 typedef struct shmbus_waiter shmbus_waiter_t;

@@ -4,12 +4,15 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <sched.h>
 #include <stdalign.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -30,6 +33,7 @@ typedef struct {
     alignas(SHMBUS_RING_LINE) _Atomic uint64_t correlation;
     alignas(SHMBUS_RING_LINE) _Atomic int64_t heartbeat;
     alignas(SHMBUS_RING_LINE) _Atomic uint32_t sleeping;
+    _Atomic uint32_t bell; /* lane 0's is the inbox's doorbell: a futex word */
     alignas(SHMBUS_RING_LINE) _Atomic uint32_t sealed;
     alignas(SHMBUS_RING_HEADER_SIZE) uint8_t data[];
 } ring_segment;
@@ -41,6 +45,7 @@ _Static_assert(offsetof(ring_segment, head) == 384, "head at 384");
 _Static_assert(offsetof(ring_segment, correlation) == 512, "correlation at 512");
 _Static_assert(offsetof(ring_segment, heartbeat) == 640, "heartbeat at 640");
 _Static_assert(offsetof(ring_segment, sleeping) == 768, "sleeping at 768");
+_Static_assert(offsetof(ring_segment, bell) == 772, "the doorbell beside it");
 _Static_assert(offsetof(ring_segment, sealed) == 896, "sealed at 896");
 _Static_assert(offsetof(ring_segment, data) == SHMBUS_RING_HEADER_SIZE, "data after the header");
 _Static_assert(sizeof(_Atomic int32_t) == 4 && alignof(_Atomic int32_t) == 4,
@@ -55,7 +60,11 @@ struct shmbus_ring {
     uint64_t mask;
     uint32_t max_frame;
     uint64_t map_size;
-    sem_t *bell;
+    /* The inbox's doorbell: &seg->bell for lane 0; for a lane, the word in
+     * lane 0's header, mapped on its own (bell_map) so that it lives as long
+     * as this view whatever becomes of lane 0's. */
+    _Atomic uint32_t *bell;
+    void *bell_map;
     int64_t peeked; /* data index of the record handed out by peek, or -1 */
     /* The reader's last look at the tail: tails only grow, so it stays a
      * valid bound, and the producers' contended line is read only when a
@@ -146,12 +155,40 @@ static bool capacity_ok(uint64_t capacity)
 
 /* ------------------------------------------------------ create and attach */
 
+/* The page of lane 0's header that holds the doorbell, for a lane. */
+#define BELL_MAP_SIZE 4096
+_Static_assert(SHMBUS_RING_HEADER_SIZE <= BELL_MAP_SIZE, "the bell's page holds the header");
+
+/* The doorbell of a ring: its own word (bell_name NULL, lane 0), or lane
+ * 0's, mapped from the segment bell_name (a lane). */
+static int open_bell(ring_segment *seg, const char *bell_name, _Atomic uint32_t **bell, void **map)
+{
+    *map = NULL;
+    if (!bell_name) {
+        *bell = &seg->bell;
+        return SHMBUS_OK;
+    }
+    int rc = shmbus_seg_map_head(bell_name, BELL_MAP_SIZE, map);
+    if (rc != SHMBUS_OK)
+        return rc;
+    ring_segment *lane0 = *map;
+    if (atomic_load_explicit((_Atomic uint64_t *)&lane0->meta.magic, memory_order_acquire) !=
+        SHMBUS_RING_MAGIC) {
+        shmbus_seg_unmap(*map, BELL_MAP_SIZE);
+        *map = NULL;
+        return SHMBUS_EBADSEG;
+    }
+    *bell = &lane0->bell;
+    return SHMBUS_OK;
+}
+
 static shmbus_ring_t *new_view(ring_segment *seg, uint64_t map_size, uint64_t capacity,
-                               uint32_t max_frame, sem_t *bell)
+                               uint32_t max_frame, _Atomic uint32_t *bell, void *bell_map)
 {
     shmbus_ring_t *r = calloc(1, sizeof *r);
     if (!r)
         return NULL;
+    r->bell_map = bell_map;
     r->seg = seg;
     r->data = seg->data;
     r->capacity = capacity;
@@ -176,30 +213,25 @@ static int create_ring(const char *shm_name, const char *bell_name, uint64_t cap
     if (rc != SHMBUS_OK)
         return rc;
     ring_segment *seg = base;
-    sem_t *bell;
-    if (own_bell) {
-        /* We own the segment name exclusively, so a bell of that name is a
-         * leftover of a killed ring: replace it. */
-        bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
-        if (bell == SEM_FAILED && errno == EEXIST) {
-            sem_unlink(bell_name);
-            bell = sem_open(bell_name, O_CREAT | O_EXCL, 0600, 0);
+    _Atomic uint32_t *bell;
+    void *bell_map;
+    /* Lane 0 rings its own word; a lane, lane 0's (which must exist). */
+    rc = open_bell(seg, own_bell ? NULL : bell_name, &bell, &bell_map);
+    shmbus_ring_t *r = NULL;
+    if (rc == SHMBUS_OK) {
+        r = new_view(seg, size, capacity, max_frame, bell, bell_map);
+        if (!r) {
+            shmbus_seg_unmap(bell_map, BELL_MAP_SIZE);
+            errno = ENOMEM;
+            rc = SHMBUS_ESYS;
         }
-    } else {
-        bell = sem_open(bell_name, 0); /* lane 0's, which must exist */
     }
-    shmbus_ring_t *r = bell == SEM_FAILED ? NULL : new_view(seg, size, capacity, max_frame, bell);
     if (!r) {
-        int saved = bell == SEM_FAILED ? errno : ENOMEM;
-        if (bell != SEM_FAILED) {
-            sem_close(bell);
-            if (own_bell)
-                sem_unlink(bell_name);
-        }
+        int saved = errno;
         shmbus_seg_unmap(seg, size);
         shmbus_seg_unlink(shm_name);
         errno = saved;
-        return SHMBUS_ESYS;
+        return rc;
     }
     seg->meta.version = SHMBUS_RING_VERSION;
     seg->meta.header_size = SHMBUS_RING_HEADER_SIZE;
@@ -275,18 +307,19 @@ int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_
     /* M2: pairs with M1 in shmbus_ring_create. */
     uint64_t magic = atomic_load_explicit((_Atomic uint64_t *)&seg->meta.magic, memory_order_acquire);
     ring_meta meta = seg->meta;
-    sem_t *bell = SEM_FAILED;
+    _Atomic uint32_t *bell = NULL;
+    void *bell_map = NULL;
     rc = SHMBUS_EBADSEG;
     if (magic == SHMBUS_RING_MAGIC && meta.version == SHMBUS_RING_VERSION &&
         meta.header_size == SHMBUS_RING_HEADER_SIZE && capacity_ok(meta.capacity) &&
         shmbus_ring_segment_size(meta.capacity) == size && meta.max_frame != 0 &&
         meta.max_frame <= shmbus_ring_limit_max_frame(meta.capacity))
-        bell = sem_open(bell_name, 0);
+        rc = open_bell(seg, bell_name, &bell, &bell_map);
     shmbus_ring_t *r = NULL;
-    if (bell != SEM_FAILED) {
-        r = new_view(seg, size, meta.capacity, meta.max_frame, bell);
+    if (rc == SHMBUS_OK) {
+        r = new_view(seg, size, meta.capacity, meta.max_frame, bell, bell_map);
         if (!r) {
-            sem_close(bell);
+            shmbus_seg_unmap(bell_map, BELL_MAP_SIZE);
             errno = ENOMEM;
             rc = SHMBUS_ESYS;
         }
@@ -313,19 +346,12 @@ void shmbus_ring_close(shmbus_ring_t *r)
         return;
     for (uint32_t k = 1; k < r->lanes; k++)
         shmbus_ring_close(r->lane[k]);
-    sem_close(r->bell);
+    shmbus_seg_unmap(r->bell_map, BELL_MAP_SIZE);
     shmbus_seg_unmap(r->seg, r->map_size);
     free(r);
 }
 
-int shmbus_ring_unlink(const char *shm_name, const char *bell_name)
-{
-    int rc = shmbus_seg_unlink(shm_name);
-    int saved = errno;
-    sem_unlink(bell_name);
-    errno = saved;
-    return rc;
-}
+int shmbus_ring_unlink(const char *shm_name) { return shmbus_seg_unlink(shm_name); }
 
 /* ------------------------------------------------------------ accessors */
 
@@ -363,10 +389,47 @@ uint64_t shmbus_ring_next_correlation(shmbus_ring_t *r)
 
 /* ------------------------------------------------------------- doorbell */
 
+/* The doorbell is a futex word in shared memory, not a POSIX semaphore:
+ * whatever another process writes over it (a crashed or hostile one), the
+ * kernel only compares and wakes, so the worst it can do is a spurious or
+ * a missed wake-up of this one inbox, never abort a process that rings it
+ * (glibc's sem_post aborts on a corrupt semaphore).  A missed wake-up costs
+ * at most BELL_NAP: no sleep on the bell is longer. */
+#define BELL_NAP_NS 1000000000LL
+
+static void bell_ring(_Atomic uint32_t *bell)
+{
+    /* Release: a sleeper whose load of the word (acquire) sees this
+     * increment sees what was committed before it. */
+    atomic_fetch_add_explicit(bell, 1, memory_order_release);
+    syscall(SYS_futex, (uint32_t *)bell, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static inline uint32_t bell_seq(const shmbus_ring_t *r)
+{
+    return atomic_load_explicit(r->bell, memory_order_acquire);
+}
+
+/* Sleep while the bell still reads `seq`, up to `deadline` (CLOCK_MONOTONIC
+ * ns, INT64_MAX for ever) and at most BELL_NAP_NS.  SHMBUS_EINTR on a signal,
+ * else SHMBUS_OK (woken, moved on, or timed out: the caller looks again). */
+static int bell_sleep(shmbus_ring_t *r, uint32_t seq, int64_t deadline)
+{
+    int64_t until = now_ns() + BELL_NAP_NS;
+    if (deadline < until)
+        until = deadline;
+    struct timespec ts = {.tv_sec = until / 1000000000LL, .tv_nsec = until % 1000000000LL};
+    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC time; no private
+     * flag: the word is shared between processes. */
+    long rc = syscall(SYS_futex, (uint32_t *)r->bell, FUTEX_WAIT_BITSET, seq, &ts, NULL,
+                      FUTEX_BITSET_MATCH_ANY);
+    return rc != 0 && errno == EINTR ? SHMBUS_EINTR : SHMBUS_OK;
+}
+
 void shmbus_ring_wake(shmbus_ring_t *r)
 {
     if (r)
-        sem_post(r->bell);
+        bell_ring(r->bell);
 }
 
 /* Called by a producer after it committed.  D1 pairs with S1 in
@@ -377,7 +440,7 @@ static inline void ring_doorbell(shmbus_ring_t *r)
     atomic_thread_fence(memory_order_seq_cst); /* D1 */
     if (atomic_load_explicit(&r->seg->sleeping, memory_order_relaxed) &&
         atomic_exchange_explicit(&r->seg->sleeping, 0, memory_order_relaxed))
-        sem_post(r->bell);
+        bell_ring(r->bell);
 }
 
 static inline bool has_data(const shmbus_ring_t *r)
@@ -433,35 +496,22 @@ static int wait_for_data(shmbus_ring_t *r, int64_t deadline, int64_t spin_ns)
     for (;;) {
         beat(r);
         set_sleeping(r, 1);
+        /* The word before the look: a ring after it makes the sleep return. */
+        uint32_t seq = bell_seq(r);
         atomic_thread_fence(memory_order_seq_cst); /* S1: pairs with D1 in ring_doorbell */
         if (any_data(r)) {
             set_sleeping(r, 0);
             return SHMBUS_OK;
         }
-        int64_t now2 = now_ns();
-        if (now2 >= deadline) {
+        if (now_ns() >= deadline) {
             set_sleeping(r, 0);
             return SHMBUS_ETIMEDOUT;
         }
-        int rc;
-        if (deadline == INT64_MAX) {
-            rc = sem_wait(r->bell);
-        } else {
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            int64_t left = deadline - now2;
-            ts.tv_sec += left / 1000000000LL;
-            ts.tv_nsec += left % 1000000000LL;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
-            rc = sem_clockwait(r->bell, CLOCK_MONOTONIC, &ts);
-        }
+        int rc = bell_sleep(r, seq, deadline);
         set_sleeping(r, 0);
-        if (rc != 0 && errno == EINTR)
+        if (rc == SHMBUS_EINTR)
             return SHMBUS_EINTR;
-        /* Woken, timed out or a stale post: loop and look again. */
+        /* Woken, timed out, a nap's end or a stale ring: look again. */
     }
 }
 
@@ -1074,7 +1124,9 @@ int shmbus_ring_unblock(shmbus_ring_t *r, int64_t grace_ns)
 /* One round of wait_for_data, for a thread that waits on behalf of a reader
  * that never waits itself (shmbus_waiter.c: an event loop's).  It only
  * looks at the lanes and sleeps on the bell; the reader reads. */
-int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns)
+uint32_t shmbus_ring_bell(const shmbus_ring_t *r) { return bell_seq(r); }
+
+int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns, uint32_t seq)
 {
     if (!r)
         return SHMBUS_EINVAL;
@@ -1087,11 +1139,12 @@ int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns)
         set_sleeping(r, 0);
         return SHMBUS_OK;
     }
-    int rc = sem_wait(r->bell);
+    int rc = bell_sleep(r, seq, INT64_MAX);
     set_sleeping(r, 0);
-    if (rc != 0)
-        return errno == EINTR ? SHMBUS_EINTR : SHMBUS_ESYS;
-    /* A post for a record the reader took meanwhile, or shmbus_ring_wake. */
+    if (rc == SHMBUS_EINTR)
+        return SHMBUS_EINTR;
+    /* A ring for a record the reader took meanwhile, shmbus_ring_wake, or a
+     * ring since `seq` was read: the caller looks at why, then waits again. */
     return any_data(r) ? SHMBUS_OK : SHMBUS_EAGAIN;
 }
 

@@ -47,10 +47,11 @@
  *
  * Length < 0: being written.  0: nothing there yet.  > 0: committed.
  *
- * The doorbell is a named POSIX semaphore beside the segment, not a sem_t
- * inside it: anything written over the segment (a crashed or hostile
- * process) must not be able to corrupt the semaphore, because glibc aborts
- * the process on a futex error from a corrupt sem_t.
+ * The doorbell is a futex word in the header (lane 0's `bell`, beside its
+ * `sleeping` flag), rung with FUTEX_WAKE, not a POSIX semaphore: anything
+ * written over it by a crashed or hostile process can only cost this inbox a
+ * spurious or a late wake-up (a sleep never lasts longer than a second),
+ * whereas glibc aborts any process whose sem_post meets a corrupt semaphore.
  *
  * Every length and position read from shared memory is checked before it is
  * used: a corrupt segment yields SHMBUS_ECORRUPT, never a read outside the
@@ -69,14 +70,13 @@
 #ifndef SHMBUS_RING_H
 #define SHMBUS_RING_H
 
-#include <semaphore.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "shmbus_seg.h"
 
 #define SHMBUS_RING_MAGIC 0x676E6952756D6853ULL /* "ShmuRing" */
-#define SHMBUS_RING_VERSION 1
+#define SHMBUS_RING_VERSION 2 /* 2: the doorbell is a futex word in the header */
 #define SHMBUS_RING_HEADER_SIZE 1024
 #define SHMBUS_RING_LINE 128
 #define SHMBUS_RING_ALIGNMENT 8
@@ -95,11 +95,13 @@ uint64_t shmbus_ring_segment_size(uint64_t capacity);
 uint32_t shmbus_ring_default_max_frame(uint64_t capacity);
 uint32_t shmbus_ring_limit_max_frame(uint64_t capacity);
 
+/* `bell_name` is NULL for a ring that is its own doorbell (lane 0), and the
+ * segment name of lane 0 for a lane, whose doorbell is lane 0's. */
 int shmbus_ring_create(const char *shm_name, const char *bell_name, uint64_t capacity,
                        uint32_t max_frame, shmbus_ring_t **out);
 int shmbus_ring_attach(const char *shm_name, const char *bell_name, shmbus_ring_t **out);
-/* A lane: a ring whose doorbell is the existing bell of its inbox's lane 0
- * (attach a lane with shmbus_ring_attach and that same bell name). */
+/* A lane: a ring whose doorbell is the existing one of its inbox's lane 0
+ * (`bell_name`: lane 0's segment; attach a lane with that same name). */
 int shmbus_ring_create_lane(const char *shm_name, const char *bell_name, uint64_t capacity,
                             uint32_t max_frame, shmbus_ring_t **out);
 /* Link `lane_ring` as lane `lane` of `r` (lanes go in order: 1, then 2);
@@ -120,17 +122,17 @@ shmbus_ring_t *shmbus_ring_lane(shmbus_ring_t *r, uint32_t lane);
  * to the tail it read after sealing, nothing more can ever be committed:
  * a drain that gets that far has everything (X1/X2 below). */
 void shmbus_ring_seal(shmbus_ring_t *r);
-/* Post the bell once, whether or not the reader sleeps: a thread asleep in
+/* Ring the bell once, whether or not the reader sleeps: a thread asleep in
  * shmbus_ring_wait_once or shmbus_ring_wait returns (to look at a flag of
- * its own, say).  A post nobody waits for only makes the next wait look once
- * more. */
+ * its own, say).  A thread that read the bell (shmbus_ring_bell) before this
+ * and waits with that value returns at once. */
 void shmbus_ring_wake(shmbus_ring_t *r);
 int shmbus_ring_sealed(const shmbus_ring_t *r);
 /* Drops one reference, and the last unmaps.  retain adds one (for a buffer
  * handed out that must keep the mapping alive). */
 void shmbus_ring_close(shmbus_ring_t *r);
 void shmbus_ring_retain(shmbus_ring_t *r);
-int shmbus_ring_unlink(const char *shm_name, const char *bell_name);
+int shmbus_ring_unlink(const char *shm_name);
 
 uint64_t shmbus_ring_capacity(const shmbus_ring_t *r);
 uint32_t shmbus_ring_max_frame(const shmbus_ring_t *r);
@@ -179,9 +181,12 @@ int shmbus_ring_test_reserve(shmbus_ring_t *r, uint32_t len, int write_padding);
 /* For a thread that waits on behalf of a reader that never waits (an event
  * loop's, see shmbus_waiter.h): spin up to spin_ns while no lane has a
  * record, then raise every lane's sleeping flag, look again and sleep on the
- * bell once.  SHMBUS_OK when a lane has a record; SHMBUS_EAGAIN when woken
- * with none (a stale post, or shmbus_ring_wake); SHMBUS_EINTR; SHMBUS_ESYS.
- * It never reads: records are the reader's to take. */
-int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns);
+ * bell once, unless it no longer reads `seq` (from shmbus_ring_bell, read
+ * before the caller looked at its own flags: a shmbus_ring_wake after that
+ * look is never missed).  SHMBUS_OK when a lane has a record; SHMBUS_EAGAIN
+ * when woken with none (a stale ring, shmbus_ring_wake, or the one-second
+ * nap's end); SHMBUS_EINTR.  It never reads: records are the reader's. */
+uint32_t shmbus_ring_bell(const shmbus_ring_t *r);
+int shmbus_ring_wait_once(shmbus_ring_t *r, int64_t spin_ns, uint32_t seq);
 
 #endif

@@ -24,14 +24,21 @@
 #define SHMBUS_ESMALL (-9)   /* the caller's buffer cannot hold the next item */
 #define SHMBUS_ESTALE (-10)  /* the routes moved since this route was built: rebuild it */
 #define SHMBUS_ECLOSED (-11) /* the ring is sealed: its reader has gone for good */
+#define SHMBUS_EFOREIGN (-12) /* not this user's segment, or open to others: never used */
 
 /* Create `name` (a POSIX name, "/..."), `size` bytes, zeroed, and map it. On
  * failure nothing is left behind and errno tells why (SHMBUS_ESYS). */
 int shmbus_seg_create(const char *name, uint64_t size, void **base);
 /* Map an existing segment whose size must lie in [min_size, max_size]:
- * SHMBUS_EBADSEG otherwise, SHMBUS_ESYS (errno ENOENT) if there is none. */
+ * SHMBUS_EBADSEG otherwise, SHMBUS_ESYS (errno ENOENT) if there is none.
+ * Only a segment of this process's effective user with mode 0600 is mapped
+ * (SHMBUS_EFOREIGN otherwise): a name anyone could have made first, or that
+ * others may write, is never adopted. */
 int shmbus_seg_attach(const char *name, uint64_t min_size, uint64_t max_size, void **base,
                       uint64_t *size);
+/* Map the first `size` bytes of an existing segment of this user (the same
+ * checks as attach, with the segment at least `size` long). */
+int shmbus_seg_map_head(const char *name, uint64_t size, void **base);
 void shmbus_seg_unmap(void *base, uint64_t size);
 int shmbus_seg_unlink(const char *name);
 

@@ -41,8 +41,11 @@ static void *run(void *arg)
             break;
         int64_t spin_ns = w->spin_ns;
         w->spin_ns = 0; /* spin once per arming: a stale post must not start another */
+        /* Read under the lock, after the look at stopping: free's ring
+         * comes after this read, so the sleep below cannot miss it. */
+        uint32_t seq = shmbus_ring_bell(w->ring);
         pthread_mutex_unlock(&w->mu);
-        int rc = shmbus_ring_wait_once(w->ring, spin_ns);
+        int rc = shmbus_ring_wait_once(w->ring, spin_ns, seq);
         int saved = errno;
         pthread_mutex_lock(&w->mu);
         if (rc == SHMBUS_EAGAIN || rc == SHMBUS_EINTR)

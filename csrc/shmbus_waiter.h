@@ -1,7 +1,7 @@
 /*
  * shmbus waiter: an inbox's doorbell made pollable, for an event loop.
  *
- * The inbox's doorbell is a POSIX semaphore, which no event loop can select
+ * The inbox's doorbell is a futex word, which no event loop can select
  * on.  A waiter is one small C thread (no Python, so no GIL to win back
  * when it wakes) that, each time it is armed, waits for a record on any
  * lane of the inbox with the ring's own protocol (spin, raise the sleeping

@@ -49,6 +49,12 @@ class BadSegment(ShmbusError):
     """The named segment is not a shmbus ring, or one of another layout version."""
 
 
+class ForeignObject(ShmbusError, PermissionError):
+    """Something of the bus that belongs to another user, or that others may
+    open or replace: a shared-memory segment, a runtime directory, the socket
+    of a coordinator or peer. shmbus never maps, uses or trusts it."""
+
+
 class InvalidArgument(ShmbusError, ValueError):
     """An argument out of its range, or a call the object's state does not allow."""
 
@@ -190,6 +196,11 @@ def raise_for(rc: int, what: str, *, err: int = 0, detail: str = "") -> NoReturn
         raise BadSegment(
             f"{what}: not a shmbus ring of layout version this build reads{suffix}; "
             "check the name, or remove the stale segment with `shmbus cleanup`"
+        )
+    if rc == lib.SHMBUS_EFOREIGN:
+        raise ForeignObject(
+            f"{what}: the segment belongs to another user or is open to others (not mode "
+            "0600): refused, it is never mapped"
         )
     if rc == lib.SHMBUS_ESYS:
         raise os_error(err, what)

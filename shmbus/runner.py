@@ -56,9 +56,9 @@ from typing import Any
 
 from .agent.agent import Agent, connect
 from .core.paths import (
+    find_segments,
     lock_path,
     remove_bus_shm,
-    routes_name,
     socket_path,
     validate_bus_or_agent,
 )
@@ -447,7 +447,7 @@ class AgentProcess:
             while True:
                 if table is None:
                     with contextlib.suppress(ShmbusError):
-                        table = Table.attach(routes_name(self.bus))
+                        table = Table.attach(find_segments(self.bus)[0])
                 if table is not None and table.version != seen:
                     seen, routes = table.read()
                     entry = (routes or {}).get("agents", {}).get(self.name)

@@ -16,7 +16,7 @@ from shmbus import MessageType
 
 
 def bus_entries(bus: str) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if f"shmbus.{bus}." in n]
+    return [n for n in os.listdir("/dev/shm") if f".{bus}." in n]
 
 
 def echo_agent(agent: shmbus.Agent, greeting: str) -> None:

@@ -18,7 +18,7 @@ from shmbus.core.paths import remove_bus_shm, state_dir
 
 
 def bus_entries(bus: str) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if f"shmbus.{bus}." in n]
+    return [n for n in os.listdir("/dev/shm") if f".{bus}." in n]
 
 
 def echo(agent: shmbus.Agent) -> None:

@@ -4,15 +4,13 @@ round-trip latency; everything is removed at the end."""
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
 from ..core.message import MessageType
+from ..core.paths import bus_entries
 from ..core.stats import format_stats
 from ..runner import Runner
-
-SHM = "/dev/shm"
 
 
 def demo_echo(agent) -> None:  # type: ignore[no-untyped-def]
@@ -90,6 +88,6 @@ def run_demo(bus: str, seconds: float) -> int:
             f"({sent / elapsed:,.0f}/s, p50 {p50:.1f} us); "
             f"the monitor saw {readings} published readings"
         )
-    left = [n for n in os.listdir(SHM) if f"shmbus.{bus}." in n]
+    left = bus_entries(bus)
     print("shut down cleanly; nothing left in /dev/shm" if not left else f"LEFT: {left}")
     return 0 if not left else 1

@@ -35,7 +35,7 @@ from typing import Any
 from ..agent.agent import Agent, connect
 from ..core.control import Client
 from ..core.message import Message, MessageType, decode_frame, encode_message
-from ..core.paths import bus_is_live, routes_name, validate_bus_or_agent
+from ..core.paths import bus_is_live, find_segments, validate_bus_or_agent
 from ..core.ring import Ring
 from ..core.routes import Table, match
 from ..errors import (
@@ -202,7 +202,7 @@ def replay_one(agent: Agent, routes: dict[str, Any], msg: Message, timeout: floa
 
 def run_replay(ctl: Control, ids: list[int], name: str, timeout: float) -> int:
     replayed = kept = 0
-    with connect(bus=ctl.bus, name=name) as agent, Table.attach(routes_name(ctl.bus)) as table:
+    with connect(bus=ctl.bus, name=name) as agent, Table.attach(find_segments(ctl.bus)[0]) as table:
         for entry in ctl.entries(ids):
             n = entry["id"]
             if entry.get("missing"):

@@ -7,21 +7,26 @@ import argparse
 import contextlib
 import json
 import os
+import pwd
 import sys
 import time
 from pathlib import Path
 
 from ..coordinator import dlq
 from ..core.paths import (
+    SHM,
+    all_buses,
+    bus_entries,
     bus_is_live,
     data_socket_path,
+    entry_owner,
+    find_segments,
     lock_path,
     remove_bus_shm,
-    routes_name,
     runtime_dir,
+    segment_in_use,
     socket_path,
     state_dir,
-    stats_name,
     validate_bus_or_agent,
 )
 from ..core.ring import Ring
@@ -35,54 +40,84 @@ from . import run as runfile
 from . import send as cli_send
 from . import tail as cli_tail
 
-SHM = Path("/dev/shm")
-
-
 # ------------------------------------------------------------- ls, cleanup
 
 
 def bus_names() -> list[str]:
-    """Buses with anything on this machine: a runtime dir or shared memory."""
+    """This user's buses with anything on this machine: a runtime dir or
+    shared memory of theirs."""
     names: set[str] = set()
     with contextlib.suppress(FileNotFoundError):
         names.update(p.name for p in runtime_dir("x").parent.iterdir() if p.is_dir())
-    for entry in SHM.iterdir():
-        name = entry.name.removeprefix("sem.")
-        if name.startswith("shmbus.") and name.count(".") >= 2:
-            names.add(name.split(".")[1])
+    names.update(bus for uid, bus in all_buses() if uid == os.getuid())
     return sorted(names)
 
 
-def run_ls() -> int:
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _other_buses() -> list[tuple[int, str, list[str]]]:
+    """Other users' buses, by the UID their names claim and their files have:
+    a file of one user named like another's bus is listed as not theirs."""
+    me = os.getuid()
+    out = []
+    for (uid, bus), entries in sorted(all_buses().items()):
+        if uid != me:
+            out.append((uid, bus, entries))
+    return out
+
+
+def _live_elsewhere(uid: int, bus: str, entries: list[str]) -> bool | None:
+    """Does a coordinator of user ``uid`` run ``bus``? It holds the lock on
+    its routes table's file. None when we may not look (not root)."""
+    try:
+        return any(segment_in_use(e) for e in entries if ".routes." in e and entry_owner(e) == uid)
+    except PermissionError:
+        return None
+
+
+def run_ls(all_users: bool = False) -> int:
     for bus in bus_names():
         live = bus_is_live(bus)
         print(f"{bus}: {'live' if live else 'not running'}")
-        if not live:
+        if live:
+            _list_agents(bus)
+    if all_users:
+        for uid, bus, entries in _other_buses():
+            seen = _live_elsewhere(uid, bus, entries)
+            state = {True: "live", False: "not running", None: "not readable by you"}[seen]
+            print(f"{bus} (user {_user(uid)}): {state}, {len(entries)} shared-memory entries")
+    return 0
+
+
+def _list_agents(bus: str) -> None:
+    try:
+        with Table.attach(find_segments(bus)[0]) as table:
+            _, routes = table.read()
+    except ShmbusError as e:
+        print(f"  (routes unreadable: {e})")
+        return
+    for name, (agent_id, inbox, pid, _, transport, *_) in sorted(
+        (routes or {}).get("agents", {}).items()
+    ):
+        if name.startswith("."):  # the coordinator's own (.history): not an agent
             continue
         try:
-            with Table.attach(routes_name(bus)) as table:
-                _, routes = table.read()
-        except ShmbusError as e:
-            print(f"  (routes unreadable: {e})")
-            continue
-        for name, (agent_id, inbox, pid, _, transport, *_) in sorted(
-            (routes or {}).get("agents", {}).items()
-        ):
-            if name.startswith("."):  # the coordinator's own (.history): not an agent
-                continue
-            try:
-                with Ring.attach(inbox, lanes=True) as ring:
-                    fill = "{}/{} bytes".format(*ring.fill)
-            except ShmbusError:
-                fill = "inbox gone"
-            print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} {transport:4s} inbox {fill}")
-        for pattern, names in sorted((routes or {}).get("subs", {}).items()):
-            names = [n for n in names if not n.startswith(".")]
-            if names:
-                print(f"  sub {pattern} -> {', '.join(names)}")
-        for pattern, n in sorted((routes or {}).get("history", {}).items()):
-            print(f"  history {pattern}: the last {n} messages kept")
-    return 0
+            with Ring.attach(inbox, lanes=True) as ring:
+                fill = "{}/{} bytes".format(*ring.fill)
+        except ShmbusError:
+            fill = "inbox gone"
+        print(f"  {name:20s} id {agent_id:<5d} pid {pid:<8d} {transport:4s} inbox {fill}")
+    for pattern, names in sorted((routes or {}).get("subs", {}).items()):
+        names = [n for n in names if not n.startswith(".")]
+        if names:
+            print(f"  sub {pattern} -> {', '.join(names)}")
+    for pattern, n in sorted((routes or {}).get("history", {}).items()):
+        print(f"  history {pattern}: the last {n} messages kept")
 
 
 def state_bus_names() -> list[str]:
@@ -96,15 +131,18 @@ def state_bus_names() -> list[str]:
     return sorted(names)
 
 
-def run_cleanup(buses: list[str], purge_dlq: bool = False) -> int:
+def run_cleanup(buses: list[str], purge_dlq: bool = False, all_users: bool = False) -> int:
     """Remove what killed buses left; never touch a bus whose coordinator lives.
 
-    A bus's DLQ file is data, not debris: it stays unless ``purge_dlq``.
+    Only this user's buses, unless ``all_users`` (root's business: nobody
+    else may remove another user's files from /dev/shm). A bus's DLQ file is
+    data, not debris: it stays unless ``purge_dlq``.
     """
     status = 0
     found = sorted(set(bus_names()) | set(state_bus_names() if purge_dlq else []))
     for bus in buses or found:
-        if bus_is_live(bus):
+        validate_bus_or_agent(bus, "bus")
+        if bus_is_live(bus) or _live_elsewhere(os.getuid(), bus, bus_entries(bus)):
             print(f"{bus}: live (its coordinator holds the lock): left alone")
             status = status or (1 if buses else 0)
             continue
@@ -113,7 +151,7 @@ def run_cleanup(buses: list[str], purge_dlq: bool = False) -> int:
             for path in (socket_path(bus), data_socket_path(bus), lock_path(bus)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-        except OSError as e:  # another user's bus: one line, and on to the next bus
+        except OSError as e:
             hint = report.error_hint(e)
             print(
                 f"shmbus cleanup: {bus}: not removed: {report.error_text(e)}"
@@ -125,17 +163,52 @@ def run_cleanup(buses: list[str], purge_dlq: bool = False) -> int:
         with contextlib.suppress(OSError):
             runtime_dir(bus).rmdir()
         print(f"{bus}: removed {len(removed)} shared-memory entries")
-        if purge_dlq:
-            try:
-                files = dlq.remove_files(bus)
-            except (CoordinatorRunning, OSError) as e:
-                print(f"{bus}: DLQ kept: {e}")
-                status = 1
-            else:
-                print(f"{bus}: removed its DLQ file" if files else f"{bus}: no DLQ file")
-        elif (state_dir(bus) / dlq.FILE).exists():
-            print(f"{bus}: kept its DLQ, {state_dir(bus) / dlq.FILE} (--purge-dlq removes it)")
+        status = max(status, _purge_dlq(bus) if purge_dlq else _say_dlq_kept(bus))
+    if all_users:
+        wanted = set(buses)
+        for uid, bus, entries in _other_buses():
+            if not wanted or bus in wanted:
+                status = max(status, _cleanup_other(uid, bus, entries, named=bool(wanted)))
     return status
+
+
+def _cleanup_other(uid: int, bus: str, entries: list[str], *, named: bool) -> int:
+    """Another user's bus: removed only by root, only once its coordinator is
+    dead, and only the files that user owns."""
+    who = f"{bus} (user {_user(uid)})"
+    if os.geteuid() != 0:
+        print(
+            f"shmbus cleanup: {who}: not yours: only its owner or root may remove it",
+            file=sys.stderr,
+        )
+        return 1 if named else 0
+    if _live_elsewhere(uid, bus, entries):
+        print(f"{who}: live (its coordinator holds the lock on its routes): left alone")
+        return 1 if named else 0
+    removed = 0
+    for name in entries:
+        if entry_owner(name) == uid:  # a look-alike of someone else's stays
+            with contextlib.suppress(FileNotFoundError):
+                (SHM / name).unlink()
+                removed += 1
+    print(f"{who}: removed {removed} shared-memory entries")
+    return 0
+
+
+def _purge_dlq(bus: str) -> int:
+    try:
+        files = dlq.remove_files(bus)
+    except (CoordinatorRunning, OSError) as e:
+        print(f"{bus}: DLQ kept: {e}")
+        return 1
+    print(f"{bus}: removed its DLQ file" if files else f"{bus}: no DLQ file")
+    return 0
+
+
+def _say_dlq_kept(bus: str) -> int:
+    if (state_dir(bus) / dlq.FILE).exists():
+        print(f"{bus}: kept its DLQ, {state_dir(bus) / dlq.FILE} (--purge-dlq removes it)")
+    return 0
 
 
 # ------------------------------------------------------------------ stats
@@ -143,7 +216,8 @@ def run_cleanup(buses: list[str], purge_dlq: bool = False) -> int:
 
 def read_stats(bus: str) -> BusStats:
     """A snapshot of a live bus's counters, straight from shared memory."""
-    with Table.attach(routes_name(bus)) as table, StatsSegment.attach(stats_name(bus)) as stats:
+    routes_seg, stats_seg = find_segments(bus)
+    with Table.attach(routes_seg) as table, StatsSegment.attach(stats_seg) as stats:
         _, routes = table.read()
         return stats.snapshot(bus, inbox_fill((routes or {}).get("agents", {})))
 
@@ -245,7 +319,10 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--bus", default="demo")
     p.add_argument("--seconds", type=float, default=3.0)
     sub.add_parser("bench", help="run the benchmarks (from a source checkout)", add_help=False)
-    sub.add_parser("ls", help="list buses, their agents and inbox fill")
+    p = sub.add_parser("ls", help="list your buses, their agents and inbox fill")
+    p.add_argument(
+        "--all-users", action="store_true", help="also list other users' buses (names only)"
+    )
     p = sub.add_parser("stats", help="a bus's counters: totals, per agent, per topic, DLQ")
     p.add_argument("--bus", action="append", default=[], help="a bus (default: every live one)")
     p.add_argument("--json", action="store_true", help="one JSON object per snapshot")
@@ -257,12 +334,17 @@ def _main(argv: list[str] | None) -> int:
         metavar="SECONDS",
         help="print again every SECONDS (default 1) until interrupted",
     )
-    p = sub.add_parser("cleanup", help="remove what killed buses left (never a live bus)")
+    p = sub.add_parser("cleanup", help="remove what your killed buses left (never a live bus)")
     p.add_argument("buses", nargs="*", help="bus names (default: every bus found)")
     p.add_argument(
         "--purge-dlq",
         action="store_true",
         help="also delete their dead-letter queues (kept by default: they are data)",
+    )
+    p.add_argument(
+        "--all-users",
+        action="store_true",
+        help="also other users' killed buses (root only; a live one is never touched)",
     )
     cli_dlq.add_parser(sub)
     p = sub.add_parser("run", help="run a bus and its agents from a TOML file")
@@ -315,7 +397,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise CoordinatorRunning(f"bus {args.bus!r} is in use: a coordinator runs it")
         return demo.run_demo(args.bus, args.seconds)
     if args.command == "ls":
-        return run_ls()
+        return run_ls(args.all_users)
     if args.command == "stats":
         return run_stats(args.bus, args.json, args.watch)
     if args.command == "run":
@@ -328,7 +410,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cli_dlq.run(args)
     if args.command == "tail":
         return cli_tail.run(args)
-    return run_cleanup(args.buses, args.purge_dlq)
+    return run_cleanup(args.buses, args.purge_dlq, args.all_users)
 
 
 if __name__ == "__main__":

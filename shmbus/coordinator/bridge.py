@@ -48,7 +48,7 @@ from typing import Any
 from .._native import ffi, lib
 from ..core.control import ControlError, Reader, encode
 from ..core.message import HEADER, HEADER_SIZE, MessageType
-from ..core.paths import data_socket_path, routes_name
+from ..core.paths import data_socket_path, find_segments
 from ..core.ring import Ring
 from ..core.routes import Table, subscribers
 from ..core.stats import StatsSegment
@@ -105,7 +105,7 @@ class _Routes:
     """One thread's view of the routes table, and the inboxes it writes to."""
 
     def __init__(self, bus: str) -> None:
-        self.table = Table.attach(routes_name(bus))
+        self.table = Table.attach(find_segments(bus)[0])  # the coordinator's, made first
         self.version = -1
         self.agents: dict[str, list[Any]] = {}
         self.subs: dict[str, list[str]] = {}

@@ -20,15 +20,19 @@ from typing import Any
 import msgpack
 
 from ..core.control import ControlError, encode
+from ..core.creds import check_peer
 from ..core.message import FLAG_ACK, NOT_MESSAGES, MessageType, encode_frame
 from ..core.paths import (
+    PREFIX,
+    SHM,
+    find_own,
+    history_name,
     inbox_name,
     lock_path,
     make_runtime_dir,
     pending_path,
     runtime_dir,
     socket_path,
-    stats_name,
     validate_bus_or_agent,
 )
 from ..core.process import process_gone as _process_gone
@@ -49,7 +53,7 @@ from ..core.stats import (
     SENT,
     inbox_fill,
 )
-from ..errors import CoordinatorRunning, InvalidArgument, ShmbusError
+from ..errors import CoordinatorRunning, ForeignObject, InvalidArgument, ShmbusError
 from ..transport.peer import peer_path
 from . import takeover
 from .bridge import Bridge
@@ -125,12 +129,15 @@ class Coordinator:
         # the lock, so nobody else owns them.
         try:
             takeover.adopt(self.reg, self)
+            self._hold_routes()
         except BaseException:
             os.close(self._lock_fd)
             raise
         self._keep_history(history)
         if self.history is None:
-            Ring.unlink_name(f"{bus}.history")  # a killed predecessor's, unused now
+            old = find_own(bus, "history")  # a killed predecessor's, unused now
+            if old is not None:
+                Ring.unlink_name(old)
         self._dlq_stats()
         self.publish()
         self.bridge = Bridge(bus, self.reg.stats)  # carries the uds agents' traffic, in its threads
@@ -302,6 +309,15 @@ class Coordinator:
                 ring.close()
                 self._save_pending()
 
+    def _hold_routes(self) -> None:
+        """Lock the routes table's file while we run: the proof of life that
+        root's ``shmbus cleanup --all-users`` can see for any user's bus
+        (our runtime dir, where the coordinator lock is, it cannot find)."""
+        self._routes_fd = os.open(
+            SHM / f"{PREFIX}{self.reg.table.name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+        fcntl.flock(self._routes_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
     def stop(self) -> None:
         self._stopping = True
 
@@ -349,6 +365,7 @@ class Coordinator:
         self.reg.table.close()
         self.reg.stats.close()
         self.dlq.close()
+        os.close(self._routes_fd)
         if keep:
             os.close(self._lock_fd)  # the lock goes with it: a successor may start
             log.warning(
@@ -371,6 +388,12 @@ class Coordinator:
         try:
             sock, _ = self._listener.accept()
         except BlockingIOError:
+            return
+        try:
+            check_peer(sock, "a process dialling the control socket")
+        except (ForeignObject, OSError) as e:  # the dir is 0700: only root gets here
+            log.warning("bus %s: %s", self.bus, e)
+            sock.close()
             return
         # Replies are small; an agent that stops reading them for a second
         # is treated as dead rather than allowed to stall the bus.
@@ -486,7 +509,9 @@ class Coordinator:
             slot = self.reg.free_slots.popleft() if self.reg.free_slots else 0
             if slot:
                 self.reg.stats.open_agent(slot, 0, os.getpid(), HISTORY)
-            self.history = History(f"{self.bus}.history", self.reg.stats.agent(slot), slot)
+            # A killed predecessor's, if any: its agents' routes may lead there.
+            name = find_own(self.bus, "history") or history_name(self.bus)
+            self.history = History(name, self.reg.stats.agent(slot), slot)
         self.history.keep(patterns)
         for pattern, n in patterns.items():
             if n:
@@ -736,8 +761,7 @@ class Coordinator:
                 "message": f"agent name {name!r} is taken on bus {self.bus!r} by the live "
                 f"agent with pid {other.pid}; choose another name",
             }
-        inbox = inbox_name(self.bus, name)
-        Ring.unlink_name(inbox)  # a dead namesake's, left by a killed coordinator
+        inbox = inbox_name(self.bus, name)  # a new one: nobody could have made it first
         transport = msg.get("transport", "shm")
         if transport not in ("shm", "uds"):
             raise ValueError(f"unknown transport {transport!r}")
@@ -758,7 +782,8 @@ class Coordinator:
             "id": agent.id,
             "inbox": inbox,
             "slot": agent.slot,
-            "stats": stats_name(self.bus),
+            "stats": self.reg.stats.name,
+            "routes": self.reg.table.name,
         }
         if transport == "uds":  # it cannot map shared memory: its inbox is made here
             try:

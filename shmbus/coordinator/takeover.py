@@ -25,19 +25,31 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 from typing import Any
 
 import msgpack
 
-from ..core.paths import inbox_name, pending_path, routes_name, stats_name, validate_bus_or_agent
+from ..core.paths import (
+    PREFIX,
+    SHM,
+    bus_prefix,
+    find_inbox,
+    find_segments,
+    inbox_name,
+    is_inbox_of,
+    own_entry,
+    pending_path,
+    routes_name,
+    stats_name,
+    validate_bus_or_agent,
+)
 from ..core.process import process_gone
 from ..core.ring import LANES as _LANES
 from ..core.ring import Ring
 from ..core.routes import Table, validate_pattern
 from ..core.stats import AGENT_SLOTS, StatsSegment
-from ..errors import NotFound, RejoinRefused, ShmbusError
+from ..errors import InvalidName, NotFound, RejoinRefused, ShmbusError
 from .registry import AgentEntry, Host, Registry
 
 log = logging.getLogger(__name__)
@@ -51,8 +63,10 @@ def adopt(reg: Registry, host: Host) -> None:
     with its agents (``adopted`` True), or new ones."""
     found = _attach(reg.bus)
     if found is None:
-        Table.unlink_name(routes_name(reg.bus))
-        StatsSegment.unlink_name(stats_name(reg.bus))
+        for kind in ("routes", "stats"):  # a predecessor's, unusable: not adopted
+            for entry in SHM.glob(f"{PREFIX}{bus_prefix(reg.bus)}{kind}.*"):
+                if own_entry(entry):
+                    entry.unlink(missing_ok=True)
         reg.table = Table.create(routes_name(reg.bus))
         reg.stats = StatsSegment.create(stats_name(reg.bus))
         # Freed slots go to the back: a sender's late add to a departed agent's
@@ -112,7 +126,9 @@ def _resume(reg: Registry, watch: dict[str, list[int]], dying: dict[str, int]) -
     deadline = time.monotonic() + 5.0
     for name, pid in dying.items():
         if name not in reg.agents:
-            reg.dying.append((AgentEntry(name, 0, pid, inbox_name(reg.bus, name), None), deadline))
+            # No inbox left: a name none has, so the death is still told.
+            inbox = find_inbox(reg.bus, name) or inbox_name(reg.bus, name)
+            reg.dying.append((AgentEntry(name, 0, pid, inbox, None), deadline))
 
 
 def _drain_stray_inboxes(reg: Registry, host: Host) -> None:
@@ -123,13 +139,19 @@ def _drain_stray_inboxes(reg: Registry, host: Host) -> None:
     if not reg.stray_inboxes_unchecked or reg.strays:
         return
     reg.stray_inboxes_unchecked = False
-    prefix = f"shmbus.{inbox_name(reg.bus, '')}"
+    prefix = f"{bus_prefix(reg.bus)}inbox."
     known = {a.inbox for a in reg.agents.values()}
-    for entry in sorted(os.listdir("/dev/shm")):
-        name = entry[len("shmbus.") :]
-        if not entry.startswith(prefix) or "." in entry[len(prefix) :] or name in known:
-            continue  # not an inbox's lane 0 (a lane, a bell), or a live agent's
-        agent_name = entry[len(prefix) :]
+    for entry in sorted(SHM.iterdir()):
+        name = entry.name.removeprefix(PREFIX)
+        agent_name = name.removeprefix(prefix).partition(".")[0]
+        if not name.startswith(prefix) or name in known:
+            continue
+        try:
+            mine = is_inbox_of(name, reg.bus, agent_name) and own_entry(entry)
+        except InvalidName:
+            mine = False
+        if not mine:
+            continue  # not an inbox's lane 0 (a lane), or not ours
         log.warning(
             "inbox of %s was left undrained by a killed coordinator: draining it", agent_name
         )
@@ -141,7 +163,8 @@ def _attach(bus: str) -> tuple[Table, StatsSegment, Any] | None:
     """The predecessor's table, stats segment and parsed routes; None (with
     the reason logged) if there are none or they are unusable."""
     try:
-        table = Table.attach(routes_name(bus))
+        routes, stats_seg = find_segments(bus)
+        table = Table.attach(routes)
     except NotFound:
         return None  # no predecessor, or one that stopped cleanly
     except ShmbusError as e:
@@ -153,7 +176,7 @@ def _attach(bus: str) -> tuple[Table, StatsSegment, Any] | None:
         )
         return None
     try:
-        stats = StatsSegment.attach(stats_name(bus))
+        stats = StatsSegment.attach(stats_seg)
     except ShmbusError as e:
         table.close()
         log.warning(
@@ -210,12 +233,13 @@ def _parse(bus: str, routes: Any) -> tuple[dict[str, tuple[Any, ...]], dict[str,
         if not (
             type(agent_id) is int
             and 0 < agent_id < 1 << 23
-            and inbox == inbox_name(bus, name)
+            and isinstance(inbox, str)
+            and is_inbox_of(inbox, bus, name)
             and type(pid) is int
             and 0 < pid < 1 << 31
             and type(slot) is int
             and 0 <= slot < _SLOTS
-            and transport == "shm"
+            and transport in ("shm", "uds")  # a uds agent's entry is taken over too
         ):
             raise ValueError(f"agent {name!r}: {info!r}")
         out[name] = (agent_id, inbox, pid, slot, transport)
@@ -282,7 +306,7 @@ def _look_at_orphan(reg: Registry, host: Host, agent: AgentEntry) -> None:
         # Its traffic went through the killed coordinator's bridge: cut off.
         host.died(agent, "was a uds agent: its bridge died with the coordinator")
         return
-    if not os.path.exists(f"/dev/shm/shmbus.{agent.inbox}"):
+    if not own_entry(SHM / f"{PREFIX}{agent.inbox}"):
         # It closed (which removes its inbox; a killed one leaves it) while
         # no coordinator ran: it left, whether its process lives on or not.
         log.warning(

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 import msgpack
 
 from ..errors import CoordinatorUnavailable, NameTaken, RejoinRefused, ShmbusError
-from .paths import socket_path
+from .creds import check_peer
+from .paths import check_runtime_dir, socket_path
 
 _LEN = struct.Struct("<I")
 MAX_CONTROL = 4 << 20  # control messages are small; DLQ listings are the largest
@@ -107,6 +108,7 @@ class Client:
         self.timeout = timeout
         self._who = who
         self._hint = hint
+        check_runtime_dir(bus)
         self._path = str(socket_path(bus))
         self._cond = threading.Condition(threading.Lock())
         self._sock: socket.socket | None = self._connect(wait)
@@ -134,6 +136,13 @@ class Client:
                         f"start one with `shmbus coordinator --bus {self.bus}`{self._hint}"
                     ) from None
                 time.sleep(0.02)
+        try:
+            # A socket in our private dir, but who listens on it is the
+            # kernel's to say: never talk to a coordinator of another user.
+            check_peer(sock, f"the coordinator of bus {self.bus!r} at {self._path}")
+        except BaseException:
+            sock.close()
+            raise
         sock.settimeout(self.timeout)
         return sock
 

@@ -6,11 +6,14 @@ for bus and agent names, which become parts of all of these."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import secrets
+import stat
 from pathlib import Path
 
-from ..errors import InvalidName
+from ..errors import ForeignObject, InvalidName, NotFound
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z")
 
@@ -34,7 +37,39 @@ def runtime_dir(bus: str) -> Path:
 
 
 def make_runtime_dir(bus: str) -> Path:
-    return _make_private_dir(runtime_dir(bus))
+    path = runtime_dir(bus)
+    _check_parent(path.parent.parent)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    check_private_dir(path.parent)
+    path.mkdir(mode=0o700, exist_ok=True)
+    check_private_dir(path)
+    return path
+
+
+def check_runtime_dir(bus: str) -> None:
+    """Before we dial a bus's socket: every directory on the way is ours and
+    private, or its owner could have put another's socket there. With
+    ``XDG_RUNTIME_DIR`` unset the dirs live in ``/tmp``, where anyone could
+    make ``/tmp/shmbus-UID`` first. A dir that does not exist is fine (there
+    is no socket to dial in it either)."""
+    path = runtime_dir(bus)
+    _check_parent(path.parent.parent)
+    for d in (path.parent, path):
+        if os.path.lexists(d):
+            check_private_dir(d)
+
+
+def _check_parent(path: Path) -> None:
+    """The dir our runtime root is made in (``/tmp``, ``$XDG_RUNTIME_DIR``):
+    root's or ours, and if others may write in it, sticky (so that nobody
+    else can rename or remove what we make there)."""
+    st = path.stat()
+    if st.st_uid not in (0, os.getuid()) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+        raise ForeignObject(
+            f"{path} belongs to another user or others may replace what is in it "
+            f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)}): a bus's sockets "
+            "are never made or dialled there; set XDG_RUNTIME_DIR to a private dir"
+        )
 
 
 def state_dir(bus: str) -> Path:
@@ -68,10 +103,14 @@ def _make_private_dir(path: Path) -> Path:
 
 
 def check_private_dir(path: Path) -> None:
-    st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise PermissionError(
-            f"{path} must belong to this user with mode 0700 (it has {oct(st.st_mode & 0o777)})"
+    """A dir of this user that nobody else may enter, never a symlink (one
+    made by another user would lead wherever they like)."""
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else f"mode {oct(st.st_mode & 0o777)}"
+        raise ForeignObject(
+            f"{path} must be a directory of this user (uid {os.getuid()}) with mode 0700; "
+            f"it has owner uid {st.st_uid}, {what}: refused"
         )
 
 
@@ -119,28 +158,165 @@ def bus_is_live(bus: str) -> bool:
         os.close(fd)
 
 
-def remove_bus_shm(bus: str) -> list[str]:
-    """Unlink every shared-memory entry of ``bus`` (segments and doorbells);
-    returns their names. Only for a bus nobody runs any more."""
-    validate_bus_or_agent(bus, "bus")
-    removed = []
-    for entry in Path("/dev/shm").iterdir():
-        if entry.name.startswith((f"shmbus.{bus}.", f"sem.shmbus.{bus}.")):
-            with contextlib.suppress(FileNotFoundError):
-                entry.unlink()
-                removed.append(entry.name)
-    return removed
+# ---------------------------------------------------- shared-memory names
+#
+# /dev/shm is one directory for every user, so a bus's segment names start
+# with its owner's UID (two users' buses of one name never meet) and end in
+# a random token: nobody can pre-create, and so block or squat, a name the
+# bus will make. The coordinator picks the tokens (a bus's routes and stats
+# when it starts, an inbox's at each registration) and tells them to its
+# agents; tools that need them without asking it find them in /dev/shm,
+# among the entries this user owns (see find_segments).
+
+SHM = Path("/dev/shm")
+PREFIX = "shmbus."  # of every entry, before the ring names below
+
+
+def bus_prefix(bus: str, uid: int | None = None) -> str:
+    """What every segment name of ``bus`` (of ``uid``, by default ours) starts with."""
+    return f"{os.getuid() if uid is None else uid}.{validate_bus_or_agent(bus, 'bus')}."
+
+
+def _token() -> str:
+    return secrets.token_hex(8)
 
 
 def routes_name(bus: str) -> str:
-    """Ring/Table name (without the ``shmbus.`` prefix) of the routes table."""
-    return f"{bus}.routes"
+    """A new name for the bus's routes table (without the ``shmbus.`` prefix)."""
+    return f"{bus_prefix(bus)}routes.{_token()}"
 
 
 def stats_name(bus: str) -> str:
-    """Name (without the ``shmbus.`` prefix) of the bus's stats segment."""
-    return f"{bus}.stats"
+    """A new name for the bus's stats segment."""
+    return f"{bus_prefix(bus)}stats.{_token()}"
+
+
+def inbox_prefix(bus: str, agent: str) -> str:
+    return f"{bus_prefix(bus)}inbox.{validate_bus_or_agent(agent, 'agent')}."
 
 
 def inbox_name(bus: str, agent: str) -> str:
-    return f"{bus}.inbox.{agent}"
+    """A new name for an inbox of ``agent`` (its lanes add ``.laneN``)."""
+    return f"{inbox_prefix(bus, agent)}{_token()}"
+
+
+def is_inbox_of(name: str, bus: str, agent: str) -> bool:
+    """Is ``name`` a lane-0 inbox name of ``agent`` on ``bus`` (ours)?"""
+    rest = name.removeprefix(inbox_prefix(bus, agent))
+    return rest != name and re.fullmatch(r"[0-9a-f]{16}", rest) is not None
+
+
+def own_entry(path: Path) -> bool:
+    """Is this /dev/shm entry a plain file of ours that only we may open? Never
+    follows a link: another user may plant one."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o7777 == 0o600
+
+
+def bus_entries(bus: str, uid: int | None = None) -> list[str]:
+    """The /dev/shm entries (file names) of ``bus`` of ``uid`` (ours by default)."""
+    head = PREFIX + bus_prefix(bus, uid)
+    return sorted(e.name for e in SHM.iterdir() if e.name.startswith(head))
+
+
+def all_buses() -> dict[tuple[int, str], list[str]]:
+    """Every bus with an entry in /dev/shm, by (owner's UID, bus name): the
+    UID the name claims, which :func:`entry_owner` checks."""
+    found: dict[tuple[int, str], list[str]] = {}
+    for entry in SHM.iterdir():
+        parts = entry.name.split(".")
+        if len(parts) < 4 or parts[0] != "shmbus" or not parts[1].isdigit():
+            continue
+        with contextlib.suppress(InvalidName):
+            key = (int(parts[1]), validate_bus_or_agent(parts[2], "bus"))
+            found.setdefault(key, []).append(entry.name)
+    return found
+
+
+def entry_owner(name: str) -> int | None:
+    """The UID that owns /dev/shm entry ``name`` (None if it is gone)."""
+    try:
+        return (SHM / name).lstat().st_uid
+    except FileNotFoundError:
+        return None
+
+
+def find_own(bus: str, kind: str) -> str | None:
+    """The name of our ``bus``'s segment of ``kind`` ("routes", "stats",
+    "history") in /dev/shm: only an entry we own with mode 0600 counts
+    (another user's look-alike is never picked); of several (a killed bus's
+    and its successor's), the newest."""
+    head = f"{PREFIX}{bus_prefix(bus)}{kind}."
+    best: tuple[float, str] | None = None
+    for entry in SHM.iterdir():
+        token = entry.name.removeprefix(head)
+        if token == entry.name or not re.fullmatch(r"[0-9a-f]{16}", token):
+            continue
+        if not own_entry(entry):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            when = entry.stat().st_mtime
+            if best is None or when > best[0]:
+                best = (when, entry.name.removeprefix(PREFIX))
+    return None if best is None else best[1]
+
+
+def find_segments(bus: str) -> tuple[str, str]:
+    """The names of the routes table and stats segment of our ``bus``, as its
+    coordinator made them (see :func:`find_own`). Raises :class:`NotFound`."""
+    routes, stats = find_own(bus, "routes"), find_own(bus, "stats")
+    if routes is None or stats is None:
+        raise NotFound(errno.ENOENT, f"no coordinator has run bus {bus!r} of this user")
+    return routes, stats
+
+
+def history_name(bus: str) -> str:
+    """A new name for the coordinator's history inbox."""
+    return f"{bus_prefix(bus)}history.{_token()}"
+
+
+def find_inbox(bus: str, agent: str) -> str | None:
+    """The name of an inbox of ``agent`` that is in /dev/shm, if any."""
+    for entry in SHM.iterdir():
+        name = entry.name.removeprefix(PREFIX)
+        if is_inbox_of(name, bus, agent) and own_entry(entry):
+            return name
+    return None
+
+
+def segment_in_use(name: str) -> bool:
+    """Does a coordinator hold the lock on this routes table (``name`` as in
+    /dev/shm)? Readable by root for any user's bus: how ``cleanup
+    --all-users`` tells a live bus of another user from a killed one."""
+    import fcntl
+
+    try:
+        fd = os.open(SHM / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_bus_shm(bus: str, uid: int | None = None) -> list[str]:
+    """Unlink every shared-memory entry of ``bus`` of ``uid`` (ours by
+    default); returns their names. Only for a bus nobody runs any more."""
+    removed = []
+    owner = os.getuid() if uid is None else uid
+    for name in bus_entries(bus, uid):
+        if entry_owner(name) != owner:
+            continue  # named like it, made by someone else: not ours to remove
+        with contextlib.suppress(FileNotFoundError):
+            (SHM / name).unlink()
+            removed.append(name)
+    return removed

@@ -1,11 +1,11 @@
 """A typed wrapper over the C ring (csrc/shmbus_ring.c): create, attach, read, write.
 
-One shared-memory segment holds the ring; a named POSIX semaphore beside it is
-the doorbell a sleeping consumer waits on. Many processes may write, one reads.
+One shared-memory segment holds the ring; a futex word in its header is the
+doorbell a sleeping consumer waits on. Many processes may write, one reads.
 Nothing above this module touches ``ffi``.
 
 A ring made with ``lanes=3`` is an inbox with priority lanes: rings ``NAME``
-(lane 0), ``NAME.lane1`` and ``NAME.lane2`` sharing NAME's doorbell. Its reader
+(lane 0), ``NAME.lane1`` and ``NAME.lane2`` sharing lane 0's doorbell. Its reader
 takes the highest lane that has a frame first, FIFO within a lane; a writer
 picks its lane with :meth:`Ring.lane` (see :func:`lane_of` for the mapping).
 """
@@ -29,7 +29,7 @@ from ..errors import (
     raise_for,
 )
 
-__all__ = ["LANES", "Ring", "lane_name", "lane_of", "segment_names", "validate_name"]
+__all__ = ["LANES", "Ring", "lane_name", "lane_of", "segment_name", "validate_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\Z")
 PREFIX = "shmbus."
@@ -74,10 +74,9 @@ def validate_name(name: object) -> str:
     return name
 
 
-def segment_names(name: str) -> tuple[str, str]:
-    """The POSIX names of a ring's segment and of its doorbell semaphore."""
-    validate_name(name)
-    return f"/{PREFIX}{name}", f"/{PREFIX}{name}.bell"
+def segment_name(name: str) -> str:
+    """The POSIX name of a ring's segment."""
+    return f"/{PREFIX}{validate_name(name)}"
 
 
 def lane_name(name: str, lane: int) -> str:
@@ -164,7 +163,7 @@ class Ring:
     def __init__(self, handle: Any, name: str, *, owner: bool) -> None:
         self._r = handle
         self.name = name
-        self.shm_name, self.bell_name = segment_names(name)
+        self.shm_name = segment_name(name)
         self.owner = owner
         #: This ring's lanes, lane 0 (itself) first; see the module's doc.
         self.lanes: list[Ring] = [self]
@@ -204,12 +203,12 @@ class Ring:
         """Create a ring of ``capacity`` data bytes (a power of two, 4 KiB to 1 GiB).
 
         ``max_frame`` (bytes of payload) defaults to an eighth of the capacity and
-        may be raised to about half of it. The segment and semaphore are mode 0600.
+        may be raised to about half of it. The segment is mode 0600.
         ``lanes`` (1 to LANES) makes priority lanes, each a ring of ``capacity``
         (memory is only used as frames pass). Raises :class:`AlreadyExists` when
         the name is taken.
         """
-        shm, bell = segment_names(name)
+        shm = segment_name(name).encode()
         if type(lanes) is not int or not 1 <= lanes <= LANES:
             raise InvalidArgument(f"lanes must be an int from 1 to {LANES}, got {lanes!r}")
         lo, hi = lib.SHMBUS_RING_MIN_CAPACITY, lib.SHMBUS_RING_MAX_CAPACITY
@@ -231,16 +230,14 @@ class Ring:
                 f"got {max_frame}; raise the capacity for larger frames"
             )
         out = ffi.new("shmbus_ring_t **")
-        rc = lib.shmbus_ring_create(shm.encode(), bell.encode(), capacity, max_frame, out)
+        rc = lib.shmbus_ring_create(shm, ffi.NULL, capacity, max_frame, out)
         if rc != _OK:
             raise_for(rc, f"create ring {name!r}", err=ffi.errno)
         ring = cls(ffi.gc(out[0], lib.shmbus_ring_close), name, owner=True)
         try:
             for k in range(1, lanes):
-                lane_shm = segment_names(lane_name(name, k))[0]
-                rc = lib.shmbus_ring_create_lane(
-                    lane_shm.encode(), bell.encode(), capacity, max_frame, out
-                )
+                lane_shm = segment_name(lane_name(name, k)).encode()
+                rc = lib.shmbus_ring_create_lane(lane_shm, shm, capacity, max_frame, out)
                 if rc != _OK:
                     raise_for(rc, f"create lane {k} of ring {name!r}", err=ffi.errno)
                 ring._link(
@@ -263,17 +260,18 @@ class Ring:
     def attach(cls, name: str, *, lanes: bool = False) -> Ring:
         """Map an existing ring, and with ``lanes`` the lanes it has.
 
-        Raises :class:`NotFound` or :class:`BadSegment`.
+        Raises :class:`NotFound`, :class:`BadSegment`, or :class:`ForeignObject`
+        for a segment of another user or one others may open.
         """
-        shm, bell = segment_names(name)
+        shm = segment_name(name).encode()
         out = ffi.new("shmbus_ring_t **")
-        rc = lib.shmbus_ring_attach(shm.encode(), bell.encode(), out)
+        rc = lib.shmbus_ring_attach(shm, ffi.NULL, out)
         if rc != _OK:
             raise_for(rc, f"attach ring {name!r}", err=ffi.errno)
         ring = cls(ffi.gc(out[0], lib.shmbus_ring_close), name, owner=False)
         for k in range(1, LANES if lanes else 1):
-            lane_shm = segment_names(lane_name(name, k))[0]
-            rc = lib.shmbus_ring_attach(lane_shm.encode(), bell.encode(), out)
+            lane_shm = segment_name(lane_name(name, k)).encode()
+            rc = lib.shmbus_ring_attach(lane_shm, shm, out)
             if rc != _OK:
                 break  # no such lane: the inbox has fewer (its writers use the highest)
             ring._link(
@@ -283,12 +281,11 @@ class Ring:
 
     @staticmethod
     def unlink_name(name: str) -> bool:
-        """Remove a ring's segment and semaphore by name, and its lanes' if any;
-        False if there was no ring."""
-        shm, bell = segment_names(name)
+        """Remove a ring's segment by name, and its lanes' if any; False if
+        there was no ring."""
         for k in range(1, LANES):
-            lib.shmbus_ring_unlink(segment_names(lane_name(name, k))[0].encode(), bell.encode())
-        return lib.shmbus_ring_unlink(shm.encode(), bell.encode()) == _OK
+            lib.shmbus_ring_unlink(segment_name(lane_name(name, k)).encode())
+        return lib.shmbus_ring_unlink(segment_name(name).encode()) == _OK
 
     def lane(self, priority: int) -> Ring:
         """The ring a frame of ``priority`` (0-100) goes to: its lane, or the

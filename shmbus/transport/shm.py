@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 from ..core.control import Client
-from ..core.paths import routes_name, stats_name
 from ..core.ring import LANES, Ring
 from ..core.routes import Table
 from ..core.stats import BusStats, StatsSegment, count_reads, inbox_fill
@@ -48,11 +47,8 @@ class ShmLink:
             ctl.call("unregister")  # the name is free again before we try the socket
             raise
         try:
-            self.table = _map("routes table", lambda: Table.attach(routes_name(bus)))
-            self.stats_segment = _map(
-                "stats segment",
-                lambda: StatsSegment.attach(reply.get("stats", stats_name(bus))),
-            )
+            self.table = _map("routes table", lambda: Table.attach(reply["routes"]))
+            self.stats_segment = _map("stats segment", lambda: StatsSegment.attach(reply["stats"]))
             counters = self.stats_segment.agent(self.slot)
             if counters:
                 count_reads(self.inbox, counters)

@@ -189,7 +189,7 @@ def test_a_live_name_is_refused_and_a_dead_agents_name_is_freed(bus, children):
                 break
             assert time.monotonic() < deadline, "the dead agent is still routed"
             time.sleep(0.02)
-        # Its inbox and doorbell go too (the coordinator may still be between the two).
+        # Its inbox goes too (the coordinator may still be between the two).
         while left := [n for n in os.listdir("/dev/shm") if bus in n and ".inbox.worker" in n]:
             assert time.monotonic() < deadline, f"the dead agent's inbox is still there: {left}"
             time.sleep(0.01)

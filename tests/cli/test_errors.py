@@ -121,7 +121,7 @@ def test_any_shmbus_or_os_error_reaching_main_is_one_line(monkeypatch, capsys):
         "it belongs to another user: run this as that user"
     )
 
-    def unavailable() -> int:
+    def unavailable(*args: object) -> int:
         raise shmbus.CoordinatorUnavailable("no coordinator answers for bus 'x'")
 
     monkeypatch.setattr(cli_main, "run_ls", unavailable)

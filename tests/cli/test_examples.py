@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def bus_entries(bus: str) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if f"shmbus.{bus}." in n]
+    return [n for n in os.listdir("/dev/shm") if f".{bus}." in n]
 
 
 def run_example(script: str, bus: str, runtime: str, *args: str) -> str:

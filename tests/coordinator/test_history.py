@@ -17,7 +17,7 @@ import pytest
 
 import shmbus
 from shmbus.coordinator.history import HISTORY, MAX_KEPT_FRAME, PAGE_BYTES
-from shmbus.core.paths import remove_bus_shm
+from shmbus.core.paths import find_own, remove_bus_shm
 from shmbus.core.routes import MAX_KEEP
 from tests.conftest import start_coordinator
 
@@ -212,7 +212,7 @@ def _dies_mid_record(bus: str, inbox: str) -> None:
 
 def test_history_moves_past_a_record_a_dead_writer_left(hbus, children):
     with shmbus.connect(bus=hbus, name="other") as other:
-        proc = children.start(_dies_mid_record, hbus, f"{hbus}.history")
+        proc = children.start(_dies_mid_record, hbus, find_own(hbus, "history"))
         assert other.recv(timeout=20).payload == "reserved"
         other.publish("events.x", "behind")  # stuck behind the reservation while it lives
         os.kill(proc.pid, signal.SIGKILL)

@@ -13,7 +13,7 @@ import pytest
 
 import shmbus
 from shmbus import MessageType
-from shmbus.core.paths import routes_name, socket_path
+from shmbus.core.paths import find_segments, socket_path
 from tests.conftest import start_coordinator
 
 
@@ -48,7 +48,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def bus_entries(bus: str) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if f"shmbus.{bus}." in n]
+    return [n for n in os.listdir("/dev/shm") if f".{bus}." in n]
 
 
 def _echo(bus: str) -> None:
@@ -269,7 +269,7 @@ def test_a_corrupt_routes_table_makes_a_fresh_bus(names, children, runtime, tmp_
     old = shmbus.connect(bus=bus, name="old", timeout=20)
     try:
         kill(first)
-        with open(f"/dev/shm/shmbus.{routes_name(bus)}", "r+b") as f:
+        with open(f"/dev/shm/shmbus.{find_segments(bus)[0]}", "r+b") as f:
             f.write(b"garbage!")  # over its magic
         log = tmp_path / "coordinator.log"
         with open(log, "wb") as out:
@@ -334,17 +334,21 @@ def test_a_graceful_restart_hands_the_bus_over(names, runtime):
 
 def test_what_the_table_holds_is_checked_and_the_coordinators_own_inbox_skipped():
     from shmbus.coordinator.takeover import _parse
+    from shmbus.core.paths import bus_prefix, inbox_name
 
-    agents = {"a": [3, "b.inbox.a", 100, 1, "shm"], ".history": [0, "b.history", 99, 2, "shm"]}
+    inbox = inbox_name("b", "a")
+    agents = {"a": [3, inbox, 100, 1, "shm"], ".history": [0, "b.history", 99, 2, "shm"]}
     subs = {"x.*": ["a", ".history"], "y": [".history"]}
     got, got_subs, next_id = _parse("b", {"agents": agents, "subs": subs, "next_id": 7})
-    assert got == {"a": (3, "b.inbox.a", 100, 1, "shm")}
+    assert got == {"a": (3, inbox, 100, 1, "shm")}
     assert got_subs == {"x.*": ["a"], "y": []}
     assert next_id == 7
     for bad in (
         [],
-        {"agents": {"a": [3, "b.inbox.other", 100, 1, "shm"]}, "subs": {}},
-        {"agents": {"a": [3, "b.inbox.a", -1, 1, "shm"]}, "subs": {}},
+        {"agents": {"a": [3, inbox_name("b", "other"), 100, 1, "shm"]}, "subs": {}},
+        {"agents": {"a": [3, inbox_name("c", "a"), 100, 1, "shm"]}, "subs": {}},
+        {"agents": {"a": [3, f"{bus_prefix('b')}inbox.a", 100, 1, "shm"]}, "subs": {}},
+        {"agents": {"a": [3, inbox, -1, 1, "shm"]}, "subs": {}},
         {"agents": {"bad name": [3, "b.inbox.bad name", 1, 1, "shm"]}, "subs": {}},
         {"agents": {}, "subs": {"a..b": ["a"]}},
     ):
@@ -461,3 +465,27 @@ def test_a_death_not_yet_certain_at_a_hand_over_is_finished_by_the_next(
         finally:
             new.terminate()
             new.wait(10)
+
+
+def test_a_bus_with_a_uds_agent_is_taken_over(names, children, runtime):
+    """Found in the hardening probe: a uds agent in the table made the
+    successor call it corrupt, start a fresh bus and refuse every shm agent."""
+    bus = names("bus")
+    first = start_coordinator(children, bus)
+    shm = shmbus.connect(bus=bus, name="shm")
+    viauds = shmbus.connect(bus=bus, name="viauds", transport="uds")
+    try:
+        kill(first)
+        take_over(children, bus)
+        # The shm agent carries on with its bus; the uds agent's traffic went
+        # through the killed coordinator's bridge, so it is counted as gone.
+        wait_for(lambda: shm.peers() == ["shm"], what="the uds agent's departure")
+        shm.send("shm", "still on the same bus")
+        assert shm.recv(timeout=10).payload == "still on the same bus"
+        wait_for(
+            lambda: not [n for n in bus_entries(bus) if ".inbox.viauds" in n],
+            what="the uds agent's inbox removed",
+        )
+    finally:
+        viauds.close()
+        shm.close()

@@ -41,9 +41,47 @@ def test_create_attach_share_frames_and_properties(pair, ring_name):
     assert reader.read(1) == b"hello"
 
 
-def test_segment_and_doorbell_are_private_to_the_user(pair, ring_name):
-    for path in (f"{SHM}/shmbus.{ring_name}", f"{SHM}/sem.shmbus.{ring_name}.bell"):
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+def test_segment_is_private_to_the_user_and_has_no_semaphore(pair, ring_name):
+    assert stat.S_IMODE(os.stat(f"{SHM}/shmbus.{ring_name}").st_mode) == 0o600
+    # The doorbell is a futex word in the header: no file anyone could overwrite.
+    assert not [n for n in os.listdir(SHM) if n.startswith("sem.") and ring_name in n]
+
+
+def test_a_segment_others_may_open_is_refused(ring_name):
+    with Ring.create(ring_name, 4096):
+        os.chmod(f"{SHM}/shmbus.{ring_name}", 0o666)
+        with pytest.raises(shmbus.ForeignObject, match="another user or is open to others"):
+            Ring.attach(ring_name)
+        os.chmod(f"{SHM}/shmbus.{ring_name}", 0o600)
+        Ring.attach(ring_name).close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a segment to another user needs root")
+def test_a_segment_of_another_user_is_refused(ring_name):
+    from shmbus.core.routes import Table
+
+    with Ring.create(ring_name, 4096):
+        os.chown(f"{SHM}/shmbus.{ring_name}", 65534, 65534)  # nobody's, still mode 0600
+        with pytest.raises(shmbus.ForeignObject):
+            Ring.attach(ring_name)
+    with Table.create(ring_name):
+        os.chown(f"{SHM}/shmbus.{ring_name}", 65534, 65534)
+        with pytest.raises(shmbus.ForeignObject):
+            Table.attach(ring_name)
+
+
+def test_a_symlink_in_dev_shm_is_never_followed(ring_name, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(bytes(1024 + 4096))
+    os.symlink(target, f"{SHM}/shmbus.{ring_name}")
+    try:
+        with pytest.raises(shmbus.ShmbusError):
+            Ring.attach(ring_name)
+        with pytest.raises(shmbus.ShmbusError):
+            Ring.create(ring_name, 4096)  # not created through it either
+        assert target.read_bytes() == bytes(1024 + 4096)
+    finally:
+        os.unlink(f"{SHM}/shmbus.{ring_name}")
 
 
 def test_context_manager_of_the_creator_unlinks(ring_name):
@@ -86,7 +124,7 @@ def test_create_twice_raises_already_exists(ring_name):
 def test_attach_to_something_that_is_not_a_ring_is_a_clear_error(ring_name):
     path = f"{SHM}/shmbus.{ring_name}"
     for content in (b"", b"\0" * 100, b"\0" * (1024 + 4096), os.urandom(1024 + 8192)):
-        with open(path, "wb") as f:
+        with open(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600), "wb") as f:
             f.write(content)
         try:
             with pytest.raises(shmbus.BadSegment):
