@@ -85,6 +85,22 @@ def main(argv: list[str] | None = None, *, verbose: bool = False) -> int:
         logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     except ValueError as e:
         parser.error(f"--log-level: {e}")
+    # The handlers go in before the coordinator is made: a SIGTERM that came
+    # once its socket was there, but before the handlers, killed it with its
+    # segments left behind (a test's teardown found them).
+    hand_over = False
+    asked: list[int] = []
+    coordinator: Coordinator | None = None
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal hand_over
+        hand_over = signum == signal.SIGHUP
+        asked.append(signum)
+        if coordinator is not None:
+            coordinator.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)  # a restart: leave the bus to the next one
     try:
         coordinator = Coordinator(
             args.bus,
@@ -98,18 +114,10 @@ def main(argv: list[str] | None = None, *, verbose: bool = False) -> int:
         return 2
     except (ShmbusError, OSError, KeyboardInterrupt) as e:
         return report(PROG, e, verbose=verbose)
-
-    coordinator.parent = args.exit_with_parent
-    hand_over = False
-
-    def stop(signum: int, frame: Any) -> None:
-        nonlocal hand_over
-        hand_over = signum == signal.SIGHUP
-        coordinator.stop()
-
-    signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, stop)  # a restart: leave the bus to the next one
+    coordinator.parent = args.exit_with_parent
+    if asked:
+        coordinator.stop()  # asked while it was being made: it stops at once
     try:
         try:
             coordinator.serve()

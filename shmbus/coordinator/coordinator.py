@@ -587,6 +587,8 @@ class Coordinator:
         ``taken``, frames read from it already); how many."""
         moved = 0
         for frame in taken or ():
+            if len(frame) > 3 and frame[3] in NOT_MESSAGES:
+                continue  # a notice or ACK the bridge held for it: nobody's message
             if len(frame) <= DLQ_MAX_FRAME:
                 self.dlq.add(frame, f"{reason}: {agent.name!r} (pid {agent.pid})")
                 moved += 1

@@ -474,9 +474,10 @@ def test_a_bus_with_a_uds_agent_is_taken_over(names, children, runtime):
     first = start_coordinator(children, bus)
     shm = shmbus.connect(bus=bus, name="shm")
     viauds = shmbus.connect(bus=bus, name="viauds", transport="uds")
+    second = None
     try:
         kill(first)
-        take_over(children, bus)
+        second = take_over(children, bus)
         # The shm agent carries on with its bus; the uds agent's traffic went
         # through the killed coordinator's bridge, so it is counted as gone.
         wait_for(lambda: shm.peers() == ["shm"], what="the uds agent's departure")
@@ -489,3 +490,6 @@ def test_a_bus_with_a_uds_agent_is_taken_over(names, children, runtime):
     finally:
         viauds.close()
         shm.close()
+        if second is not None:
+            second.terminate()  # SIGTERM: it removes its table and stats
+            second.wait(10)
