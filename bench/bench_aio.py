@@ -17,7 +17,8 @@ process, one after the other:
 Each row's p50 and p99 (microseconds) is the median over the runs. The
 target (issue 5): asyncio request round trip p50 <= 60 us on this machine.
 Buses are named ``benchaio-<pid>-<n>``; the runner removes each one's shared
-memory when its run ends.
+memory when its run ends, and a start removes what killed runs left (a run
+whose coordinator was SIGKILLed cannot, and its name never comes back).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import shmbus
 import shmbus.aio
 from shmbus import MessageType
+from shmbus.core.paths import remove_killed_buses
 
 PAYLOAD = {"id": 7, "name": "sensor-7", "value": 3.25, "ok": True}
 TARGET_P50_US = 60.0
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2_000, help="round trips before the clock")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
+    remove_killed_buses("benchaio-")
     if args.runs < 1 or args.count < 1 or args.warmup < 0:
         ap.error("--runs and --count must be at least 1, --warmup at least 0")
     runs = []

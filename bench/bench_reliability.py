@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import shmbus
+from shmbus.core.paths import remove_killed_buses
 
 PAYLOAD = b"x" * 64
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unread", type=int, default=1000, help="unread messages at the kill")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results/reliability.json"))
     args = parser.parse_args(argv)
+    remove_killed_buses("benchrel-")  # killed runs' leftovers: their names never come back
     # The death case fills a DLQ on purpose: keep its file out of the user's state.
     state = tempfile.TemporaryDirectory(prefix="benchrel")
     os.environ["SHMBUS_STATE_DIR"] = state.name

@@ -16,16 +16,14 @@ from ..coordinator import dlq
 from ..core.paths import (
     SHM,
     all_buses,
-    bus_entries,
     bus_is_live,
-    data_socket_path,
+    coordinator_runs,
     entry_owner,
     find_segments,
-    lock_path,
-    remove_bus_shm,
+    own_buses,
+    remove_killed_bus,
     runtime_dir,
     segment_in_use,
-    socket_path,
     state_dir,
     validate_bus_or_agent,
 )
@@ -49,7 +47,7 @@ def bus_names() -> list[str]:
     names: set[str] = set()
     with contextlib.suppress(FileNotFoundError):
         names.update(p.name for p in runtime_dir("x").parent.iterdir() if p.is_dir())
-    names.update(bus for uid, bus in all_buses() if uid == os.getuid())
+    names.update(own_buses())
     return sorted(names)
 
 
@@ -82,7 +80,7 @@ def _live_elsewhere(uid: int, bus: str, entries: list[str]) -> bool | None:
 
 def run_ls(all_users: bool = False) -> int:
     for bus in bus_names():
-        live = bus_is_live(bus)
+        live = coordinator_runs(bus)
         print(f"{bus}: {'live' if live else 'not running'}")
         if live:
             _list_agents(bus)
@@ -142,15 +140,8 @@ def run_cleanup(buses: list[str], purge_dlq: bool = False, all_users: bool = Fal
     found = sorted(set(bus_names()) | set(state_bus_names() if purge_dlq else []))
     for bus in buses or found:
         validate_bus_or_agent(bus, "bus")
-        if bus_is_live(bus) or _live_elsewhere(os.getuid(), bus, bus_entries(bus)):
-            print(f"{bus}: live (its coordinator holds the lock): left alone")
-            status = status or (1 if buses else 0)
-            continue
         try:
-            removed = remove_bus_shm(bus)
-            for path in (socket_path(bus), data_socket_path(bus), lock_path(bus)):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            removed = remove_killed_bus(bus)
         except OSError as e:
             hint = report.error_hint(e)
             print(
@@ -160,8 +151,10 @@ def run_cleanup(buses: list[str], purge_dlq: bool = False, all_users: bool = Fal
             )
             status = 1
             continue
-        with contextlib.suppress(OSError):
-            runtime_dir(bus).rmdir()
+        if removed is None:
+            print(f"{bus}: live (its coordinator holds the lock): left alone")
+            status = status or (1 if buses else 0)
+            continue
         print(f"{bus}: removed {len(removed)} shared-memory entries")
         status = max(status, _purge_dlq(bus) if purge_dlq else _say_dlq_kept(bus))
     if all_users:

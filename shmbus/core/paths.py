@@ -222,17 +222,40 @@ def bus_entries(bus: str, uid: int | None = None) -> list[str]:
     return sorted(e.name for e in SHM.iterdir() if e.name.startswith(head))
 
 
+_KINDS = ("routes", "stats", "history", "inbox")
+
+
+def _new_style(parts: list[str]) -> bool:
+    return len(parts) >= 5 and parts[0] == "shmbus" and parts[1].isdigit() and parts[3] in _KINDS
+
+
 def all_buses() -> dict[tuple[int, str], list[str]]:
     """Every bus with an entry in /dev/shm, by (owner's UID, bus name): the
     UID the name claims, which :func:`entry_owner` checks."""
     found: dict[tuple[int, str], list[str]] = {}
     for entry in SHM.iterdir():
         parts = entry.name.split(".")
-        if len(parts) < 4 or parts[0] != "shmbus" or not parts[1].isdigit():
+        if not _new_style(parts):
             continue
         with contextlib.suppress(InvalidName):
             key = (int(parts[1]), validate_bus_or_agent(parts[2], "bus"))
             found.setdefault(key, []).append(entry.name)
+    return found
+
+
+def legacy_buses() -> dict[str, list[str]]:
+    """Our entries named as shmbus named them before names carried the owner
+    (``shmbus.BUS.routes``, ``shmbus.BUS.inbox.AGENT``, ``sem.shmbus.BUS.*``):
+    what a bus of an older shmbus left, by bus name."""
+    found: dict[str, list[str]] = {}
+    for entry in SHM.iterdir():
+        parts = entry.name.removeprefix("sem.").split(".")
+        if _new_style(parts) or len(parts) < 3 or parts[0] != "shmbus" or parts[2] not in _KINDS:
+            continue
+        if entry.lstat().st_uid != os.getuid():
+            continue
+        with contextlib.suppress(InvalidName):
+            found.setdefault(validate_bus_or_agent(parts[1], "bus"), []).append(entry.name)
     return found
 
 
@@ -306,6 +329,44 @@ def segment_in_use(name: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def coordinator_runs(bus: str) -> bool:
+    """Does a coordinator run our ``bus``? Its lock in our runtime dir says so,
+    and so does the lock on its routes table's file (which a coordinator
+    started with another ``XDG_RUNTIME_DIR`` holds too)."""
+    return bus_is_live(bus) or any(segment_in_use(e) for e in bus_entries(bus) if ".routes." in e)
+
+
+def own_buses(prefix: str = "") -> list[str]:
+    """Our buses (whose names start with ``prefix``) with entries in /dev/shm."""
+    me = os.getuid()
+    buses = {b for uid, b in all_buses() if uid == me} | set(legacy_buses())
+    return sorted(b for b in buses if b.startswith(prefix))
+
+
+def remove_killed_bus(bus: str) -> list[str] | None:
+    """Remove what a killed bus of ours left: its /dev/shm entries, sockets,
+    lock and runtime dir. Returns the entries removed, or None (and removes
+    nothing) while its coordinator runs."""
+    if coordinator_runs(bus):
+        return None
+    removed = remove_bus_shm(bus)
+    for name in legacy_buses().get(bus, []):  # an older shmbus's, of a bus that is dead
+        (SHM / name).unlink(missing_ok=True)
+        removed.append(name)
+    for path in (socket_path(bus), data_socket_path(bus), lock_path(bus)):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # left alone if anything else is in it
+        runtime_dir(bus).rmdir()
+    return removed
+
+
+def remove_killed_buses(prefix: str) -> list[str]:
+    """Every killed bus of ours whose name starts with ``prefix``, removed
+    (for tools that name their buses uniquely, and so never meet a killed
+    run's leftovers again); returns their names."""
+    return [bus for bus in own_buses(prefix) if remove_killed_bus(bus) is not None]
 
 
 def remove_bus_shm(bus: str, uid: int | None = None) -> list[str]:

@@ -60,3 +60,38 @@ def test_coordinator_command_refuses_a_second_one(names, runtime, children):
     first.terminate()  # SIGTERM: it removes its socket, table and lock
     assert first.wait(10) == 0
     assert entries(bus) == []
+
+
+def test_killed_buses_of_a_prefix_are_removed_and_live_ones_kept(names, runtime, children):
+    """What benchmarks call at start: a run whose coordinator was SIGKILLed
+    left its segments under a name that never comes back."""
+    from shmbus.core.paths import remove_killed_buses, socket_path
+
+    killed, live = names("bench-a"), names("bench-b")
+    prefix = killed.removesuffix("bench-a")
+    victim = start_coordinator(children, killed)
+    keeper = start_coordinator(children, live)
+    try:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        assert entries(killed) and socket_path(killed).exists()  # what it left
+        assert remove_killed_buses(prefix) == [killed]
+        assert entries(killed) == [] and not socket_path(killed).exists()
+        assert entries(live)  # its coordinator holds the lock: untouched
+        with shmbus.connect(bus=live, name="still") as agent:
+            assert agent.peers() == ["still"]
+    finally:
+        keeper.terminate()
+        keeper.wait(10)
+
+
+def test_cleanup_removes_what_an_older_shmbus_left(names, runtime):
+    """Names without the owner's UID, and the semaphore doorbells of before."""
+    bus = names("old")
+    left = [f"shmbus.{bus}.routes", f"shmbus.{bus}.inbox.a", f"sem.shmbus.{bus}.inbox.a.bell"]
+    for name in left:
+        os.close(os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_WRONLY, 0o600))
+    assert f"{bus}: not running" in shmbus_cli("ls").stdout
+    result = shmbus_cli("cleanup", bus)
+    assert result.returncode == 0 and f"{bus}: removed 3 shared-memory entries" in result.stdout
+    assert entries(bus) == []

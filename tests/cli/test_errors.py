@@ -100,7 +100,7 @@ def _permission_denied(*args: object) -> list[str]:
 
 def test_a_bus_of_another_user_is_one_line_per_bus_in_cleanup(monkeypatch, capsys, runtime):
     # Root can unlink anything, so the refusal a non-root user meets is staged.
-    monkeypatch.setattr(cli_main, "remove_bus_shm", _permission_denied)
+    monkeypatch.setattr(cli_main, "remove_killed_bus", _permission_denied)
     assert cli_main.main(["cleanup", "other", "another"]) == 1
     out = capsys.readouterr()
     lines = out.err.strip().splitlines()
