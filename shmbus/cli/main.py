@@ -14,16 +14,15 @@ from pathlib import Path
 
 from ..coordinator import dlq
 from ..core.paths import (
-    SHM,
     all_buses,
     bus_is_live,
     coordinator_runs,
-    entry_owner,
     find_segments,
     own_buses,
+    remove_bus_shm,
     remove_killed_bus,
+    routes_locked,
     runtime_dir,
-    segment_in_use,
     state_dir,
     validate_bus_or_agent,
 )
@@ -59,8 +58,8 @@ def _user(uid: int) -> str:
 
 
 def _other_buses() -> list[tuple[int, str, list[str]]]:
-    """Other users' buses, by the UID their names claim and their files have:
-    a file of one user named like another's bus is listed as not theirs."""
+    """Other users' buses, by the UID their names claim (what is done to
+    them checks who owns each file)."""
     me = os.getuid()
     out = []
     for (uid, bus), entries in sorted(all_buses().items()):
@@ -69,11 +68,11 @@ def _other_buses() -> list[tuple[int, str, list[str]]]:
     return out
 
 
-def _live_elsewhere(uid: int, bus: str, entries: list[str]) -> bool | None:
-    """Does a coordinator of user ``uid`` run ``bus``? It holds the lock on
-    its routes table's file. None when we may not look (not root)."""
+def _live_elsewhere(uid: int, bus: str) -> bool | None:
+    """Does a coordinator of user ``uid`` run ``bus``? None when we may not
+    look (not root)."""
     try:
-        return any(segment_in_use(e) for e in entries if ".routes." in e and entry_owner(e) == uid)
+        return routes_locked(bus, uid)
     except PermissionError:
         return None
 
@@ -86,7 +85,7 @@ def run_ls(all_users: bool = False) -> int:
             _list_agents(bus)
     if all_users:
         for uid, bus, entries in _other_buses():
-            seen = _live_elsewhere(uid, bus, entries)
+            seen = _live_elsewhere(uid, bus)
             state = {True: "live", False: "not running", None: "not readable by you"}[seen]
             print(f"{bus} (user {_user(uid)}): {state}, {len(entries)} shared-memory entries")
     return 0
@@ -159,13 +158,13 @@ def run_cleanup(buses: list[str], purge_dlq: bool = False, all_users: bool = Fal
         status = max(status, _purge_dlq(bus) if purge_dlq else _say_dlq_kept(bus))
     if all_users:
         wanted = set(buses)
-        for uid, bus, entries in _other_buses():
+        for uid, bus, _ in _other_buses():
             if not wanted or bus in wanted:
-                status = max(status, _cleanup_other(uid, bus, entries, named=bool(wanted)))
+                status = max(status, _cleanup_other(uid, bus, named=bool(wanted)))
     return status
 
 
-def _cleanup_other(uid: int, bus: str, entries: list[str], *, named: bool) -> int:
+def _cleanup_other(uid: int, bus: str, *, named: bool) -> int:
     """Another user's bus: removed only by root, only once its coordinator is
     dead, and only the files that user owns."""
     who = f"{bus} (user {_user(uid)})"
@@ -175,16 +174,11 @@ def _cleanup_other(uid: int, bus: str, entries: list[str], *, named: bool) -> in
             file=sys.stderr,
         )
         return 1 if named else 0
-    if _live_elsewhere(uid, bus, entries):
+    if _live_elsewhere(uid, bus):
         print(f"{who}: live (its coordinator holds the lock on its routes): left alone")
         return 1 if named else 0
-    removed = 0
-    for name in entries:
-        if entry_owner(name) == uid:  # a look-alike of someone else's stays
-            with contextlib.suppress(FileNotFoundError):
-                (SHM / name).unlink()
-                removed += 1
-    print(f"{who}: removed {removed} shared-memory entries")
+    removed = remove_bus_shm(bus, uid)  # only the files that user owns
+    print(f"{who}: removed {len(removed)} shared-memory entries")
     return 0
 
 

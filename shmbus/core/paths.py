@@ -138,13 +138,14 @@ def pending_path(bus: str) -> Path:
     return runtime_dir(bus) / "pending"
 
 
-def bus_is_live(bus: str) -> bool:
-    """Does a coordinator hold this bus's lock? (The kernel drops the lock when
-    its holder dies, so this never mistakes a killed bus for a live one.)"""
+def _locked(path: Path, flags: int = 0) -> bool:
+    """Does a process hold an exclusive flock on ``path``? The kernel drops a
+    lock when its holder dies, so this never mistakes a killed holder for a
+    live one."""
     import fcntl
 
     try:
-        fd = os.open(lock_path(bus), os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | flags)
     except FileNotFoundError:
         return False
     try:
@@ -156,6 +157,11 @@ def bus_is_live(bus: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def bus_is_live(bus: str) -> bool:
+    """Does a coordinator hold this bus's lock (in our runtime dir)?"""
+    return _locked(lock_path(bus))
 
 
 # ---------------------------------------------------- shared-memory names
@@ -203,7 +209,7 @@ def inbox_name(bus: str, agent: str) -> str:
 def is_inbox_of(name: str, bus: str, agent: str) -> bool:
     """Is ``name`` a lane-0 inbox name of ``agent`` on ``bus`` (ours)?"""
     rest = name.removeprefix(inbox_prefix(bus, agent))
-    return rest != name and re.fullmatch(r"[0-9a-f]{16}", rest) is not None
+    return rest != name and _TOKEN.fullmatch(rest) is not None
 
 
 def own_entry(path: Path) -> bool:
@@ -223,6 +229,7 @@ def bus_entries(bus: str, uid: int | None = None) -> list[str]:
 
 
 _KINDS = ("routes", "stats", "history", "inbox")
+_TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
 def _new_style(parts: list[str]) -> bool:
@@ -276,7 +283,7 @@ def find_own(bus: str, kind: str) -> str | None:
     best: tuple[float, str] | None = None
     for entry in SHM.iterdir():
         token = entry.name.removeprefix(head)
-        if token == entry.name or not re.fullmatch(r"[0-9a-f]{16}", token):
+        if token == entry.name or not _TOKEN.fullmatch(token):
             continue
         if not own_entry(entry):
             continue
@@ -310,32 +317,24 @@ def find_inbox(bus: str, agent: str) -> str | None:
     return None
 
 
-def segment_in_use(name: str) -> bool:
-    """Does a coordinator hold the lock on this routes table (``name`` as in
-    /dev/shm)? Readable by root for any user's bus: how ``cleanup
-    --all-users`` tells a live bus of another user from a killed one."""
-    import fcntl
-
-    try:
-        fd = os.open(SHM / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+def routes_locked(bus: str, uid: int | None = None) -> bool:
+    """Does a coordinator of ``uid`` (ours by default) hold the lock on the
+    routes table's file of ``bus``? Root may look at any user's bus: how
+    ``cleanup --all-users`` tells a live bus of another user from a killed
+    one. PermissionError when we may not open the file."""
+    owner = os.getuid() if uid is None else uid
+    return any(
+        _locked(SHM / e, os.O_NOFOLLOW | os.O_NONBLOCK)
+        for e in bus_entries(bus, uid)
+        if ".routes." in e and entry_owner(e) == owner
+    )
 
 
 def coordinator_runs(bus: str) -> bool:
     """Does a coordinator run our ``bus``? Its lock in our runtime dir says so,
     and so does the lock on its routes table's file (which a coordinator
     started with another ``XDG_RUNTIME_DIR`` holds too)."""
-    return bus_is_live(bus) or any(segment_in_use(e) for e in bus_entries(bus) if ".routes." in e)
+    return bus_is_live(bus) or routes_locked(bus)
 
 
 def own_buses(prefix: str = "") -> list[str]:
